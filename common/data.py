@@ -1,0 +1,223 @@
+"""Instruction data (Dolly schema), the paper's prompt wrapper, tokenisation, batching, and pre-training blocks."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class DataError(ValueError):
+    """Bad input data, with the file and line it came from."""
+
+
+class Tokenizer(Protocol):
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Example:
+    instruction: str
+    context: str
+    references: tuple[str, ...]  # one or more reference responses
+    category: str = ""
+
+    @property
+    def prompt(self) -> str:
+        return format_prompt(self.instruction, self.context)
+
+    @property
+    def response(self) -> str:
+        return self.references[0]
+
+
+def format_prompt(instruction: str, context: str = "") -> str:
+    if context.strip():
+        return PROMPT_WITH_INPUT.format(instruction=instruction.strip(), context=context.strip())
+    return PROMPT_NO_INPUT.format(instruction=instruction.strip())
+
+
+def _parse_line(line: str, where: str) -> Example:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    instruction = obj.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise DataError(f"{where}: field 'instruction' must be a non-empty string")
+    context = obj.get("context", "") or ""
+    if not isinstance(context, str):
+        raise DataError(f"{where}: field 'context' must be a string")
+    response = obj.get("response")
+    if isinstance(response, str):
+        refs: tuple[str, ...] = (response,)
+    elif isinstance(response, list) and response and all(isinstance(r, str) for r in response):
+        refs = tuple(response)
+    else:
+        raise DataError(f"{where}: field 'response' must be a string or a non-empty list of strings")
+    category = obj.get("category", "") or ""
+    return Example(instruction, context, refs, str(category))
+
+
+def load_jsonl(path: str | Path, limit: int | None = None) -> list[Example]:
+    """Read Dolly-schema JSONL. A malformed line raises DataError naming file:line and the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    examples: list[Example] = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            examples.append(_parse_line(line, f"{path}:{lineno}"))
+            if limit is not None and len(examples) >= limit:
+                break
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    prompt_ids: list[int]
+    response_ids: list[int]  # ends with EOS
+    index: int  # position in the source list (for references at eval time)
+
+
+@dataclass(frozen=True)
+class FilterReport:
+    kept: int
+    dropped_prompt: int  # prompt longer than the budget
+    dropped_response: int  # response longer than the budget
+
+    def __str__(self) -> str:
+        total = self.kept + self.dropped_prompt + self.dropped_response
+        return (f"kept {self.kept}/{total} examples (dropped {self.dropped_prompt} with long prompts, "
+                f"{self.dropped_response} with long responses)")
+
+
+def tokenize_examples(
+    examples: Sequence[Example],
+    tokenizer: Tokenizer,
+    max_prompt_tokens: int,
+    max_response_tokens: int | None,
+) -> tuple[list[TokenizedExample], FilterReport]:
+    """Tokenise prompt and first reference; drop (and count) examples that exceed the context budget."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("tokenizer has no eos_token_id")
+    kept: list[TokenizedExample] = []
+    long_prompt = long_response = 0
+    for i, ex in enumerate(examples):
+        prompt_ids = tokenizer.encode(ex.prompt, add_special_tokens=False)
+        response_ids = tokenizer.encode(ex.response, add_special_tokens=False) + [eos]
+        if len(prompt_ids) > max_prompt_tokens:
+            long_prompt += 1
+            continue
+        if max_response_tokens is not None and len(response_ids) > max_response_tokens:
+            long_response += 1
+            continue
+        kept.append(TokenizedExample(prompt_ids, response_ids, i))
+    return kept, FilterReport(len(kept), long_prompt, long_response)
+
+
+@dataclass
+class LMBatch:
+    """Right-padded sequences; `loss_mask[b, t]` says whether input_ids[b, t+1] is a target (response token)."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    loss_mask: torch.Tensor  # [B, L-1] float
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def collate_prompt_response(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, train_on_prompt: bool = False
+) -> LMBatch:
+    """Concatenate prompt+response, right-pad, and mark response tokens as targets."""
+    lengths = [len(p) + len(r) for p, r in pairs]
+    width = max(lengths)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(pairs), width), dtype=torch.long)
+    target = torch.zeros((len(pairs), width), dtype=torch.float32)
+    for b, (p, r) in enumerate(pairs):
+        seq = list(p) + list(r)
+        ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attn[b, : len(seq)] = 1
+        start = 1 if train_on_prompt else len(p)
+        target[b, start : len(seq)] = 1.0
+    return LMBatch(ids, attn, target[:, 1:].contiguous())
+
+
+def iterate_batches(
+    items: Sequence[TokenizedExample], batch_size: int, seed: int, epochs: int | None = None
+) -> Iterator[list[TokenizedExample]]:
+    """Deterministic shuffled batches; epoch e uses seed+e. Infinite when epochs is None."""
+    if not items:
+        raise DataError("no examples to batch")
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        order = list(range(len(items)))
+        random.Random(seed + epoch).shuffle(order)
+        # drop the ragged tail so every update sees a full batch (all of it when the set is small)
+        for k in range(max(1, len(order) // batch_size)):
+            yield [items[i] for i in order[k * batch_size : (k + 1) * batch_size]]
+        epoch += 1
+
+
+def load_pretrain_blocks(path: str | Path, tokenizer: Tokenizer, block_size: int,
+                         max_blocks: int | None = None) -> torch.Tensor:
+    """Plain text (documents separated by blank lines) -> EOS-joined token stream cut into [N, block_size]."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"pre-training text not found: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    needed = None if max_blocks is None else max_blocks * block_size
+    for doc in docs:
+        stream.extend(tokenizer.encode(doc, add_special_tokens=False))
+        if eos is not None:
+            stream.append(eos)
+        if needed is not None and len(stream) >= needed:
+            break
+    n = len(stream) // block_size
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    if n == 0:
+        raise DataError(f"{path}: fewer than {block_size} tokens of text")
+    return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def iterate_pretrain(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Infinite deterministic shuffled batches of pre-training blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(blocks.shape[0], generator=gen)
+        for start in range(0, blocks.shape[0] - batch_size + 1, batch_size):
+            yield blocks[order[start : start + batch_size]]
+        if blocks.shape[0] < batch_size:
+            yield blocks

@@ -1,0 +1,57 @@
+"""Evaluation metrics as pure functions: ROUGE-L (best reference), Dist-n, sequence-level KL estimates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from statistics import mean, pstdev
+
+
+@lru_cache(maxsize=1)
+def _scorer():
+    from rouge_score import rouge_scorer
+
+    # the paper's setup: ROUGE-L F-measure with Porter stemming
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """ROUGE-L F1 in [0, 100] against the best-matching reference."""
+    if not references:
+        raise ValueError("rouge_l needs at least one reference")
+    scorer = _scorer()
+    return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+def corpus_rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} reference sets")
+    if not predictions:
+        return 0.0
+    return mean(rouge_l(p, r) for p, r in zip(predictions, references, strict=True))
+
+
+def distinct_n(token_lists: Sequence[Sequence[int | str]], n: int = 4) -> float:
+    """Dist-n: unique n-grams / total n-grams over a set of generations, in [0, 100] (0 when no n-gram)."""
+    grams = [tuple(toks[i : i + n]) for toks in token_lists for i in range(len(toks) - n + 1)]
+    return 100.0 * len(set(grams)) / len(grams) if grams else 0.0
+
+
+def sequence_kl_estimate(student_logprobs: Sequence[Sequence[float]],
+                         teacher_logprobs: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """Monte-Carlo reverse KL from responses sampled from the student: KL[q||p] = E_q[log q(y) - log p(y)].
+
+    Returns (per-sequence mean, per-token mean). Unbiased for the sequence-level KL when the responses
+    were sampled from q alone (alpha = 0)."""
+    seq = [sum(q) - sum(p) for q, p in zip(student_logprobs, teacher_logprobs, strict=True)]
+    tokens = sum(len(q) for q in student_logprobs)
+    if not seq:
+        return 0.0, 0.0
+    return mean(seq), sum(seq) / max(tokens, 1)
+
+
+def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (the spread across evaluation seeds)."""
+    if not values:
+        raise ValueError("no values")
+    return mean(values), pstdev(values) if len(values) > 1 else 0.0

@@ -1,0 +1,131 @@
+"""Loading models and tokenizers from local Hugging Face folders, small model configs, compatibility checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model/tokenizer that cannot be used as configured (missing, incompatible)."""
+
+
+def _require_dir(path: str | Path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file() and what != "tokenizer":
+        raise ModelError(f"{what} folder {p} is not a Hugging Face model folder (no config.json)")
+    if not p.is_dir():
+        raise ModelError(f"{what} folder not found: {p}")
+    return p
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    p = _require_dir(path, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types; report the folder
+        raise ModelError(f"cannot load a tokenizer from {p}: {exc}") from exc
+    if tok.eos_token_id is None:
+        raise ModelError(f"tokenizer in {p} has no EOS token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | Path, dtype: str = "float32") -> torch.nn.Module:
+    p = _require_dir(path, "model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=DTYPES[dtype], local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"cannot load a causal LM from {p}: {exc}") from exc
+    return model
+
+
+def small_llama_config(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
+                       intermediate_size: int, max_positions: int, bos_id: int, eos_id: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+
+
+def build_llama(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+@dataclass(frozen=True)
+class VocabInfo:
+    tokenizer_size: int  # ids [0, tokenizer_size) are real tokens
+    teacher_rows: int  # embedding rows of the teacher (may be padded)
+    student_rows: int
+
+
+def model_vocab_rows(path: str | Path) -> int:
+    import json
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    rows = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
+    if not isinstance(rows, int):
+        raise ModelError(f"{path}/config.json has no vocab_size")
+    return rows
+
+
+def check_compatible(teacher_dir: str | Path, student_dir: str | Path,
+                     tokenizer: PreTrainedTokenizerBase) -> VocabInfo:
+    """Teacher and student must share the tokenizer's vocabulary; padded rows beyond it are allowed
+    (they are sliced off before any distribution is compared). Raises ModelError otherwise."""
+    size = len(tokenizer)
+    t_rows, s_rows = model_vocab_rows(teacher_dir), model_vocab_rows(student_dir)
+    for name, rows in (("teacher", t_rows), ("student", s_rows)):
+        if rows < size:
+            raise ModelError(
+                f"vocabulary mismatch: the {name} has {rows} embedding rows but the tokenizer has {size} tokens"
+            )
+    for name, folder in (("teacher", teacher_dir), ("student", student_dir)):
+        if (Path(folder) / "tokenizer_config.json").is_file() or (Path(folder) / "tokenizer.json").is_file():
+            other = load_tokenizer(folder)
+            if other.get_vocab() != tokenizer.get_vocab():
+                raise ModelError(
+                    f"vocabulary mismatch: the {name}'s tokenizer in {folder} differs from the run's tokenizer "
+                    f"({len(other)} vs {size} tokens); distillation needs one shared vocabulary"
+                )
+    return VocabInfo(size, t_rows, s_rows)
+
+
+def save_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:
+    """Save an HF folder atomically: write to a sibling temp folder, then rename over the target."""
+    import shutil
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+    return out

@@ -1,0 +1,149 @@
+"""The driver: `python -m learner.main [--config PATH] [key.sub=value ...]`.
+
+Reads one YAML config (default: configs/tiny.yaml), connects to a running Ray cluster (RAY_ADDRESS,
+`ray job submit`, or one started with `ray start` on this host) or starts a local one, places the actors,
+and runs the method's phases: SFT of the student (lowest validation loss kept) then MiniLLM, evaluating
+validation ROUGE-L and the reverse KL to the teacher as it goes. Everything lands in one run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import ConfigError, DistillConfig, load_config, resolve_path
+from common.data import DataError, Example, TokenizedExample, load_jsonl, tokenize_examples
+from common.models import ModelError, check_compatible, load_tokenizer
+
+
+@dataclass
+class Assets:
+    teacher_dir: str
+    student_dir: str
+    tokenizer_dir: str
+
+
+def resolve_models(cfg: DistillConfig) -> Assets:
+    m = cfg.models
+    if m.source == "tiny":
+        from common.tiny import build_tiny_models
+
+        built = build_tiny_models(m.tiny, resolve_path(cfg.data.train), cfg.data.max_prompt_tokens,
+                                  cfg.data.max_response_tokens, seed=cfg.seed)
+        return Assets(str(built.teacher), str(built.student), str(built.tokenizer))
+    teacher, student = resolve_path(m.teacher), resolve_path(m.student)
+    tok = resolve_path(m.tokenizer) if m.tokenizer else student
+    return Assets(str(teacher), str(student), str(tok))
+
+
+def load_split(path: str, tokenizer, cfg: DistillConfig, limit: int | None, name: str
+               ) -> tuple[list[Example], list[TokenizedExample]]:
+    examples = load_jsonl(resolve_path(path), limit=limit)
+    items, report = tokenize_examples(examples, tokenizer, cfg.data.max_prompt_tokens,
+                                      cfg.data.max_response_tokens)
+    print(f"[data] {name}: {report}", flush=True)
+    if not items:
+        raise DataError(f"{name}: every example exceeds the context budget (data.max_*_tokens)")
+    return examples, items
+
+
+def connect_ray(cfg: DistillConfig) -> str:
+    """Join the configured/running cluster, else start a local one. Returns a description."""
+    import ray
+
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
+           "WANDB_MODE": os.environ.get("WANDB_MODE", cfg.logging.wandb_mode)}
+    runtime_env = {"env_vars": env}
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return f"connected to Ray at {address}"
+    try:
+        ray.init(address="auto", runtime_env=runtime_env)
+        return "connected to the Ray cluster running on this host"
+    except ConnectionError:
+        ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, runtime_env=runtime_env)
+        return f"started a local Ray ({cfg.cluster.num_cpus or os.cpu_count()} CPUs)"
+
+
+def check_resources(cfg: DistillConfig) -> None:
+    """Fail fast (instead of hanging on placement) when the cluster cannot hold the configured actors."""
+    import ray
+
+    c = cfg.cluster
+    need_teachers = cfg.method in ("minillm", "kd")
+    need_samplers = True
+    cpus = (cfg.learner.num_workers * c.learner_cpus + (cfg.sampler.num_samplers * c.sampler_cpus if need_samplers
+            else 0) + (cfg.teacher.num_teachers * c.teacher_cpus if need_teachers else 0) + c.replay_cpus)
+    gpus = (cfg.learner.num_workers * c.learner_gpus + cfg.sampler.num_samplers * c.sampler_gpus
+            + (cfg.teacher.num_teachers * c.teacher_gpus if need_teachers else 0))
+    have = ray.cluster_resources()
+    problems = []
+    if cpus > have.get("CPU", 0) + 1e-9:
+        problems.append(f"{cpus:g} CPUs requested, the cluster has {have.get('CPU', 0):g}")
+    if gpus > have.get("GPU", 0) + 1e-9:
+        problems.append(f"{gpus:g} GPUs requested, the cluster has {have.get('GPU', 0):g}")
+    if problems:
+        raise ConfigError("impossible resource request (cluster.* x counts): " + "; ".join(problems))
+
+
+def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m learner.main", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML config (default: configs/tiny.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. learner.lr=1e-4")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+def run(cfg: DistillConfig) -> Path:
+    import ray
+
+    from learner.phases import Service
+    from learner.run_log import RunLogger, prepare_run_dir
+
+    t_start = time.time()
+    assets = resolve_models(cfg)
+    tokenizer = load_tokenizer(assets.tokenizer_dir)
+    vocab = check_compatible(assets.teacher_dir, assets.student_dir, tokenizer)
+    print(f"[models] teacher {assets.teacher_dir}\n[models] student {assets.student_dir} "
+          f"(vocabulary {vocab.tokenizer_size})", flush=True)
+    train = load_split(cfg.data.train, tokenizer, cfg, cfg.data.max_train_examples, "train")
+    valid = load_split(cfg.data.valid, tokenizer, cfg, cfg.data.max_valid_examples, "valid")
+
+    print(f"[ray] {connect_ray(cfg)}", flush=True)
+    check_resources(cfg)
+    run_dir = prepare_run_dir(resolve_path(cfg.output_dir, Path.cwd()))
+    logger = RunLogger(run_dir, cfg)
+    print(f"[run] writing to {run_dir}", flush=True)
+    service = Service(cfg, assets, tokenizer, vocab.tokenizer_size, train, valid, logger, run_dir)
+    try:
+        summary = service.run()
+        summary["wall_seconds"] = round(time.time() - t_start, 1)
+        logger.write_json("summary.json", summary)
+        print(f"[run] done in {summary['wall_seconds']:.0f}s: {run_dir}", flush=True)
+    finally:
+        service.shutdown()
+        logger.close()
+        if ray.is_initialized():
+            ray.shutdown()
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config_path, overrides = parse_args(argv)
+        cfg = load_config(config_path, overrides)
+        run(cfg)
+    except (ConfigError, DataError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

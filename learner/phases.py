@@ -1,0 +1,267 @@
+"""The phases of a run, top to bottom: place actors -> SFT (keep lowest validation loss) -> MiniLLM steps
+(sample -> score -> replay -> update -> push weights), evaluating and checkpointing along the way."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.remote import make_replay, make_sampler, make_teacher
+from actors.sampler import SamplerSpec
+from common.config import DistillConfig, resolve_path
+from common.data import (
+    Example,
+    TokenizedExample,
+    collate_prompt_response,
+    iterate_batches,
+    iterate_pretrain,
+    load_pretrain_blocks,
+)
+from common.rollout import pack_rollouts
+from learner.evaluation import EvalResult, evaluate_student
+from learner.group import LearnerGroup
+from learner.run_log import RunLogger, copy_checkpoint
+
+Split = tuple[list[Example], list[TokenizedExample]]
+
+
+class Service:
+    def __init__(self, cfg: DistillConfig, assets, tokenizer, vocab_size: int, train: Split, valid: Split,
+                 logger: RunLogger, run_dir: Path):
+        self.cfg, self.assets, self.tok, self.vocab = cfg, assets, tokenizer, vocab_size
+        self.train_examples, self.train_items = train
+        self.valid_examples, self.valid_items = valid
+        self.log, self.run_dir = logger, run_dir
+        self.ckpt = run_dir / "checkpoints"
+        self.samplers: list[Any] = []
+        self.teachers: list[Any] = []
+        self.group: LearnerGroup | None = None
+        self.replay = None
+        self.version = 0
+        self.global_step = 0
+        rng = random.Random(cfg.seed)
+        held_out = list(self.valid_items)
+        rng.shuffle(held_out)
+        self.eval_items = held_out[: cfg.eval.num_prompts]
+        self.kl_items = held_out[-cfg.eval.kl_prompts:]
+
+    # ----- placement ---------------------------------------------------------------------------------
+    def _start_learner(self, student_dir: str) -> None:
+        c = self.cfg
+        t0 = time.time()
+        self.group = LearnerGroup(c.learner.num_workers, c.cluster.learner_cpus, c.cluster.learner_gpus, student_dir,
+                                  c.learner, c.objective, self.vocab, c.models.dtype, c.seed)
+        print(f"[learner] {c.learner.num_workers} FSDP worker(s) ready in {time.time() - t0:.1f}s", flush=True)
+
+    def _start_teachers(self) -> None:
+        c = self.cfg
+        self.teachers = [make_teacher(i, c.cluster.teacher_cpus, c.cluster.teacher_gpus, self.assets.teacher_dir,
+                                      self.vocab, self.tok.pad_token_id, batch_size=c.teacher.batch_size,
+                                      top_k=c.teacher.top_k, dtype=c.models.dtype)
+                         for i in range(c.teacher.num_teachers)]
+
+    def _start_samplers(self, student_dir: str, alpha: float) -> None:
+        c = self.cfg
+        t0 = time.time()
+        max_len = c.data.max_prompt_tokens + max(c.sampler.max_new_tokens, c.eval.max_new_tokens) + 8
+        self.samplers = [
+            make_sampler(SamplerSpec(student_dir=student_dir,
+                                     teacher_dir=self.assets.teacher_dir if alpha > 0 else None,
+                                     eos_token_id=self.tok.eos_token_id, max_new_tokens=c.sampler.max_new_tokens,
+                                     alpha=alpha, temperature=c.sampler.temperature,
+                                     kv_cache_mb=c.sampler.kv_cache_mb, seed=c.seed + 1000 * i,
+                                     gpu_memory_utilization=c.sampler.gpu_memory_utilization,
+                                     tensor_parallel_size=c.sampler.tensor_parallel_size, max_model_len=max_len),
+                         i, c.cluster.sampler_cpus, c.cluster.sampler_gpus)
+            for i in range(c.sampler.num_samplers)]
+        ray.get([s.get_version.remote() for s in self.samplers])
+        print(f"[sampler] {len(self.samplers)} vLLM sampler(s) ready in {time.time() - t0:.1f}s", flush=True)
+
+    def shutdown(self) -> None:
+        if self.group is not None:
+            try:
+                self.group.shutdown()
+            except Exception as exc:  # noqa: BLE001 - best effort at exit
+                print(f"[run] learner shutdown: {exc}", flush=True)
+        for actor in [*self.samplers, *self.teachers, *([self.replay] if self.replay else [])]:
+            ray.kill(actor)
+
+    # ----- helpers -----------------------------------------------------------------------------------
+    def _lm_batch(self, items: list[TokenizedExample]):
+        return collate_prompt_response([(it.prompt_ids, it.response_ids) for it in items], self.tok.pad_token_id)
+
+    def _valid_loss(self) -> float:
+        n = self.cfg.learner.num_workers
+        bs = self.cfg.learner.sft_batch_size
+        items = self.valid_items[: max(n, (len(self.valid_items) // n) * n)]
+        total = tokens = 0.0
+        for start in range(0, len(items), bs):
+            chunk = items[start : start + bs]
+            chunk = chunk[: (len(chunk) // n) * n]
+            if not chunk:
+                continue
+            batch = self._lm_batch(chunk)
+            mean, count = self.group.eval_nll(batch), float(batch.loss_mask.sum())
+            total, tokens = total + mean * count, tokens + count
+        return total / max(tokens, 1.0)
+
+    def _evaluate(self, label: str) -> EvalResult:
+        t0 = time.time()
+        res = evaluate_student(self.samplers[0], self.teachers[0], self.tok, self.eval_items, self.valid_examples,
+                               self.cfg.eval.max_new_tokens, self.kl_items)
+        print(f"[eval] {label}: valid ROUGE-L {res.rouge_l:.2f}, reverse KL {res.reverse_kl_seq:.3f}/seq "
+              f"({res.reverse_kl_token:.4f}/token), {res.mean_response_tokens:.1f} tokens "
+              f"({time.time() - t0:.1f}s)", flush=True)
+        self.log.log({"phase": "eval", "label": label, "global_step": self.global_step,
+                      "weight_version": self.version, **res.as_dict()})
+        return res
+
+    # ----- phases ------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        c = self.cfg
+        if c.method != "minillm" and c.method != "sft":
+            raise NotImplementedError(f"method {c.method!r} is not available yet")
+        self._start_teachers()
+        if c.models.sft_checkpoint:
+            sft_dir = str(resolve_path(c.models.sft_checkpoint))
+            self._start_learner(sft_dir)
+        else:
+            self._start_learner(self.assets.student_dir)
+            sft_dir = self.sft_phase()
+        summary: dict[str, Any] = {"method": c.method, "sft_checkpoint": sft_dir}
+        if c.method == "sft":
+            self._start_samplers(sft_dir, alpha=0.0)
+            res = self._evaluate("sft-best")
+            copy_checkpoint(Path(sft_dir), self.ckpt / "best")
+            copy_checkpoint(Path(sft_dir), self.ckpt / "final")
+            summary.update(res.as_dict("final_"))
+            return summary
+        summary.update(self.minillm_phase(sft_dir))
+        return summary
+
+    def sft_phase(self) -> str:
+        """Fine-tune the student on the task data; keep the checkpoint with the lowest validation loss."""
+        c, group = self.cfg, self.group
+        assert group is not None
+        group.set_lr(c.learner.sft_lr)
+        best_dir = self.ckpt / "sft_best"
+        best = float("inf")
+        batches = iterate_batches(self.train_items, c.learner.sft_batch_size, c.seed)
+        print(f"[sft] {c.learner.sft_steps} steps, batch {c.learner.sft_batch_size}, lr {c.learner.sft_lr}", flush=True)
+        t0 = time.time()
+        for step in range(1, c.learner.sft_steps + 1):
+            m = group.sft_step(self._lm_batch(next(batches)))
+            self.global_step += 1
+            record = {"phase": "sft", "global_step": self.global_step, "step": step, "loss": m["loss"],
+                      "grad_norm": m["grad_norm"], "step_seconds": m["step_seconds"]}
+            if step % c.learner.sft_eval_every == 0 or step == c.learner.sft_steps:
+                vloss = self._valid_loss()
+                record["valid_loss"] = vloss
+                if vloss < best:
+                    best = vloss
+                    group.save(str(best_dir), self.assets.tokenizer_dir)
+                    record["best"] = True
+                print(f"[sft] step {step}/{c.learner.sft_steps} loss {m['loss']:.3f} valid {vloss:.3f} "
+                      f"(best {best:.3f}, {time.time() - t0:.0f}s)", flush=True)
+            elif step % c.logging.progress_every == 0:
+                print(f"[sft] step {step}/{c.learner.sft_steps} loss {m['loss']:.3f} ({time.time() - t0:.0f}s)",
+                      flush=True)
+            self.log.log(record)
+        if not best_dir.exists():  # sft_steps == 0: the initial student is the "SFT" start
+            group.save(str(best_dir), self.assets.tokenizer_dir)
+        group.load_state(str(best_dir))
+        return str(best_dir)
+
+    def minillm_phase(self, sft_dir: str) -> dict[str, Any]:
+        c, group = self.cfg, self.group
+        assert group is not None
+        group.set_lr(c.learner.lr)
+        self._start_samplers(sft_dir, alpha=c.objective.alpha)
+        self.replay = make_replay(c.learner.replay_capacity, c.learner.max_version_lag, c.cluster.replay_cpus)
+        pt_batches = None
+        if c.data.pretrain and c.objective.pt_weight > 0:
+            blocks = load_pretrain_blocks(resolve_path(c.data.pretrain), self.tok, c.data.pretrain_block_size,
+                                          max_blocks=4096)
+            pt_batches = iterate_pretrain(blocks, c.learner.pretrain_batch_size, c.seed)
+        prompts = iterate_batches(self.train_items, c.learner.batch_size, c.seed + 1)
+
+        start = self._evaluate("minillm-start")
+        best_rouge = start.rouge_l
+        copy_checkpoint(Path(sft_dir), self.ckpt / "best")
+        last = start
+        ahead = 1 + c.learner.max_version_lag  # batches in flight: sampling runs that far ahead of updates
+        inflight: deque = deque()
+        pushes: list = []
+        launched = 0
+        t0 = time.time()
+        print(f"[minillm] {c.learner.minillm_steps} steps, batch {c.learner.batch_size}, alpha {c.objective.alpha}, "
+              f"lr {c.learner.lr}, lag <= {c.learner.max_version_lag}", flush=True)
+        for step in range(1, c.learner.minillm_steps + 1):
+            while len(inflight) < ahead:
+                batch = next(prompts)
+                sampler = self.samplers[launched % len(self.samplers)]
+                teacher = self.teachers[launched % len(self.teachers)]
+                rollouts = sampler.sample.remote([it.prompt_ids for it in batch], [it.index for it in batch])
+                scores = teacher.score.remote(rollouts)
+                inflight.append(self.replay.put_scored.remote(rollouts, scores))
+                launched += 1
+            t_wait = time.perf_counter()
+            item_version, (rollouts, scores) = ray.get(self.replay.get.remote())
+            wait = time.perf_counter() - t_wait
+            ray.get(inflight.popleft())
+            ray.get(pushes)  # a failed weight push is an error, not silence
+            packed = pack_rollouts(rollouts, self.tok.pad_token_id)
+            pt = next(pt_batches) if pt_batches is not None else None
+            m = group.minillm_step(packed, scores.dense(self.vocab), c.objective.alpha, pt)
+            t_push = time.perf_counter()
+            self.version += 1
+            state = group.state_dict_ref()
+            pushes = [s.load_weights.remote(state, self.version) for s in self.samplers]
+            ray.get(self.replay.set_learner_version.remote(self.version))
+            push_seconds = time.perf_counter() - t_push
+            self.global_step += 1
+            qstats = ray.get(self.replay.stats.remote())
+            n_tok = rollouts.num_tokens
+            record = {
+                "phase": "minillm", "global_step": self.global_step, "step": step, **m,
+                "mean_response_tokens": n_tok / max(len(rollouts), 1),
+                "teacher_token_share": sum(sum(o) for o in rollouts.owners) / max(n_tok, 1),
+                "sampler_tokens_per_s": n_tok / max(rollouts.seconds, 1e-9),
+                "teacher_tokens_per_s": n_tok / max(scores.seconds, 1e-9),
+                "learner_tokens_per_s": m["response_tokens"] / max(m["step_seconds"], 1e-9),
+                "learner_wait_seconds": wait, "push_seconds": push_seconds,
+                "queue_depth": qstats["depth"], "dropped_stale": qstats["dropped_stale"],
+                "weight_version": self.version, "rollout_version": item_version,
+                "version_lag": self.version - 1 - item_version,
+            }
+            if step % c.eval.every_steps == 0 or step == c.learner.minillm_steps:
+                ray.get(pushes)
+                last = self._evaluate(f"minillm-step-{step}")
+                record.update(last.as_dict())
+                if last.rouge_l > best_rouge:
+                    best_rouge = last.rouge_l
+                    group.save(str(self.ckpt / "best"), self.assets.tokenizer_dir)
+                    record["best"] = True
+            self.log.log(record)
+            if step % c.logging.progress_every == 0 or step == c.learner.minillm_steps:
+                print(f"[minillm] step {step}/{c.learner.minillm_steps} loss {m['loss']:.3f} "
+                      f"(single {m['loss_single']:.3f} long {m['loss_long']:.3f} pt {m['loss_pt']:.3f}) "
+                      f"rKL {m['reverse_kl']:.3f} len {record['mean_response_tokens']:.1f} "
+                      f"rho [{m['rho_min']:.2f}, {m['rho_max']:.2f}] lag {record['version_lag']} "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+        ray.get(pushes)
+        for ref in inflight:  # let producers that ran ahead finish cleanly
+            ray.cancel(ref)
+        group.save(str(self.ckpt / "final"), self.assets.tokenizer_dir)
+        return {
+            "start": start.as_dict(""), "final": last.as_dict(""), "best_valid_rouge_l": best_rouge,
+            "minillm_seconds": round(time.time() - t0, 1), "weight_version": self.version,
+            "sampler_stats": ray.get(self.samplers[0].get_stats.remote()),
+            "teacher_stats": ray.get(self.teachers[0].get_stats.remote()),
+        }
+

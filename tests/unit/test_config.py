@@ -1,0 +1,49 @@
+import pytest
+
+from common.config import ConfigError, DistillConfig, load_config, parse_overrides
+
+
+def test_default_config_loads():
+    cfg = load_config()
+    assert isinstance(cfg, DistillConfig)
+    assert cfg.method == "minillm" and cfg.objective.alpha == 0.2
+
+
+def test_overrides_apply_and_parse_types():
+    cfg = load_config(overrides=["learner.lr=1e-4", "eval.seeds=[1,2]", "objective.clip_eps=null"])
+    assert cfg.learner.lr == 1e-4
+    assert cfg.eval.seeds == [1, 2]
+    assert cfg.objective.clip_eps is None
+
+
+def test_unknown_key_names_the_field():
+    with pytest.raises(ConfigError, match=r"learner\.lrr: unknown key"):
+        load_config(overrides=["learner.lrr=1"])
+
+
+def test_bad_value_names_the_field():
+    with pytest.raises(ConfigError, match=r"objective\.alpha"):
+        load_config(overrides=["objective.alpha=1.5"])
+
+
+def test_head_dim_rule_is_enforced():
+    with pytest.raises(ConfigError, match=r"models\.tiny\.student.*head_dim=16"):
+        load_config(overrides=["models.tiny.student.hidden_size=32", "models.tiny.student.num_heads=2"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["learner.lr"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    with pytest.raises(Exception):
+        cfg.learner.lr = 1.0  # type: ignore[misc]
+
+
+def test_local_source_needs_paths():
+    with pytest.raises(ConfigError, match="models"):
+        load_config(overrides=["models.source=local"])

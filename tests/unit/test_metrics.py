@@ -1,0 +1,35 @@
+import math
+
+import pytest
+
+from common.metrics import corpus_rouge_l, distinct_n, mean_and_spread, rouge_l, sequence_kl_estimate
+
+
+def test_rouge_l_hand_computed():
+    # LCS("the cat sat on the mat", "the cat is on the mat") = the cat on the mat = 5 tokens
+    p, r = 5 / 6, 5 / 6
+    assert rouge_l("the cat sat on the mat", ["the cat is on the mat"]) == pytest.approx(100 * 2 * p * r / (p + r))
+    assert rouge_l("identical words", ["identical words"]) == pytest.approx(100.0)
+    assert rouge_l("nothing shared", ["entirely different"]) == 0.0
+
+
+def test_rouge_l_stems_and_takes_best_reference():
+    assert rouge_l("running dogs", ["run dog"]) == pytest.approx(100.0)  # Porter stemming
+    assert rouge_l("a b c", ["x y z", "a b c"]) == pytest.approx(100.0)
+    assert corpus_rouge_l(["a b", "c"], [["a b"], ["d"]]) == pytest.approx(50.0)
+
+
+def test_distinct_4_hand_computed():
+    # n-grams: (1,2,3,4) (2,3,4,1) (3,4,1,2) | (1,2,3,4) -> 3 unique of 4
+    assert distinct_n([[1, 2, 3, 4, 1, 2], [1, 2, 3, 4]], 4) == pytest.approx(75.0)
+    assert distinct_n([[1, 2]], 4) == 0.0
+
+
+def test_sequence_kl_estimate():
+    seq, tok = sequence_kl_estimate([[-1.0, -2.0], [-0.5]], [[-2.0, -2.5], [-1.5]])
+    assert seq == pytest.approx((1.5 + 1.0) / 2) and tok == pytest.approx(2.5 / 3)
+
+
+def test_mean_and_spread():
+    m, s = mean_and_spread([1.0, 3.0])
+    assert m == 2.0 and math.isclose(s, 1.0)
