@@ -1,0 +1,32 @@
+"""Shared fixtures: one Ray session for the integration tests, and the tiny default's models."""
+
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from common.config import load_config, resolve_path  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False,
+                 runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "WANDB_MODE": "offline"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """The embedded default's tokenizer/teacher/student (built once, cached like the default run's)."""
+    from common.tiny import build_tiny_models
+
+    cfg = load_config()
+    return build_tiny_models(cfg.models.tiny, resolve_path(cfg.data.train), cfg.data.max_prompt_tokens,
+                             cfg.data.max_response_tokens, seed=cfg.seed)

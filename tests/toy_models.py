@@ -1,0 +1,29 @@
+"""Small random Llama folders with non-trivial distributions, for tests that compare against HF forwards."""
+
+from pathlib import Path
+
+import torch
+import transformers
+
+
+def build_llama_dir(path: Path, vocab: int, seed: int, eos: int = 2, hidden: int = 64, layers: int = 2,
+                    head_std: float = 0.25) -> transformers.LlamaForCausalLM:
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32, max_position_embeddings=256,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=eos, pad_token_id=eos,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).float()
+    with torch.no_grad():  # logits with std ~2 rather than ~0.2, so distributions are far from uniform
+        model.lm_head.weight.normal_(0.0, head_std)
+        for name, p in model.named_parameters():
+            if name.endswith("proj.weight"):
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(str(path))
+    return model.eval()
+
+
+@torch.no_grad()
+def next_token_probs(model, prefix: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([prefix])).logits[0, -1].double().softmax(-1)
