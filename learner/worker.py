@@ -14,13 +14,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
-
-from common.config import LearnerConfig, ObjectiveConfig
-from common.data import LMBatch
-from common.models import load_model
-from common.rollout import PackedRollouts, gather_positions
 from learner.objectives import (
     minillm_token_losses,
     reduce_losses,
@@ -28,6 +21,13 @@ from learner.objectives import (
     token_nll,
     word_kd_token_losses,
 )
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+
+from common.config import LearnerConfig, ObjectiveConfig
+from common.data import LMBatch
+from common.models import load_model
+from common.rollout import PackedRollouts, gather_positions
 
 
 def _log_softmax_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

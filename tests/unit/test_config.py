@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from common.config import ConfigError, DistillConfig, load_config, parse_overrides
 
@@ -40,7 +41,7 @@ def test_malformed_override_and_missing_file(tmp_path):
 
 def test_config_is_frozen():
     cfg = load_config()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.learner.lr = 1.0  # type: ignore[misc]
 
 

@@ -1,0 +1,99 @@
+"""The FSDP learner through Ray: 2 workers == 1 worker on the same batch; weight push to a sampler."""
+
+import pytest
+import ray
+import torch
+
+from actors.remote import make_sampler
+from actors.sampler import SamplerSpec
+from common.config import LearnerConfig, ObjectiveConfig
+from common.rollout import pack_sequences
+from learner.group import LearnerGroup
+from tests.toy_models import build_llama_dir
+
+pytestmark = pytest.mark.integration
+
+VOCAB, EOS = 64, 2
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("learner") / "student"
+    build_llama_dir(path, VOCAB, seed=0)
+    return path
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, VOCAB, (int(n),), generator=g).tolist() for n in (3, 5, 4, 6)]
+    responses = [torch.randint(3, VOCAB, (int(n),), generator=g).tolist() for n in (4, 2, 6, 3)]
+    old = [(-torch.rand(len(r), generator=g) * 3 - 0.5).tolist() for r in responses]
+    packed = pack_sequences(prompts, responses, EOS, old)
+    teacher = torch.log_softmax(torch.randn(4, packed.tokens.shape[1], VOCAB, generator=g) * 2, -1)
+    pt = torch.randint(3, VOCAB, (4, 8), generator=g)
+    return packed, teacher, pt
+
+
+def _state_after_one_step(n_workers: int, student_dir, lcfg, ocfg):
+    group = LearnerGroup(n_workers, 0.5, 0.0, str(student_dir), lcfg, ocfg, VOCAB, "float32", seed=0)
+    try:
+        packed, teacher, pt = _batch()
+        metrics = group.minillm_step(packed, teacher, 0.2, pt)
+        state = ray.get(group.state_dict_ref())
+    finally:
+        group.shutdown()
+    return metrics, state
+
+
+def test_two_workers_equal_one_worker(ray_session, student_dir):
+    lcfg = LearnerConfig(lr=1e-2, grad_clip=None)
+    ocfg = ObjectiveConfig()
+    m1, s1 = _state_after_one_step(1, student_dir, lcfg, ocfg)
+    m2, s2 = _state_after_one_step(2, student_dir, lcfg, ocfg)
+    assert s1.keys() == s2.keys()
+    init = build_llama_dir(student_dir.parent / "again", VOCAB, seed=0).state_dict()
+    moved = max((s1[k] - init[k]).abs().max().item() for k in s1)
+    assert moved > 1e-4  # the step changed the weights
+    worst = max((s1[k] - s2[k]).abs().max().item() for k in s1)
+    print(f"max |param(1 worker) - param(2 workers)| = {worst:.2e} (step moved weights by up to {moved:.2e})")
+    assert worst < 1e-5
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_weight_push_reaches_sampler(ray_session, student_dir, tmp_path):
+    lcfg = LearnerConfig(lr=5e-2, grad_clip=None)
+    group = LearnerGroup(1, 0.5, 0.0, str(student_dir), lcfg, ObjectiveConfig(), VOCAB, "float32", seed=0)
+    sampler = make_sampler(SamplerSpec(student_dir=str(student_dir), teacher_dir=None, eos_token_id=EOS,
+                                       max_new_tokens=4, kv_cache_mb=32, max_model_len=64), 0, 1.0, 0.0)
+    try:
+        seq, start = [1, 5, 9, 11, 20, 33, 4, 7], 3
+        before = ray.get(sampler.student_logprobs.remote([seq], [start]))[0]
+        packed, teacher, pt = _batch()
+        group.minillm_step(packed, teacher, 0.2, pt)
+        state = group.state_dict_ref()
+        assert ray.get(sampler.load_weights.remote(state, 1)) == 1
+        after = ray.get(sampler.student_logprobs.remote([seq], [start]))[0]
+        group.save(str(tmp_path / "ckpt"), None)
+        from common.models import load_model
+
+        model = load_model(tmp_path / "ckpt")
+        with torch.no_grad():
+            ref = model(torch.tensor([seq])).logits[0].log_softmax(-1)
+        learner_lp = [ref[j - 1, seq[j]].item() for j in range(start, len(seq))]
+        diff = max(abs(a - b) for a, b in zip(after, learner_lp, strict=True))
+        print(f"sampler vs learner log-probs after push: max diff {diff:.2e}")
+        assert diff < 1e-4
+        assert max(abs(a - b) for a, b in zip(after, before, strict=True)) > 1e-3
+        assert ray.get(sampler.get_version.remote()) == 1
+
+        # a failed push is an error, and the version does not move
+        bad = {k: v for k, v in ray.get(state).items()}
+        bad["model.embed_tokens.weight"] = torch.zeros(3, 3)
+        with pytest.raises(ray.exceptions.RayTaskError, match="shape"):
+            ray.get(sampler.load_weights.remote(bad, 2))
+        assert ray.get(sampler.get_version.remote()) == 1
+        with pytest.raises(ray.exceptions.RayTaskError, match="version"):
+            ray.get(sampler.load_weights.remote(state, 1))
+    finally:
+        group.shutdown()
+        ray.kill(sampler)
