@@ -14,7 +14,7 @@ from actors.teacher import Teacher
 # vLLM in-process (about 3 s start-up instead of 30 s; PLATFORM.md) and quiet logs inside actors
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
     "TOKENIZERS_PARALLELISM": "false",
 }
 

@@ -108,6 +108,13 @@ class LearnerGroup:
                        for a, sl in zip(self.actors, _split(len(batch), self.n), strict=True)])
         return sum(r[0] for r in res) / max(sum(r[1] for r in res), 1.0)
 
+    def reverse_kl(self, packed: PackedRollouts, teacher_logprobs: torch.Tensor) -> tuple[float, float, int]:
+        """(sum of exact per-token KL[q || p], tokens, sequences) over the batch, added across workers."""
+        sls = _split(packed.input_ids.shape[0], self.n)
+        res = ray.get([a.call.remote("reverse_kl", _slice_packed(packed, sl), teacher_logprobs[sl])
+                       for a, sl in zip(self.actors, sls, strict=True)])
+        return sum(r[0] for r in res), sum(r[1] for r in res), sum(r[2] for r in res)
+
     def state_dict_ref(self) -> ray.ObjectRef:
         """Collective gather; returns the object-store ref of rank 0's full state dict (one batched push)."""
         refs = [a.call.remote("full_state_dict") for a in self.actors]

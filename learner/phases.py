@@ -48,7 +48,8 @@ class Service:
         held_out = list(self.valid_items)
         rng.shuffle(held_out)
         self.eval_items = held_out[: cfg.eval.num_prompts]
-        self.kl_items = held_out[-cfg.eval.kl_prompts:]
+        n_kl = min(cfg.eval.kl_prompts, len(held_out))
+        self.kl_items = held_out[len(held_out) - n_kl + n_kl % cfg.learner.num_workers:]  # splits evenly
 
     # ----- placement ---------------------------------------------------------------------------------
     def _start_learner(self, student_dir: str) -> None:
@@ -112,8 +113,8 @@ class Service:
 
     def _evaluate(self, label: str) -> EvalResult:
         t0 = time.time()
-        res = evaluate_student(self.samplers[0], self.teachers[0], self.tok, self.eval_items, self.valid_examples,
-                               self.cfg.eval.max_new_tokens, self.kl_items)
+        res = evaluate_student(self.samplers[0], self.teachers[0], self.group, self.tok, self.eval_items,
+                               self.valid_examples, self.cfg.eval.max_new_tokens, self.kl_items, self.vocab)
         print(f"[eval] {label}: valid ROUGE-L {res.rouge_l:.2f}, reverse KL {res.reverse_kl_seq:.3f}/seq "
               f"({res.reverse_kl_token:.4f}/token), {res.mean_response_tokens:.1f} tokens "
               f"({time.time() - t0:.1f}s)", flush=True)

@@ -14,13 +14,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from learner.objectives import (
-    minillm_token_losses,
-    reduce_losses,
-    reverse_kl_per_token,
-    token_nll,
-    word_kd_token_losses,
-)
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
@@ -28,6 +21,13 @@ from common.config import LearnerConfig, ObjectiveConfig
 from common.data import LMBatch
 from common.models import load_model
 from common.rollout import PackedRollouts, gather_positions
+from learner.objectives import (
+    minillm_token_losses,
+    reduce_losses,
+    reverse_kl_per_token,
+    token_nll,
+    word_kd_token_losses,
+)
 
 
 def _log_softmax_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -161,6 +161,16 @@ class LearnerWorker:
             "rho_max": rho.max().item() if n_tok else 1.0, "rho_mean": rho.mean().item() if n_tok else 1.0,
             "response_tokens": n_tok, "grad_norm": norm, "step_seconds": time.perf_counter() - t0,
         }
+
+    @torch.no_grad()
+    def reverse_kl(self, packed: PackedRollouts, teacher_logprobs: torch.Tensor) -> tuple[float, float, int]:
+        """Exact per-position KL[q || p] summed over this slice's response tokens (a Rao-Blackwellised
+        estimate of the sequence-level reverse KL when the responses were sampled from q): (sum, tokens, seqs)."""
+        logits = self._logits(packed.input_ids, packed.attention_mask)
+        student = gather_positions(logits, packed.predict_pos.to(self.device))[..., : self.vocab_size]
+        mask = packed.mask.to(self.device)
+        kl = reverse_kl_per_token(student.float(), teacher_logprobs.to(self.device), mask)
+        return kl.sum().item(), mask.sum().item(), int((mask.sum(-1) > 0).sum().item())
 
     # ----- weights -----------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
