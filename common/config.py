@@ -6,6 +6,7 @@ being silently ignored deep inside a run.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -247,12 +248,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(data, str(path))
 
 
+def _installed_project_root() -> Path | None:
+    """Where `pip install -e .` was run from. A job submitted with `--working-dir .` runs from an uploaded copy
+    of the repository, without the data beside it; relative paths then fall back to the installed project."""
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        info = json.loads(distribution("minillm-service").read_text("direct_url.json") or "{}")
+    except (PackageNotFoundError, ValueError, OSError):
+        return None
+    url = info.get("url", "")
+    return Path(url[len("file://"):]) if url.startswith("file://") else None
+
+
 def resolve_path(path: str | None, base: Path = REPO_ROOT) -> Path | None:
-    """Relative paths in a config are relative to the repository root, so jobs run from anywhere."""
+    """Relative paths in a config are relative to the repository root (then to the installed project, for
+    jobs that run from an uploaded copy), so jobs run from anywhere."""
     if path is None:
         return None
     p = Path(path).expanduser()
-    return p if p.is_absolute() else (base / p).resolve()
+    if p.is_absolute():
+        return p
+    candidate = (base / p).resolve()
+    if not candidate.exists() and base == REPO_ROOT:
+        installed = _installed_project_root()
+        if installed is not None and (installed / p).exists():
+            return (installed / p).resolve()
+    return candidate
 
 
 def dump_config(cfg: DistillConfig) -> str:

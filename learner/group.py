@@ -32,7 +32,12 @@ class LearnerActor:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         assert self.worker is not None, "setup() first"
-        return getattr(self.worker, method)(*args, **kwargs)
+        result = getattr(self.worker, method)(*args, **kwargs)
+        if method.endswith("_step") and self.worker.rank == 0:
+            from actors import telemetry
+
+            telemetry.record_update(result)
+        return result
 
 
 def _split(n: int, parts: int) -> list[slice]:

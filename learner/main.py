@@ -75,12 +75,11 @@ def check_resources(cfg: DistillConfig) -> None:
     import ray
 
     c = cfg.cluster
-    need_teachers = cfg.method in ("minillm", "kd")
-    need_samplers = True
-    cpus = (cfg.learner.num_workers * c.learner_cpus + (cfg.sampler.num_samplers * c.sampler_cpus if need_samplers
-            else 0) + (cfg.teacher.num_teachers * c.teacher_cpus if need_teachers else 0) + c.replay_cpus)
+    # every method places all actor kinds: teachers also score the reverse-KL evaluation
+    cpus = (cfg.learner.num_workers * c.learner_cpus + cfg.sampler.num_samplers * c.sampler_cpus
+            + cfg.teacher.num_teachers * c.teacher_cpus + c.replay_cpus)
     gpus = (cfg.learner.num_workers * c.learner_gpus + cfg.sampler.num_samplers * c.sampler_gpus
-            + (cfg.teacher.num_teachers * c.teacher_gpus if need_teachers else 0))
+            + cfg.teacher.num_teachers * c.teacher_gpus)
     have = ray.cluster_resources()
     problems = []
     if cpus > have.get("CPU", 0) + 1e-9:

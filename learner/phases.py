@@ -124,56 +124,89 @@ class Service:
 
     # ----- phases ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """minillm: SFT (or the given SFT checkpoint) then MiniLLM. sft / kd / seqkd: the baselines, trained on
+        the same data and step budget as the SFT phase, selected by validation loss, evaluated the same way."""
         c = self.cfg
-        if c.method != "minillm" and c.method != "sft":
-            raise NotImplementedError(f"method {c.method!r} is not available yet")
         self._start_teachers()
-        if c.models.sft_checkpoint:
-            sft_dir = str(resolve_path(c.models.sft_checkpoint))
-            self._start_learner(sft_dir)
-        else:
-            self._start_learner(self.assets.student_dir)
-            sft_dir = self.sft_phase()
-        summary: dict[str, Any] = {"method": c.method, "sft_checkpoint": sft_dir}
-        if c.method == "sft":
-            self._start_samplers(sft_dir, alpha=0.0)
-            res = self._evaluate("sft-best")
-            copy_checkpoint(Path(sft_dir), self.ckpt / "best")
-            copy_checkpoint(Path(sft_dir), self.ckpt / "final")
-            summary.update(res.as_dict("final_"))
+        summary: dict[str, Any] = {"method": c.method}
+        if c.method == "minillm":
+            if c.models.sft_checkpoint:
+                sft_dir = str(resolve_path(c.models.sft_checkpoint))
+                self._start_learner(sft_dir)
+            else:
+                self._start_learner(self.assets.student_dir)
+                sft_dir = self.train_phase("sft", self.train_items)
+            summary["sft_checkpoint"] = sft_dir
+            summary.update(self.minillm_phase(sft_dir))
             return summary
-        summary.update(self.minillm_phase(sft_dir))
+        self._start_learner(self.assets.student_dir)
+        if c.method == "seqkd":
+            self._start_samplers(self.assets.student_dir, alpha=1.0)
+            best_dir = self.train_phase("seqkd", self.teacher_responses())
+            self.group.load_state(best_dir)
+            self.version += 1
+            ray.get([s.load_weights.remote(self.group.state_dict_ref(), self.version) for s in self.samplers])
+        else:
+            best_dir = self.train_phase(c.method, self.train_items)
+            self._start_samplers(best_dir, alpha=0.0)
+        res = self._evaluate(f"{c.method}-best")
+        copy_checkpoint(Path(best_dir), self.ckpt / "best")
+        copy_checkpoint(Path(best_dir), self.ckpt / "final")
+        summary.update({"start": res.as_dict(""), "final": res.as_dict(""), "best_valid_rouge_l": res.rouge_l})
         return summary
 
-    def sft_phase(self) -> str:
-        """Fine-tune the student on the task data; keep the checkpoint with the lowest validation loss."""
+    def teacher_responses(self) -> list[TokenizedExample]:
+        """SeqKD data: the teacher's own samples (alpha = 1 through the samplers) for the training prompts."""
+        c = self.cfg
+        n = min(len(self.train_items), c.learner.sft_steps * c.learner.sft_batch_size)
+        prompts = self.train_items[:n]
+        out: list[TokenizedExample] = []
+        t0 = time.time()
+        chunk = 256
+        for start in range(0, n, chunk):
+            part = prompts[start : start + chunk]
+            sampler = self.samplers[(start // chunk) % len(self.samplers)]
+            r = ray.get(sampler.sample.remote([it.prompt_ids for it in part], [it.index for it in part], alpha=1.0,
+                                              max_new_tokens=c.data.max_response_tokens))
+            out.extend(TokenizedExample(it.prompt_ids, resp, it.index)
+                       for it, resp in zip(part, r.response_ids, strict=True) if resp)
+            print(f"[seqkd] teacher responses {min(start + chunk, n)}/{n} ({time.time() - t0:.0f}s)", flush=True)
+        return out
+
+    def train_phase(self, kind: str, items: list[TokenizedExample]) -> str:
+        """Fine-tune the student (kind: sft / seqkd = NLL on `items`; kd = word-level KD + NLL) for
+        learner.sft_steps; keep the checkpoint with the lowest validation loss (on ground-truth responses)."""
         c, group = self.cfg, self.group
         assert group is not None
         group.set_lr(c.learner.sft_lr)
-        best_dir = self.ckpt / "sft_best"
+        best_dir = self.ckpt / f"{kind}_best"
         best = float("inf")
-        batches = iterate_batches(self.train_items, c.learner.sft_batch_size, c.seed)
-        print(f"[sft] {c.learner.sft_steps} steps, batch {c.learner.sft_batch_size}, lr {c.learner.sft_lr}", flush=True)
+        batches = iterate_batches(items, c.learner.sft_batch_size, c.seed)
+        steps = c.learner.sft_steps
+        print(f"[{kind}] {steps} steps, batch {c.learner.sft_batch_size}, lr {c.learner.sft_lr}", flush=True)
         t0 = time.time()
-        for step in range(1, c.learner.sft_steps + 1):
-            m = group.sft_step(self._lm_batch(next(batches)))
+        for step in range(1, steps + 1):
+            batch = self._lm_batch(next(batches))
+            if kind == "kd":
+                teacher = self.teachers[step % len(self.teachers)]
+                m = group.kd_step(batch, ray.get(teacher.score_lm_batch.remote(batch)))
+            else:
+                m = group.sft_step(batch)
             self.global_step += 1
-            record = {"phase": "sft", "global_step": self.global_step, "step": step, "loss": m["loss"],
-                      "grad_norm": m["grad_norm"], "step_seconds": m["step_seconds"]}
-            if step % c.learner.sft_eval_every == 0 or step == c.learner.sft_steps:
+            record = {"phase": kind, "global_step": self.global_step, "step": step, **m}
+            if step % c.learner.sft_eval_every == 0 or step == steps:
                 vloss = self._valid_loss()
                 record["valid_loss"] = vloss
                 if vloss < best:
                     best = vloss
                     group.save(str(best_dir), self.assets.tokenizer_dir)
                     record["best"] = True
-                print(f"[sft] step {step}/{c.learner.sft_steps} loss {m['loss']:.3f} valid {vloss:.3f} "
+                print(f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} valid {vloss:.3f} "
                       f"(best {best:.3f}, {time.time() - t0:.0f}s)", flush=True)
             elif step % c.logging.progress_every == 0:
-                print(f"[sft] step {step}/{c.learner.sft_steps} loss {m['loss']:.3f} ({time.time() - t0:.0f}s)",
-                      flush=True)
+                print(f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} ({time.time() - t0:.0f}s)", flush=True)
             self.log.log(record)
-        if not best_dir.exists():  # sft_steps == 0: the initial student is the "SFT" start
+        if not best_dir.exists():  # no steps: the initial student is the phase's result
             group.save(str(best_dir), self.assets.tokenizer_dir)
         group.load_state(str(best_dir))
         return str(best_dir)

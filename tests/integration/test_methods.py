@@ -1,0 +1,37 @@
+"""Each baseline method through the same service on the tiny config (short budgets): it trains, selects a
+checkpoint, evaluates, and writes loadable students."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SHORT = ["learner.sft_steps=8", "learner.sft_eval_every=4", "eval.num_prompts=16", "eval.kl_prompts=16",
+         "eval.max_new_tokens=16", "data.max_valid_examples=120"]
+
+
+@pytest.mark.parametrize("method", ["sft", "kd", "seqkd"])
+def test_baseline_method_runs(method, tmp_path, tiny_models):
+    out = tmp_path / method
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "learner.main", f"method={method}", f"output_dir={out}", *SHORT],
+                          cwd=ROOT, env={**env, "WANDB_MODE": "offline"}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"[{method}] step 8/8" in proc.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["phase"] == method]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert all(r["loss"] > 0 for r in steps)
+    if method == "kd":
+        assert all("kd" in r and "nll" in r for r in steps)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method and summary["final"]["reverse_kl_token"] > 0
+    for ckpt in ("best", "final"):
+        assert (out / "checkpoints" / ckpt / "model.safetensors").is_file()
