@@ -1,0 +1,94 @@
+"""The way the user runs it: a local Ray head on loopback, `ray job submit --working-dir . -- python -m
+learner.main`, the dashboard's actor list, and the custom metrics on Ray's metrics endpoint."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SHORT = ["learner.sft_steps=10", "learner.sft_eval_every=5", "learner.minillm_steps=6", "eval.every_steps=3",
+         "eval.num_prompts=16", "eval.kl_prompts=16", "data.max_valid_examples=120"]
+METRICS = ["ray_distill_sampled_tokens_total", "ray_distill_teacher_scored_tokens_total",
+           "ray_distill_learner_step_seconds", "ray_distill_queue_depth", "ray_distill_weight_version_lag",
+           "ray_distill_loss_single", "ray_distill_reverse_kl"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args, env, timeout=300, check=True):
+    proc = subprocess.run([shutil.which("ray"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ray {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    temp = tmp_path_factory.mktemp("rayhead")
+    gcs, dash, metrics = _free_port(), _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_AUTH_MODE": "token", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "WANDB_MODE": "offline"})
+    _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dash), "--metrics-export-port", str(metrics), "--num-cpus", "2",
+         "--temp-dir", str(temp), "--disable-usage-stats", env=env)
+    try:
+        yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "metrics": f"http://127.0.0.1:{metrics}/metrics",
+               "gcs": f"127.0.0.1:{gcs}"}
+    finally:
+        _ray("stop", "--force", env=env, check=False)
+
+
+def test_job_submit_runs_the_service_and_exports_metrics(head, tmp_path, tiny_models):
+    out = tmp_path / "job-run"
+    env = head["env"]
+    submit = _ray("job", "submit", "--address", head["dashboard"], "--working-dir", ".", "--no-wait", "--",
+                  "python", "-m", "learner.main", "--config", "configs/tiny.yaml", f"output_dir={out}", *SHORT,
+                  env=env)
+    job_id = next(line.split("'")[1] for line in submit.stdout.splitlines() if "submitted successfully" in line)
+    seen_metrics: set[str] = set()
+    actors: set[str] = set()
+    deadline = time.time() + 900
+    status = ""
+    while time.time() < deadline:
+        status = _ray("job", "status", "--address", head["dashboard"], job_id, env=env).stdout
+        try:
+            with urllib.request.urlopen(head["metrics"], timeout=10) as resp:
+                text = resp.read().decode()
+            seen_metrics |= {m for m in METRICS if m in text}
+        except OSError:
+            pass
+        listing = _ray("list", "actors", "--address", head["gcs"], "--format", "json", "--limit", "100",
+                       env=env, check=False)
+        if listing.returncode == 0 and listing.stdout.strip().startswith("["):
+            actors |= {a.get("name") for a in json.loads(listing.stdout) if a.get("name")}
+        if "SUCCEEDED" in status or "FAILED" in status or "STOPPED" in status:
+            break
+        time.sleep(5)
+    logs = _ray("job", "logs", "--address", head["dashboard"], job_id, env=env).stdout
+    assert "SUCCEEDED" in status, f"job did not succeed: {status}\n{logs[-4000:]}"
+    assert "[minillm] step 6/6" in logs and "[sft] step 10/10" in logs  # progress shows in the job's logs
+    assert (out / "summary.json").is_file() and (out / "checkpoints" / "final" / "config.json").is_file()
+    assert {"sampler-0", "teacher-0", "learner-0", "replay"} <= actors, actors
+    # metrics may be scraped after the job ends (export interval): poll a little longer
+    for _ in range(12):
+        if set(METRICS) <= seen_metrics:
+            break
+        time.sleep(5)
+        with urllib.request.urlopen(head["metrics"], timeout=10) as resp:
+            text = resp.read().decode()
+        seen_metrics |= {m for m in METRICS if m in text}
+    assert set(METRICS) <= seen_metrics, set(METRICS) - seen_metrics
