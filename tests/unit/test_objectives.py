@@ -1,4 +1,4 @@
-"""The MiniLLM objectives against brute force, on CPU (float64)."""
+"""The MiniLLM objectives against brute force and an exactly enumerable toy, on CPU (float64)."""
 
 import itertools
 import math
@@ -12,23 +12,25 @@ from learner.objectives import (
     reverse_kl_per_token,
     sequence_future_reward,
     token_nll,
+    truncate_vocab,
     word_kd_token_losses,
 )
 
-torch.set_default_dtype(torch.float64)
+DT = torch.float64
 
 
-def _random_case(b=3, t=5, v=7, seed=0, lengths=(5, 3, 1)):
+def _random_case(b=4, t=5, v=7, seed=0, spans=((0, 5), (0, 3), (0, 1), (2, 5))):
+    """Random logits/teacher/tokens; row i is real on positions spans[i] (right and left padding)."""
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(b, t, v, generator=g) * 2
-    teacher = torch.log_softmax(torch.randn(b, t, v, generator=g) * 2, -1)
+    logits = torch.randn(b, t, v, generator=g, dtype=DT) * 2
+    teacher = torch.log_softmax(torch.randn(b, t, v, generator=g, dtype=DT) * 2, -1)
     tokens = torch.randint(0, v, (b, t), generator=g)
-    mask = torch.zeros(b, t)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
+    mask = torch.zeros(b, t, dtype=DT)
+    for i, (lo, hi) in enumerate(spans):
+        mask[i, lo:hi] = 1
     # old log-probs near the current ones so some rho fall inside and some outside the clip range
     cur = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    old = cur + torch.randn(b, t, generator=g) * 0.4
+    old = cur + torch.randn(b, t, generator=g, dtype=DT) * 0.4
     return logits, teacher, tokens, mask, old
 
 
@@ -60,7 +62,7 @@ def _brute_force(logits, teacher, tokens, mask, old, alpha, eps, length_norm):
 
 
 @pytest.mark.parametrize("alpha,eps,length_norm", [(0.2, 0.2, True), (0.0, None, False), (1.0, 0.1, True),
-                                                   (0.5, 0.05, False)])
+                                                   (0.5, 0.05, False), (0.0, 0.2, True)])
 def test_terms_and_gradients_match_brute_force(alpha, eps, length_norm):
     logits, teacher, tokens, mask, old = _random_case()
     a = logits.clone().requires_grad_(True)
@@ -69,24 +71,37 @@ def test_terms_and_gradients_match_brute_force(alpha, eps, length_norm):
     ref_single, ref_long = _brute_force(b, teacher, tokens, mask, old, alpha, eps, length_norm)
     torch.testing.assert_close(single, ref_single, atol=1e-10, rtol=1e-9)
     torch.testing.assert_close(long, ref_long, atol=1e-10, rtol=1e-9)
-    weights = torch.randn(*single.shape, generator=torch.Generator().manual_seed(5))
-    (ga,) = torch.autograd.grad(((single + long) * weights).sum(), a)
-    (gb,) = torch.autograd.grad(((ref_single + ref_long) * weights).sum(), b)
-    torch.testing.assert_close(ga, gb, atol=1e-10, rtol=1e-9)
+    weights = torch.randn(*single.shape, generator=torch.Generator().manual_seed(5), dtype=DT)
+    def grad(out, wrt):
+        return torch.autograd.grad((out * weights).sum(), wrt, retain_graph=True)[0]
+
+    ga_s, ga_l, gb_s, gb_l = grad(single, a), grad(long, a), grad(ref_single, b), grad(ref_long, b)
+    torch.testing.assert_close(ga_s, gb_s, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(ga_l, gb_l, atol=1e-10, rtol=1e-9)
+    assert ga_l.abs().max() > 1e-3  # the long-term gradient is not trivially zero
 
 
-def test_clipping_is_active_in_the_test_case():
+@pytest.mark.parametrize("alpha,eps", [(0.2, 0.2), (0.5, 0.05)])
+def test_clipping_is_active_for_some_tokens_and_not_others(alpha, eps):
+    """The brute-force cases above exercise both branches of the clipped max."""
     logits, teacher, tokens, mask, old = _random_case()
-    single, long_clip = minillm_token_losses(logits, teacher, tokens, mask, old, 0.2, 0.05)
-    _, long_free = minillm_token_losses(logits, teacher, tokens, mask, old, 0.2, None)
-    assert not torch.allclose(long_clip, long_free)
+    _, long_clip = minillm_token_losses(logits, teacher, tokens, mask, old, alpha, eps)
+    _, long_free = minillm_token_losses(logits, teacher, tokens, mask, old, alpha, None)
+    differs = (long_clip - long_free).abs() > 1e-12
+    assert 0 < differs[mask > 0].sum() < (mask > 0).sum() - 1
 
 
 def test_future_reward_by_hand():
-    r = torch.tensor([[1.0, 2.0, 3.0, 9.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    torch.testing.assert_close(sequence_future_reward(r, mask, True), torch.tensor([[2.5, 3.0, 0.0, 0.0]]))
-    torch.testing.assert_close(sequence_future_reward(r, mask, False), torch.tensor([[5.0, 3.0, 0.0, 0.0]]))
+    r = torch.tensor([[1.0, 2.0, 3.0, 9.0], [9.0, 1.0, 2.0, 4.0]], dtype=DT)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]], dtype=DT)  # right and left padding
+    torch.testing.assert_close(sequence_future_reward(r, mask, True),
+                               torch.tensor([[2.5, 3.0, 0.0, 0.0], [0.0, 3.0, 4.0, 0.0]], dtype=DT))
+    torch.testing.assert_close(sequence_future_reward(r, mask, False),
+                               torch.tensor([[5.0, 3.0, 0.0, 0.0], [0.0, 6.0, 4.0, 0.0]], dtype=DT))
+    # a general (non-contiguous) mask: only real later tokens count
+    r2, m2 = torch.tensor([[1.0, 5.0, 2.0, 4.0]], dtype=DT), torch.tensor([[1.0, 0.0, 1.0, 1.0]], dtype=DT)
+    expected = torch.tensor([[3.0, 0.0, 4.0, 0.0]], dtype=DT)
+    torch.testing.assert_close(sequence_future_reward(r2, m2, True), expected)
 
 
 def _pad(x, left, right, value=0.0):
@@ -101,47 +116,82 @@ def _pad(x, left, right, value=0.0):
 @pytest.mark.parametrize("left,right", [(0, 3), (2, 0), (2, 2)])
 def test_padding_does_not_change_results(left, right):
     logits, teacher, tokens, mask, old = _random_case()
-    single, long = minillm_token_losses(logits, teacher, tokens, mask, old, 0.2, 0.2)
-    # garbage on padding must not leak: NaN logits, -inf teacher entries
+    x = logits.clone().requires_grad_(True)
+    single, long = minillm_token_losses(x, teacher, tokens, mask, old, 0.2, 0.2)
+    # garbage on padding must not leak: NaN logits, -inf teacher entries, out-of-range token ids
+    xp = _pad(logits, left, right, float("nan")).requires_grad_(True)
     p_single, p_long = minillm_token_losses(
-        _pad(logits, left, right, float("nan")), _pad(teacher, left, right, float("-inf")),
-        _pad(tokens, left, right, 0), _pad(mask, left, right), _pad(old, left, right, float("nan")), 0.2, 0.2)
+        xp, _pad(teacher, left, right, float("-inf")), _pad(tokens, left, right, -100),
+        _pad(mask, left, right), _pad(old, left, right, float("nan")), 0.2, 0.2)
     t = logits.shape[1]
     torch.testing.assert_close(p_single[:, left : left + t], single)
     torch.testing.assert_close(p_long[:, left : left + t], long)
     assert torch.isfinite(p_single).all() and torch.isfinite(p_long).all()
     full = reduce_losses(single + long, mask)
-    torch.testing.assert_close(reduce_losses(p_single + p_long, _pad(mask, left, right)), full)
+    padded = reduce_losses(p_single + p_long, _pad(mask, left, right))
+    torch.testing.assert_close(padded, full)
+    (g,) = torch.autograd.grad(full, x)
+    (gp,) = torch.autograd.grad(padded, xp)
+    assert torch.isfinite(gp).all()
+    torch.testing.assert_close(gp[:, left : left + t], g)
+    assert gp[:, :left].abs().sum() == 0 and gp[:, left + t :].abs().sum() == 0
 
 
 def test_batch_composition_does_not_change_a_sequence():
     logits, teacher, tokens, mask, old = _random_case()
     single, long = minillm_token_losses(logits, teacher, tokens, mask, old, 0.2, 0.2)
     for i in range(logits.shape[0]):
-        s1, l1 = minillm_token_losses(logits[i : i + 1], teacher[i : i + 1], tokens[i : i + 1], mask[i : i + 1],
-                                      old[i : i + 1], 0.2, 0.2)
+        sl = slice(i, i + 1)
+        s1, l1 = minillm_token_losses(logits[sl], teacher[sl], tokens[sl], mask[sl], old[sl], 0.2, 0.2)
         torch.testing.assert_close(s1[0], single[i])
         torch.testing.assert_close(l1[0], long[i])
+    # in a batch with other sequences: the same rows, duplicated and reordered
+    order = torch.tensor([3, 0, 3, 1, 2])
+    s2, l2 = minillm_token_losses(logits[order], teacher[order], tokens[order], mask[order], old[order],
+                                  0.2, 0.2)
+    torch.testing.assert_close(s2, single[order])
+    torch.testing.assert_close(l2, long[order])
 
 
 def test_all_masked_gives_zero_not_nan():
     logits, teacher, tokens, _, old = _random_case()
-    mask = torch.zeros(tokens.shape)
+    mask = torch.zeros(tokens.shape, dtype=DT)
+    logits[0, 0, 0], teacher[0, 1, 2], old[1, 1] = float("nan"), float("-inf"), float("nan")
     x = logits.clone().requires_grad_(True)
     single, long = minillm_token_losses(x, teacher, tokens, mask, old, 0.2, 0.2)
-    assert single.abs().sum() == 0 and long.abs().sum() == 0
-    for mode in ("seq", "token"):
-        loss = reduce_losses(single + long, mask, mode)
-        assert loss.item() == 0.0
-        (g,) = torch.autograd.grad(loss, x, retain_graph=True)
-        assert torch.isfinite(g).all() and g.abs().sum() == 0
+    assert (single == 0).all() and (long == 0).all()
+    per_token_fns = (single + long, token_nll(x, tokens, mask), word_kd_token_losses(x, teacher, mask),
+                     reverse_kl_per_token(x, teacher, mask))
+    for per_token in per_token_fns:
+        assert (per_token == 0).all()
+        for mode in ("seq", "token"):
+            loss = reduce_losses(per_token, mask, mode)
+            assert loss.item() == 0.0
+            (g,) = torch.autograd.grad(loss, x, retain_graph=True)
+            assert torch.isfinite(g).all() and (g == 0).all()
+
+
+def test_very_negative_teacher_logprobs_stay_finite():
+    logits, teacher, tokens, mask, old = _random_case()
+    teacher = teacher.clone()
+    teacher[0, 0, :3] = -1e30  # effectively probability 0 but finite
+    teacher[0, 1, 1] = float("-inf")
+    teacher[0, 1, tokens[0, 1]] = float("-inf")  # the sampled token itself: r_t = -inf must not produce NaN
+    x = logits.clone().requires_grad_(True)
+    single, long = minillm_token_losses(x, teacher, tokens, mask, old, 0.2, 0.2)
+    loss = reduce_losses(single + long, mask) + reduce_losses(reverse_kl_per_token(x, teacher, mask), mask)
+    (g,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(single).all() and torch.isfinite(long).all() and torch.isfinite(g).all()
 
 
 def test_reductions_by_hand():
-    per_token = torch.tensor([[1.0, 3.0, 100.0], [4.0, 0.0, 0.0], [7.0, 7.0, 7.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    assert reduce_losses(per_token, mask, "seq").item() == pytest.approx((2.0 + 4.0) / 2)
-    assert reduce_losses(per_token, mask, "token").item() == pytest.approx(8.0 / 3)
+    per_token = torch.tensor([[1.0, 3.0, 100.0], [4.0, 0.0, 0.0], [7.0, 7.0, 7.0], [float("nan"), 2.0, 6.0]],
+                             dtype=DT)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0]], dtype=DT)
+    # per sequence: means 2, 4, (none), 4 -> 10 / 3; per token: (1 + 3 + 4 + 2 + 6) / 5
+    assert reduce_losses(per_token, mask).item() == pytest.approx(10.0 / 3)
+    assert reduce_losses(per_token, mask, "seq").item() == pytest.approx(10.0 / 3)
+    assert reduce_losses(per_token, mask, "token").item() == pytest.approx(16.0 / 5)
     with pytest.raises(ValueError, match="reduction"):
         reduce_losses(per_token, mask, "mean")
 
@@ -149,64 +199,93 @@ def test_reductions_by_hand():
 def test_nll_word_kd_and_reverse_kl_against_brute_force():
     logits, teacher, tokens, mask, _ = _random_case()
     teacher = teacher.clone()
-    teacher[0, 0, 3] = float("-inf")  # a zero-probability teacher token: forward KL term 0, not NaN
+    teacher[0, 0, 3] = float("-inf")  # zero-probability teacher tokens: forward KL term 0, not NaN
+    teacher[1, 1, 0] = float("-inf")
     teacher[0, 0] = torch.log_softmax(teacher[0, 0], -1)
-    logq = torch.log_softmax(logits, -1)
-    nll = token_nll(logits, tokens, mask)
-    kd = word_kd_token_losses(logits, teacher, mask)
-    rkl = reverse_kl_per_token(logits, torch.log_softmax(torch.randn_like(logits), -1), mask)
-    assert torch.isfinite(kd).all() and torch.isfinite(rkl).all()
+    teacher[1, 1] = torch.log_softmax(teacher[1, 1], -1)
+    x = logits.clone().requires_grad_(True)
+    nll = token_nll(x, tokens, mask)
+    kd = word_kd_token_losses(x, teacher, mask)
+    rkl = reverse_kl_per_token(x, teacher, mask)
+    (g,) = torch.autograd.grad((nll + kd + rkl).sum(), x)
+    assert torch.isfinite(kd).all() and torch.isfinite(rkl).all() and torch.isfinite(g).all()
+    v_ = logits.shape[2]
     for b, t in itertools.product(range(logits.shape[0]), range(logits.shape[1])):
         if mask[b, t] == 0:
-            assert nll[b, t] == 0 and kd[b, t] == 0
+            assert nll[b, t] == 0 and kd[b, t] == 0 and rkl[b, t] == 0
             continue
-        assert nll[b, t].item() == pytest.approx(-logq[b, t, tokens[b, t]].item())
-        p = teacher[b, t].exp()
-        ref = sum(p[v] * (teacher[b, t, v] - logq[b, t, v]) for v in range(logits.shape[2]) if p[v] > 0)
-        assert kd[b, t].item() == pytest.approx(ref.item())
+        z = math.log(sum(math.exp(logits[b, t, v].item()) for v in range(v_)))
+        logq = [logits[b, t, v].item() - z for v in range(v_)]
+        logp = [teacher[b, t, v].item() for v in range(v_)]
+        assert nll[b, t].item() == pytest.approx(-logq[tokens[b, t]], rel=1e-10)
+        fwd = sum(math.exp(lp) * (lp - lq) for lp, lq in zip(logp, logq, strict=True) if lp > -math.inf)
+        assert kd[b, t].item() == pytest.approx(fwd, rel=1e-10)
+        if all(lp > -math.inf for lp in logp):
+            rev = sum(math.exp(lq) * (lq - lp) for lp, lq in zip(logp, logq, strict=True))
+            assert rkl[b, t].item() == pytest.approx(rev, rel=1e-10)
+
+
+def test_word_kd_gradient_is_q_minus_p():
+    """d KL[p || q] / d logits = q - p, per position (a closed form independent of the implementation)."""
+    logits, teacher, _, mask, _ = _random_case()
+    x = logits.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(word_kd_token_losses(x, teacher, mask).sum(), x)
+    expected = (torch.softmax(logits, -1) - teacher.exp()) * mask.unsqueeze(-1)
+    torch.testing.assert_close(g, expected, atol=1e-12, rtol=1e-10)
+
+
+def test_truncate_vocab_drops_padded_rows():
+    logits = torch.randn(2, 3, 10, dtype=DT)
+    cut = truncate_vocab(logits, 7)
+    assert cut.shape == (2, 3, 7)
+    torch.testing.assert_close(cut, logits[..., :7])
+    with pytest.raises(ValueError):
+        truncate_vocab(logits, 11)
 
 
 # ---- the key test: on an enumerable toy, E_{y~q}[grad(single + long)] equals grad KL[q || p] exactly ----
 
-V, T = 3, 3
 
-
-def _prefix_index(prefix: tuple[int, ...]) -> int:
+def _prefix_index(prefix: tuple[int, ...], v: int) -> int:
     """Index of a prefix among all prefixes of length 0..T-1 (breadth first)."""
-    offset = sum(V**k for k in range(len(prefix)))
-    return offset + sum(tok * V ** (len(prefix) - 1 - i) for i, tok in enumerate(prefix))
+    offset = sum(v**k for k in range(len(prefix)))
+    return offset + sum(tok * v ** (len(prefix) - 1 - i) for i, tok in enumerate(prefix))
 
 
-def test_expected_gradient_equals_exact_reverse_kl_gradient():
-    g = torch.Generator().manual_seed(3)
-    n_prefixes = sum(V**k for k in range(T))
-    theta = (torch.randn(n_prefixes, V, generator=g) * 1.5).requires_grad_(True)  # student logits per prefix
-    teacher = torch.log_softmax(torch.randn(n_prefixes, V, generator=g) * 1.5, -1)
-    sequences = list(itertools.product(range(V), repeat=T))
+@pytest.mark.parametrize("v,t,seed", [(3, 3, 3), (4, 3, 1), (5, 2, 2)])
+def test_expected_gradient_equals_exact_reverse_kl_gradient(v, t, seed):
+    g = torch.Generator().manual_seed(seed)
+    n_prefixes = sum(v**k for k in range(t))
+    # the student's logits per prefix (a free table) and the teacher's fixed log-probs per prefix
+    theta = (torch.randn(n_prefixes, v, generator=g, dtype=DT) * 1.5).requires_grad_(True)
+    teacher = torch.log_softmax(torch.randn(n_prefixes, v, generator=g, dtype=DT) * 1.5, -1)
+    sequences = list(itertools.product(range(v), repeat=t))  # fixed length, no EOS: all V^T sequences
+    rows = torch.tensor([[_prefix_index(y[:i], v) for i in range(t)] for y in sequences])
+    tokens = torch.tensor(sequences)
 
-    def seq_logprob(logits_table, y):
-        lp = torch.log_softmax(logits_table, -1)
-        return sum(lp[_prefix_index(y[:t]), y[t]] for t in range(T))
-
-    # exact KL[q || p] over whole sequences, by enumeration
-    kl = 0.0
-    for y in sequences:
-        log_q = seq_logprob(theta, y)
-        log_p = sum(teacher[_prefix_index(y[:t]), y[t]] for t in range(T))
-        kl = kl + log_q.exp() * (log_q - log_p)
+    # exact sequence-level KL[q || p] = sum_y q(y) log(q(y) / p(y)) by enumeration, differentiated by autograd
+    logq_table = torch.log_softmax(theta, -1)
+    seq_logq = logq_table[rows].gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(-1)
+    seq_logp = teacher[rows].gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(-1)
+    assert seq_logq.exp().sum().item() == pytest.approx(1.0, abs=1e-12)
+    kl = (seq_logq.exp() * (seq_logq - seq_logp)).sum()
     (exact_grad,) = torch.autograd.grad(kl, theta)
 
-    # E_{y~q}[grad(sum_t single_t + long_t)], alpha = 0, no clipping, no length norm, at theta = theta_old
-    rows = torch.tensor([[_prefix_index(y[:t]) for t in range(T)] for y in sequences])
-    tokens = torch.tensor(sequences)
+    # E_{y~q}[grad sum_t (single_t + long_t)]: alpha = 0, no clipping, no length norm, theta = theta_old
     student_logits = theta[rows]  # [N, T, V]
-    teacher_lp = teacher[rows]
-    mask = torch.ones(len(sequences), T)
+    mask = torch.ones(len(sequences), t, dtype=DT)
     old = torch.log_softmax(student_logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).detach()
-    single, long = minillm_token_losses(student_logits, teacher_lp, tokens, mask, old, alpha=0.0, clip_eps=None,
-                                        length_norm=False)
-    weight = old.sum(-1).exp()  # q(y) for each enumerated sequence
-    surrogate = (weight.unsqueeze(-1) * (single + long)).sum()
-    (expected_grad,) = torch.autograd.grad(surrogate, theta)
-    assert exact_grad.abs().max() > 1e-3
+    single, long = minillm_token_losses(student_logits, teacher[rows], tokens, mask, old, alpha=0.0,
+                                        clip_eps=None, length_norm=False)
+    q_y = old.sum(-1).exp()  # q(y) of each enumerated sequence: the exact expectation's weights
+    surrogate = (q_y.unsqueeze(-1) * (single + long)).sum()
+    (expected_grad,) = torch.autograd.grad(surrogate, theta, retain_graph=True)
+    assert exact_grad.abs().max() > 1e-2
     torch.testing.assert_close(expected_grad, exact_grad, atol=1e-10, rtol=1e-8)
+
+    # the test can fail: counting r_t in its own return (t' >= t) double-counts what the exact per-token KL
+    # already covers, and the gradient moves off the exact one
+    r = (teacher[rows].gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - old).detach()
+    rho = torch.exp(torch.log_softmax(student_logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - old)
+    (wrong_grad,) = torch.autograd.grad(surrogate - (q_y.unsqueeze(-1) * r * rho).sum(), theta)
+    assert (wrong_grad - exact_grad).abs().max() > 1e-3
