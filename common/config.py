@@ -175,6 +175,11 @@ class DistillConfig(_Section):
             raise ValueError(
                 "sampler.prompts_per_batch must be >= learner.batch_size (one update consumes one sampled batch)"
             )
+        n = self.learner.num_workers
+        for name in ("batch_size", "sft_batch_size", "pretrain_batch_size"):
+            if getattr(self.learner, name) % n:
+                raise ValueError(f"learner.{name} must be divisible by learner.num_workers ({n}): every FSDP "
+                                 "worker takes an equal slice of each batch")
         return self
 
 

@@ -24,11 +24,11 @@ def evaluate_model(model_dir: str, data_files: list[str], seeds: list[int], max_
 
     tokenizer = load_tokenizer(model_dir)
     eos = tokenizer.eos_token_id
+    datasets = {path: load_jsonl(path, limit=limit) for path in data_files}  # fail on bad data before the engine
     engine = VLLMEngine(model_dir, kv_cache_bytes=kv_cache_mb << 20, seed=seeds[0],
                         max_model_len=max_prompt_tokens + max_new_tokens + 8)
     results: dict = {"model": str(model_dir), "seeds": seeds, "max_new_tokens": max_new_tokens, "datasets": {}}
-    for path in data_files:
-        examples = load_jsonl(path, limit=limit)
+    for path, examples in datasets.items():
         prompts, refs, skipped = [], [], 0
         for ex in examples:
             ids = tokenizer.encode(ex.prompt, add_special_tokens=False)

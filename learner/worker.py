@@ -23,6 +23,7 @@ from common.models import load_model
 from common.rollout import PackedRollouts, gather_positions
 from learner.objectives import (
     minillm_token_losses,
+    mixture_logprob,
     reduce_losses,
     reverse_kl_per_token,
     token_nll,
@@ -149,9 +150,7 @@ class LearnerWorker:
             logq_y = logq.gather(-1, packed.tokens.to(self.device).unsqueeze(-1)).squeeze(-1)
             logp_y = teacher.gather(-1, packed.tokens.to(self.device).unsqueeze(-1)).squeeze(-1)
             old = packed.old_logprobs.to(self.device)
-            mix = torch.logaddexp(torch.log(torch.tensor(max(alpha, 1e-30))) + logp_y,
-                                  torch.log(torch.tensor(max(1 - alpha, 1e-30))) + old)
-            rho = torch.exp(logq_y - mix)[mask > 0]
+            rho = torch.exp(logq_y - mixture_logprob(logp_y, old, alpha))[mask > 0]
             rkl = reduce_losses(reverse_kl_per_token(student.float(), teacher, mask), mask, "token")
         norm = self._step(loss)
         n_tok = mask.sum().item()

@@ -3,6 +3,7 @@ learner.main`, the dashboard's actor list, and the custom metrics on Ray's metri
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -26,6 +27,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _job_state(cli_output: str) -> str:
+    """`ray job status` prints e.g. "Job 'raysubmit_x' succeeded" (coloured): return the state word."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", cli_output).lower()
+    for state in ("succeeded", "failed", "stopped", "running", "pending"):
+        if re.search(rf"job '[^']+' (is currently |was |has )?{state}", text):
+            return state
+    return "unknown"
 
 
 def _ray(*args, env, timeout=300, check=True):
@@ -61,10 +71,10 @@ def test_job_submit_runs_the_service_and_exports_metrics(head, tmp_path, tiny_mo
     job_id = next(line.split("'")[1] for line in submit.stdout.splitlines() if "submitted successfully" in line)
     seen_metrics: set[str] = set()
     actors: set[str] = set()
-    deadline = time.time() + 900
+    deadline = time.time() + 600
     status = ""
     while time.time() < deadline:
-        status = _ray("job", "status", "--address", head["dashboard"], job_id, env=env).stdout
+        status = _job_state(_ray("job", "status", "--address", head["dashboard"], job_id, env=env).stdout)
         try:
             with urllib.request.urlopen(head["metrics"], timeout=10) as resp:
                 text = resp.read().decode()
@@ -75,11 +85,11 @@ def test_job_submit_runs_the_service_and_exports_metrics(head, tmp_path, tiny_mo
                        env=env, check=False)
         if listing.returncode == 0 and listing.stdout.strip().startswith("["):
             actors |= {a.get("name") for a in json.loads(listing.stdout) if a.get("name")}
-        if "SUCCEEDED" in status or "FAILED" in status or "STOPPED" in status:
+        if status in ("succeeded", "failed", "stopped"):
             break
         time.sleep(5)
     logs = _ray("job", "logs", "--address", head["dashboard"], job_id, env=env).stdout
-    assert "SUCCEEDED" in status, f"job did not succeed: {status}\n{logs[-4000:]}"
+    assert status == "succeeded", f"job did not succeed: {status}\n{logs[-4000:]}"
     assert "[minillm] step 6/6" in logs and "[sft] step 10/10" in logs  # progress shows in the job's logs
     assert (out / "summary.json").is_file() and (out / "checkpoints" / "final" / "config.json").is_file()
     assert {"sampler-0", "teacher-0", "learner-0", "replay"} <= actors, actors

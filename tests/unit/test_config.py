@@ -48,3 +48,8 @@ def test_config_is_frozen():
 def test_local_source_needs_paths():
     with pytest.raises(ConfigError, match="models"):
         load_config(overrides=["models.source=local"])
+
+
+def test_batches_must_split_evenly_over_learner_workers():
+    with pytest.raises(ConfigError, match="divisible by learner.num_workers"):
+        load_config(overrides=["learner.num_workers=3"])

@@ -1,0 +1,40 @@
+"""`python -m learner.evaluate`: per-seed sampling through vLLM, ROUGE-L table and JSON, list references."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_evaluate_cli_writes_table_and_json(tiny_models, tmp_path):
+    data = tmp_path / "mini.jsonl"
+    rows = [{"instruction": "Name a colour.", "context": "", "response": ["Red.", "Blue is a colour."]},
+            {"instruction": "Summarise the text.", "context": "The cat sat on the mat.", "response": "A cat sat."},
+            {"instruction": "What is two plus two?", "context": "", "response": "Four."}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "-m", "learner.evaluate", "--model", str(tiny_models.teacher), "--data",
+                           str(data), "--seeds", "10", "20", "--max-new-tokens", "16", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ROUGE-L" in proc.stdout and "mini.jsonl" in proc.stdout
+    res = json.loads(out.read_text())
+    ds = res["datasets"][str(data)]
+    assert ds["n_prompts"] == 3 and set(ds["per_seed"]) == {"10", "20"}
+    scores = [s["rouge_l"] for s in ds["per_seed"].values()]
+    assert all(0.0 <= s <= 100.0 for s in scores)
+    assert ds["rouge_l_mean"] == pytest.approx(sum(scores) / 2)
+
+
+def test_evaluate_cli_reports_bad_data(tiny_models, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "x", "response": "y"}\n{oops\n')
+    proc = subprocess.run([sys.executable, "-m", "learner.evaluate", "--model", str(tiny_models.teacher), "--data",
+                           str(data), "--seeds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "bad.jsonl:2" in proc.stderr
