@@ -55,3 +55,29 @@ def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
     if not values:
         raise ValueError("no values")
     return mean(values), pstdev(values) if len(values) > 1 else 0.0
+
+
+def exposure_accumulated_error(kl_student_prefix: Sequence[Sequence[float]],
+                               kl_teacher_prefix: Sequence[Sequence[float]], length: int) -> float:
+    """ExAccErr(l) of Arora et al. (2022), as in MiniLLM's Appendix B.5, in percent.
+
+    Inputs are per-position forward KLs KL[p(.|y<t) || q(.|y<t)] along prefixes sampled from the student
+    (`kl_student_prefix`) and from the teacher (`kl_teacher_prefix`), one list per sample.
+    R(l) = sum_{t<=l} E_{y<t ~ q}[KL_t] (regret accumulated on the model's own prefixes);
+    eps(l) = (1/l) sum_{t<=l} E_{y<t ~ p}[KL_t] (per-step error on the teacher's prefixes);
+    ExAccErr(l) = (R(l) - l eps(l)) / (l eps(l)) * 100: the extra error due to exposure bias.
+    Samples shorter than l contribute to the positions they have (averaged per position).
+    """
+    def per_position_sum(rows: Sequence[Sequence[float]]) -> float:
+        total = 0.0
+        for t in range(length):
+            vals = [r[t] for r in rows if len(r) > t]
+            if vals:
+                total += sum(vals) / len(vals)
+        return total
+
+    regret = per_position_sum(kl_student_prefix)
+    l_eps = per_position_sum(kl_teacher_prefix)
+    if l_eps <= 0:
+        raise ValueError("the per-step error on teacher prefixes is 0: ExAccErr is undefined")
+    return 100.0 * (regret - l_eps) / l_eps

@@ -33,3 +33,18 @@ def test_sequence_kl_estimate():
 def test_mean_and_spread():
     m, s = mean_and_spread([1.0, 3.0])
     assert m == 2.0 and math.isclose(s, 1.0)
+
+
+def test_exposure_accumulated_error_hand_computed():
+    from common.metrics import exposure_accumulated_error
+
+    # student prefixes: position means 1.0, 3.0 -> R(2) = 4; teacher prefixes: 1.0, 1.0 -> 2 eps(2) = 2
+    student = [[1.0, 2.0], [1.0, 4.0]]
+    teacher = [[0.5, 1.0], [1.5, 1.0]]
+    assert exposure_accumulated_error(student, teacher, 2) == pytest.approx(100.0)
+    # no exposure bias when errors are the same on both prefix distributions
+    assert exposure_accumulated_error(teacher, teacher, 2) == pytest.approx(0.0)
+    # shorter samples only count where they have positions: R(3) = 1 + 3 + 5 = 9, 3 eps = 1 + 1 = 2
+    assert exposure_accumulated_error(student + [[1.0, 3.0, 5.0]], teacher + [[1.0]], 3) == pytest.approx(350.0)
+    with pytest.raises(ValueError):
+        exposure_accumulated_error(student, [[0.0, 0.0]], 2)
