@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from common.config import TinyBuildConfig, TinyModelSpec
-from common.data import collate_prompt_response, iterate_batches, load_jsonl, tokenize_examples
+from common.data import DataError, collate_prompt_response, iterate_batches, load_jsonl, tokenize_examples
 from common.models import build_llama, save_hf, small_llama_config
 
 EOS = "<|endoftext|>"
@@ -88,6 +88,8 @@ def train_causal_lm(model: torch.nn.Module, batches, steps: int, lr: float, log_
 def build_tiny_models(spec: TinyBuildConfig, train_path: Path, max_prompt_tokens: int,
                       max_response_tokens: int, seed: int = 0) -> TinyModels:
     """Build (or reuse from cache) the tokenizer, teacher and student of the embedded default."""
+    if not train_path.is_file():
+        raise DataError(f"data file not found: {train_path}")
     root = Path(spec.cache_dir).expanduser() / _spec_hash(spec, train_path)
     out = TinyModels(root / "tokenizer", root / "teacher", root / "student")
     if (root / "DONE").is_file():
