@@ -48,15 +48,19 @@ class Sampler:
         self.teacher = VLLMEngine(spec.teacher_dir, **engine_args) if spec.teacher_dir else None
         self.rng = np.random.default_rng(spec.seed)
         self.version = 0
-        self.stats = {"engine_calls": 0, "sampled_tokens": 0, "sample_seconds": 0.0}
+        self.stats = {"engine_calls": 0, "sampled_tokens": 0, "sample_seconds": 0.0, "weight_pushes": 0,
+                      "push_seconds": 0.0}
 
     # ----- weights -----------------------------------------------------------------------------------
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         """Replace the student's weights (HF names) and adopt `version`. Raises if the push fails."""
         if version <= self.version:
             raise ValueError(f"weight version must increase: have {self.version}, got {version}")
+        t0 = time.perf_counter()
         self.student.load_weights(state_dict)
         self.version = version
+        self.stats["weight_pushes"] += 1
+        self.stats["push_seconds"] += time.perf_counter() - t0
         return self.version
 
     def get_version(self) -> int:

@@ -257,7 +257,7 @@ class Service:
             state = group.state_dict_ref()
             pushes = [s.load_weights.remote(state, self.version) for s in self.samplers]
             ray.get(self.replay.set_learner_version.remote(self.version))
-            push_seconds = time.perf_counter() - t_push
+            push_dispatch = time.perf_counter() - t_push  # gather + send; samplers load it between batches
             self.global_step += 1
             qstats = ray.get(self.replay.stats.remote())
             n_tok = rollouts.num_tokens
@@ -268,7 +268,7 @@ class Service:
                 "sampler_tokens_per_s": n_tok / max(rollouts.seconds, 1e-9),
                 "teacher_tokens_per_s": n_tok / max(scores.seconds, 1e-9),
                 "learner_tokens_per_s": m["response_tokens"] / max(m["step_seconds"], 1e-9),
-                "learner_wait_seconds": wait, "push_seconds": push_seconds,
+                "learner_wait_seconds": wait, "push_dispatch_seconds": push_dispatch,
                 "queue_depth": qstats["depth"], "dropped_stale": qstats["dropped_stale"],
                 "weight_version": self.version, "rollout_version": item_version,
                 "version_lag": self.version - 1 - item_version,
