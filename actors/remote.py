@@ -70,16 +70,17 @@ def _options(name: str, cpus: float, gpus: float, env: dict[str, str], **extra: 
     return opts
 
 
-def make_sampler(spec: SamplerSpec, index: int, cpus: float, gpus: float, **extra: Any):
+def make_sampler(spec: SamplerSpec, index: int, cpus: float, gpus: float, placement: dict | None = None):
     cls = ray.remote(SamplerActor)
-    return cls.options(**_options(f"sampler-{index}", cpus, gpus, ENGINE_ENV, **extra)).remote(spec)
+    return cls.options(**_options(f"sampler-{index}", cpus, gpus, ENGINE_ENV, **(placement or {}))).remote(spec)
 
 
-def make_teacher(index: int, cpus: float, gpus: float, *args: Any, **kwargs: Any):
+def make_teacher(index: int, cpus: float, gpus: float, *args: Any, placement: dict | None = None, **kwargs: Any):
     cls = ray.remote(TeacherActor)
-    return cls.options(**_options(f"teacher-{index}", cpus, gpus, {})).remote(*args, **kwargs)
+    return cls.options(**_options(f"teacher-{index}", cpus, gpus, {}, **(placement or {}))).remote(*args, **kwargs)
 
 
-def make_replay(capacity: int, max_version_lag: int, cpus: float = 0.0):
+def make_replay(capacity: int, max_version_lag: int, cpus: float = 0.0, placement: dict | None = None):
     cls = ray.remote(ReplayActor)
-    return cls.options(name="replay", num_cpus=cpus, max_concurrency=64).remote(capacity, max_version_lag)
+    return cls.options(name="replay", num_cpus=cpus, max_concurrency=64,
+                       **(placement or {})).remote(capacity, max_version_lag)

@@ -147,6 +147,8 @@ class ClusterConfig(_Section):
     sampler_gpus: float = Field(0.0, ge=0)
     teacher_gpus: float = Field(0.0, ge=0)
     learner_gpus: float = Field(0.0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_timeout_s: float = Field(120.0, gt=0)  # then fail with a message instead of waiting forever
 
 
 class LoggingConfig(_Section):
@@ -175,6 +177,10 @@ class DistillConfig(_Section):
             raise ValueError(
                 "sampler.prompts_per_batch must be >= learner.batch_size (one update consumes one sampled batch)"
             )
+        tp = self.sampler.tensor_parallel_size
+        if tp > 1 and self.cluster.sampler_gpus < tp:
+            raise ValueError(f"sampler.tensor_parallel_size={tp} needs cluster.sampler_gpus >= {tp} "
+                             "(one GPU per shard, all in the sampler's placement bundle)")
         n = self.learner.num_workers
         for name in ("batch_size", "sft_batch_size", "pretrain_batch_size"):
             if getattr(self.learner, name) % n:

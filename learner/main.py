@@ -74,20 +74,12 @@ def check_resources(cfg: DistillConfig) -> None:
     """Fail fast (instead of hanging on placement) when the cluster cannot hold the configured actors."""
     import ray
 
-    c = cfg.cluster
-    # every method places all actor kinds: teachers also score the reverse-KL evaluation
-    cpus = (cfg.learner.num_workers * c.learner_cpus + cfg.sampler.num_samplers * c.sampler_cpus
-            + cfg.teacher.num_teachers * c.teacher_cpus + c.replay_cpus)
-    gpus = (cfg.learner.num_workers * c.learner_gpus + cfg.sampler.num_samplers * c.sampler_gpus
-            + cfg.teacher.num_teachers * c.teacher_gpus)
-    have = ray.cluster_resources()
-    problems = []
-    if cpus > have.get("CPU", 0) + 1e-9:
-        problems.append(f"{cpus:g} CPUs requested, the cluster has {have.get('CPU', 0):g}")
-    if gpus > have.get("GPU", 0) + 1e-9:
-        problems.append(f"{gpus:g} GPUs requested, the cluster has {have.get('GPU', 0):g}")
+    from common.placement import plan_slots, resource_problems
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    problems = resource_problems(plan_slots(cfg), ray.cluster_resources(), nodes)
     if problems:
-        raise ConfigError("impossible resource request (cluster.* x counts): " + "; ".join(problems))
+        raise ConfigError("impossible resource request (cluster.*_cpus/_gpus x actor counts): " + "; ".join(problems))
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:

@@ -13,7 +13,7 @@ import ray
 
 from actors.remote import make_replay, make_sampler, make_teacher
 from actors.sampler import SamplerSpec
-from common.config import DistillConfig, resolve_path
+from common.config import ConfigError, DistillConfig, resolve_path
 from common.data import (
     Example,
     TokenizedExample,
@@ -22,6 +22,7 @@ from common.data import (
     iterate_pretrain,
     load_pretrain_blocks,
 )
+from common.placement import bundled, plan_slots
 from common.rollout import pack_rollouts
 from learner.evaluation import EvalResult, evaluate_student
 from learner.group import LearnerGroup
@@ -42,6 +43,8 @@ class Service:
         self.teachers: list[Any] = []
         self.group: LearnerGroup | None = None
         self.replay = None
+        self.placement_group = None
+        self.bundle_index: dict[str, int] = {}
         self.version = 0
         self.global_step = 0
         rng = random.Random(cfg.seed)
@@ -52,18 +55,47 @@ class Service:
         self.kl_items = held_out[len(held_out) - n_kl + n_kl % cfg.learner.num_workers:]  # splits evenly
 
     # ----- placement ---------------------------------------------------------------------------------
+    def _reserve(self) -> None:
+        """One placement group for the whole service (a bundle per actor that asks for resources)."""
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        c = self.cfg.cluster
+        slots = plan_slots(self.cfg)
+        self.bundle_index = bundled(slots)
+        bundles = [s.bundle for s in slots if s.bundle]
+        if not bundles:
+            return
+        self.placement_group = placement_group(bundles, strategy=c.placement_strategy, name="minillm-service")
+        if not self.placement_group.wait(timeout_seconds=c.placement_timeout_s):
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+            raise ConfigError(f"could not place the service's actors ({bundles}, strategy {c.placement_strategy}) "
+                              f"within cluster.placement_timeout_s={c.placement_timeout_s:g}s: the cluster has "
+                              f"{ray.available_resources()} free")
+        print(f"[placement] {len(bundles)} bundles reserved ({c.placement_strategy})", flush=True)
+
+    def _where(self, name: str) -> dict:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if self.placement_group is None or name not in self.bundle_index:
+            return {}
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            self.placement_group, placement_group_bundle_index=self.bundle_index[name])}
+
     def _start_learner(self, student_dir: str) -> None:
         c = self.cfg
         t0 = time.time()
         self.group = LearnerGroup(c.learner.num_workers, c.cluster.learner_cpus, c.cluster.learner_gpus, student_dir,
-                                  c.learner, c.objective, self.vocab, c.models.dtype, c.seed)
+                                  c.learner, c.objective, self.vocab, c.models.dtype, c.seed,
+                                  placements=[self._where(f"learner-{r}") for r in range(c.learner.num_workers)])
         print(f"[learner] {c.learner.num_workers} FSDP worker(s) ready in {time.time() - t0:.1f}s", flush=True)
 
     def _start_teachers(self) -> None:
         c = self.cfg
         self.teachers = [make_teacher(i, c.cluster.teacher_cpus, c.cluster.teacher_gpus, self.assets.teacher_dir,
                                       self.vocab, self.tok.pad_token_id, batch_size=c.teacher.batch_size,
-                                      top_k=c.teacher.top_k, dtype=c.models.dtype)
+                                      top_k=c.teacher.top_k, dtype=c.models.dtype,
+                                      placement=self._where(f"teacher-{i}"))
                          for i in range(c.teacher.num_teachers)]
 
     def _start_samplers(self, student_dir: str, alpha: float) -> None:
@@ -78,7 +110,7 @@ class Service:
                                      kv_cache_mb=c.sampler.kv_cache_mb, seed=c.seed + 1000 * i,
                                      gpu_memory_utilization=c.sampler.gpu_memory_utilization,
                                      tensor_parallel_size=c.sampler.tensor_parallel_size, max_model_len=max_len),
-                         i, c.cluster.sampler_cpus, c.cluster.sampler_gpus)
+                         i, c.cluster.sampler_cpus, c.cluster.sampler_gpus, placement=self._where(f"sampler-{i}"))
             for i in range(c.sampler.num_samplers)]
         ray.get([s.get_version.remote() for s in self.samplers])
         print(f"[sampler] {len(self.samplers)} vLLM sampler(s) ready in {time.time() - t0:.1f}s", flush=True)
@@ -91,6 +123,10 @@ class Service:
                 print(f"[run] learner shutdown: {exc}", flush=True)
         for actor in [*self.samplers, *self.teachers, *([self.replay] if self.replay else [])]:
             ray.kill(actor)
+        if self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement_group)
 
     # ----- helpers -----------------------------------------------------------------------------------
     def _lm_batch(self, items: list[TokenizedExample]):
@@ -127,6 +163,7 @@ class Service:
         """minillm: SFT (or the given SFT checkpoint) then MiniLLM. sft / kd / seqkd: the baselines, trained on
         the same data and step budget as the SFT phase, selected by validation loss, evaluated the same way."""
         c = self.cfg
+        self._reserve()
         self._start_teachers()
         summary: dict[str, Any] = {"method": c.method}
         if c.method == "minillm":
@@ -216,7 +253,8 @@ class Service:
         assert group is not None
         group.set_lr(c.learner.lr)
         self._start_samplers(sft_dir, alpha=c.objective.alpha)
-        self.replay = make_replay(c.learner.replay_capacity, c.learner.max_version_lag, c.cluster.replay_cpus)
+        self.replay = make_replay(c.learner.replay_capacity, c.learner.max_version_lag, c.cluster.replay_cpus,
+                                  placement=self._where("replay"))
         pt_batches = None
         if c.data.pretrain and c.objective.pt_weight > 0:
             blocks = load_pretrain_blocks(resolve_path(c.data.pretrain), self.tok, c.data.pretrain_block_size,
