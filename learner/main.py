@@ -1,7 +1,8 @@
 """The driver: `python -m learner.main [--config PATH] [key.sub=value ...]`.
 
-Reads one YAML config (default: configs/tiny.yaml), connects to a running Ray cluster (RAY_ADDRESS,
-`ray job submit`, or one started with `ray start` on this host) or starts a local one, places the actors,
+Reads one YAML config (default: configs/tiny.yaml), connects to the Ray cluster in `cluster.address` or
+RAY_ADDRESS (`ray job submit` sets it; `RAY_ADDRESS=auto` joins a `ray start` head on this host) or starts a
+local one, places the actors,
 and runs the method's phases: SFT of the student (lowest validation loss kept) then MiniLLM, evaluating
 validation ROUGE-L and the reverse KL to the teacher as it goes. Everything lands in one run folder.
 """
@@ -52,7 +53,9 @@ def load_split(path: str, tokenizer, cfg: DistillConfig, limit: int | None, name
 
 
 def connect_ray(cfg: DistillConfig) -> str:
-    """Join the configured/running cluster, else start a local one. Returns a description."""
+    """Join the cluster named by `cluster.address` or RAY_ADDRESS (set by `ray job submit`; `RAY_ADDRESS=auto`
+    joins one started with `ray start` on this host), else start a private local one. No silent auto-join:
+    a local Ray started by another run on this machine dies with that run."""
     import ray
 
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
@@ -60,14 +63,10 @@ def connect_ray(cfg: DistillConfig) -> str:
     runtime_env = {"env_vars": env}
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env)
         return f"connected to Ray at {address}"
-    try:
-        ray.init(address="auto", runtime_env=runtime_env)
-        return "connected to the Ray cluster running on this host"
-    except ConnectionError:
-        ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, runtime_env=runtime_env)
-        return f"started a local Ray ({cfg.cluster.num_cpus or os.cpu_count()} CPUs)"
+    ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, runtime_env=runtime_env)
+    return f"started a local Ray ({cfg.cluster.num_cpus or os.cpu_count()} CPUs)"
 
 
 def check_resources(cfg: DistillConfig) -> None:
