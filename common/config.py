@@ -126,6 +126,9 @@ class LearnerConfig(_Section):
     sft_steps: int = Field(200, ge=0)
     sft_batch_size: int = Field(16, gt=0)
     sft_eval_every: int = Field(50, gt=0)
+    # how sft / kd / seqkd (and MiniLLM's SFT phase) pick their checkpoint: lowest validation loss, or highest
+    # validation ROUGE-L of samples (the paper's rule; also logs the reverse KL at each evaluation, costs sampling)
+    select_by: Literal["valid_loss", "rouge_l"] = "valid_loss"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
 

@@ -1,8 +1,12 @@
 """Evaluate a student the paper's way: sample with temperature 1 for each seed through vLLM, the paper's prompt
-wrapper, ROUGE-L against the best reference, mean and spread across seeds; also Dist-4.
+wrapper, ROUGE-L against the best reference, mean and spread across seeds; also Dist-4 and the test-set LM loss
+of the references (diversity, Appendix B.4). With --teacher: the reverse KL[q||p] on the student's samples, the
+forward KL[p||q] on the teacher's samples (both exact over the vocabulary at each position) and the exposure
+bias ExAccErr (Appendix B.5) on the first --kl-prompts prompts.
 
     python -m learner.evaluate --model runs/tiny/checkpoints/best --data ../shared/data/dolly/test.jsonl \
-        [--data FILE2.jsonl ...] [--seeds 10 20 30 40 50] [--max-new-tokens 64] [--limit N] [--out results.json]
+        [--data FILE2.jsonl ...] [--seeds 10 20 30 40 50] [--max-new-tokens 64] [--limit N] [--out results.json] \
+        [--teacher DIR --kl-prompts 100]
 """
 
 from __future__ import annotations
@@ -14,19 +18,54 @@ import time
 from pathlib import Path
 
 from common.data import DataError, load_jsonl
-from common.metrics import corpus_rouge_l, distinct_n, mean_and_spread
-from common.models import ModelError, load_tokenizer
+from common.metrics import corpus_rouge_l, distinct_n, exposure_accumulated_error, mean_and_spread
+from common.models import ModelError, check_compatible, load_model, load_tokenizer
+
+
+def _strip_eos(outs) -> list[list[int]]:
+    return [o.token_ids[:-1] if o.finished_eos else o.token_ids for o in outs]
+
+
+def teacher_analysis(student, teacher, teacher_engine, prompts: list[list[int]], student_samples: list[list[int]],
+                     vocab_size: int, pad_id: int, eos: int, max_new_tokens: int) -> dict:
+    """Reverse KL on the student's samples, forward KL on the teacher's, ExAccErr from both (per position)."""
+    from learner.analysis import position_kls
+
+    own = position_kls(student, teacher, prompts, student_samples, vocab_size, pad_id, batch_size=4)
+    teacher_samples = [o.token_ids for o in teacher_engine.generate(prompts, max_new_tokens, temperature=1.0,
+                                                                    stop_token_ids=[eos])]
+    theirs = position_kls(student, teacher, prompts, teacher_samples, vocab_size, pad_id, batch_size=4)
+    rev_seq, rev_tok = own.reverse_means()
+    fwd_seq, fwd_tok = theirs.forward_means()
+    length = max_new_tokens
+    try:
+        exacc: float | None = exposure_accumulated_error(own.forward, theirs.forward, length)
+    except ValueError:  # student == teacher on every teacher prefix
+        exacc = None
+    return {"kl_prompts": len(prompts), "reverse_kl_seq": rev_seq, "reverse_kl_token": rev_tok,
+            "forward_kl_seq": fwd_seq, "forward_kl_token": fwd_tok, "exacc_err_pct": exacc, "exacc_length": length}
 
 
 def evaluate_model(model_dir: str, data_files: list[str], seeds: list[int], max_new_tokens: int,
-                   max_prompt_tokens: int = 512, limit: int | None = None, kv_cache_mb: int = 256) -> dict:
+                   max_prompt_tokens: int = 512, limit: int | None = None, kv_cache_mb: int = 256,
+                   teacher_dir: str | None = None, kl_prompts: int = 100) -> dict:
     from actors.engine import VLLMEngine
+    from learner.analysis import lm_loss
 
     tokenizer = load_tokenizer(model_dir)
     eos = tokenizer.eos_token_id
     datasets = {path: load_jsonl(path, limit=limit) for path in data_files}  # fail on bad data before the engine
-    engine = VLLMEngine(model_dir, kv_cache_bytes=kv_cache_mb << 20, seed=seeds[0],
-                        max_model_len=max_prompt_tokens + max_new_tokens + 8)
+    vocab_size = len(tokenizer)
+    if teacher_dir is not None:
+        vocab_size = check_compatible(teacher_dir, model_dir, tokenizer).tokenizer_size
+    max_len = max_prompt_tokens + max_new_tokens + 8
+    engine = VLLMEngine(model_dir, kv_cache_bytes=kv_cache_mb << 20, seed=seeds[0], max_model_len=max_len)
+    student = load_model(model_dir).eval()
+    teacher = teacher_engine = None
+    if teacher_dir is not None:
+        teacher = load_model(teacher_dir).eval()
+        teacher_engine = VLLMEngine(teacher_dir, kv_cache_bytes=kv_cache_mb << 20, seed=seeds[0],
+                                    max_model_len=max_len)
     results: dict = {"model": str(model_dir), "seeds": seeds, "max_new_tokens": max_new_tokens, "datasets": {}}
     for path, examples in datasets.items():
         prompts, refs, skipped = [], [], 0
@@ -38,11 +77,13 @@ def evaluate_model(model_dir: str, data_files: list[str], seeds: list[int], max_
             prompts.append(ids)
             refs.append(ex.references)
         per_seed: dict[int, dict] = {}
+        first_samples: list[list[int]] = []
         for seed in seeds:
             t0 = time.time()
             engine.reseed(seed)
             outs = engine.generate(prompts, max_new_tokens, temperature=1.0, stop_token_ids=[eos])
-            responses = [o.token_ids[:-1] if o.finished_eos else o.token_ids for o in outs]
+            responses = _strip_eos(outs)
+            first_samples = first_samples or [o.token_ids for o in outs]
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
             per_seed[seed] = {
                 "rouge_l": corpus_rouge_l(texts, refs), "dist_4": distinct_n(responses, 4),
@@ -53,17 +94,33 @@ def evaluate_model(model_dir: str, data_files: list[str], seeds: list[int], max_
                   f"({len(prompts)} prompts, {per_seed[seed]['seconds']:.1f}s)", flush=True)
         rouge_mean, rouge_sd = mean_and_spread([r["rouge_l"] for r in per_seed.values()])
         dist_mean, _ = mean_and_spread([r["dist_4"] for r in per_seed.values()])
-        results["datasets"][str(path)] = {"n_prompts": len(prompts), "skipped_long_prompts": skipped,
-                                          "rouge_l_mean": rouge_mean, "rouge_l_std": rouge_sd,
-                                          "dist_4_mean": dist_mean, "per_seed": per_seed}
+        ref_ids = [tokenizer.encode(r[0], add_special_tokens=False) + [eos] for r in refs]
+        entry = {"n_prompts": len(prompts), "skipped_long_prompts": skipped, "rouge_l_mean": rouge_mean,
+                 "rouge_l_std": rouge_sd, "dist_4_mean": dist_mean,
+                 "lm_loss": lm_loss(student, prompts, ref_ids, vocab_size, tokenizer.pad_token_id, batch_size=4),
+                 "per_seed": per_seed}
+        if teacher is not None:
+            t0 = time.time()
+            n = min(kl_prompts, len(prompts))
+            entry.update(teacher_analysis(student, teacher, teacher_engine, prompts[:n], first_samples[:n],
+                                          vocab_size, tokenizer.pad_token_id, eos, max_new_tokens))
+            print(f"[evaluate] {Path(path).name}: reverse KL {entry['reverse_kl_seq']:.3f}/response, forward KL "
+                  f"{entry['forward_kl_seq']:.3f}/response on {n} prompts ({time.time() - t0:.1f}s)", flush=True)
+        results["datasets"][str(path)] = entry
     return results
 
 
 def format_table(results: dict) -> str:
-    lines = [f"{'dataset':<40} {'n':>5} {'ROUGE-L':>8} {'+-':>6} {'Dist-4':>7}"]
+    lines = [f"{'dataset':<32} {'n':>5} {'ROUGE-L':>8} {'+-':>6} {'Dist-4':>7} {'LM loss':>8} {'rev KL':>7} "
+             f"{'fwd KL':>7} {'ExAccErr%':>9}"]
+
+    def num(r: dict, key: str, width: int) -> str:
+        return f"{r[key]:>{width}.2f}" if r.get(key) is not None else f"{'-':>{width}}"
+
     for name, r in results["datasets"].items():
-        lines.append(f"{Path(name).name:<40} {r['n_prompts']:>5} {r['rouge_l_mean']:>8.2f} {r['rouge_l_std']:>6.2f} "
-                     f"{r['dist_4_mean']:>7.2f}")
+        lines.append(f"{Path(name).name:<32} {r['n_prompts']:>5} {r['rouge_l_mean']:>8.2f} {r['rouge_l_std']:>6.2f} "
+                     f"{r['dist_4_mean']:>7.2f} {r['lm_loss']:>8.3f} {num(r, 'reverse_kl_seq', 7)} "
+                     f"{num(r, 'forward_kl_seq', 7)} {num(r, 'exacc_err_pct', 9)}")
     return "\n".join(lines)
 
 
@@ -77,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prompt-tokens", type=int, default=512)
     parser.add_argument("--limit", type=int, default=None, help="first N examples of each file")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--teacher", default=None, help="teacher folder: adds reverse/forward KL and ExAccErr")
+    parser.add_argument("--kl-prompts", type=int, default=100, help="prompts (of each file) for the KL measures")
     args = parser.parse_args(argv)
     try:
         results = evaluate_model(args.model, args.data, args.seeds, args.max_new_tokens, args.max_prompt_tokens,
-                                 args.limit)
+                                 args.limit, teacher_dir=args.teacher, kl_prompts=args.kl_prompts)
     except (DataError, ModelError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

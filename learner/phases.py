@@ -1,5 +1,5 @@
-"""The phases of a run, top to bottom: place actors -> SFT (keep lowest validation loss) -> MiniLLM steps
-(sample -> score -> replay -> update -> push weights), evaluating and checkpointing along the way."""
+"""The phases of a run, top to bottom: place actors -> SFT (keep the best by validation loss or ROUGE-L) ->
+MiniLLM steps (sample -> score -> replay -> update -> push weights), evaluating and checkpointing along the way."""
 
 from __future__ import annotations
 
@@ -161,18 +161,23 @@ class Service:
     # ----- phases ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """minillm: SFT (or the given SFT checkpoint) then MiniLLM. sft / kd / seqkd: the baselines, trained on
-        the same data and step budget as the SFT phase, selected by validation loss, evaluated the same way."""
+        the same data and step budget as the SFT phase, selected by `learner.select_by`, evaluated the same way."""
         c = self.cfg
         self._reserve()
         self._start_teachers()
         summary: dict[str, Any] = {"method": c.method}
+        by_rouge = c.learner.select_by == "rouge_l"
         if c.method == "minillm":
             if c.models.sft_checkpoint:
                 sft_dir = str(resolve_path(c.models.sft_checkpoint))
                 self._start_learner(sft_dir)
             else:
                 self._start_learner(self.assets.student_dir)
+                if by_rouge:  # the samplers evaluate the SFT phase too; they get its best weights after
+                    self._start_samplers(self.assets.student_dir, alpha=c.objective.alpha)
                 sft_dir = self.train_phase("sft", self.train_items)
+                if self.samplers:
+                    self._push_weights()
             summary["sft_checkpoint"] = sft_dir
             summary.update(self.minillm_phase(sft_dir))
             return summary
@@ -180,9 +185,11 @@ class Service:
         if c.method == "seqkd":
             self._start_samplers(self.assets.student_dir, alpha=1.0)
             best_dir = self.train_phase("seqkd", self.teacher_responses())
-            self.group.load_state(best_dir)
-            self.version += 1
-            ray.get([s.load_weights.remote(self.group.state_dict_ref(), self.version) for s in self.samplers])
+            self._push_weights()
+        elif by_rouge:
+            self._start_samplers(self.assets.student_dir, alpha=0.0)
+            best_dir = self.train_phase(c.method, self.train_items)
+            self._push_weights()
         else:
             best_dir = self.train_phase(c.method, self.train_items)
             self._start_samplers(best_dir, alpha=0.0)
@@ -191,6 +198,12 @@ class Service:
         copy_checkpoint(Path(best_dir), self.ckpt / "final")
         summary.update({"start": res.as_dict(""), "final": res.as_dict(""), "best_valid_rouge_l": res.rouge_l})
         return summary
+
+    def _push_weights(self) -> None:
+        """Send the learner's current weights to every sampler (a new version) and wait until they hold them."""
+        self.version += 1
+        state = self.group.state_dict_ref()
+        ray.get([s.load_weights.remote(state, self.version) for s in self.samplers])
 
     def teacher_responses(self) -> list[TokenizedExample]:
         """SeqKD data: the teacher's own samples (alpha = 1 through the samplers) for the training prompts."""
@@ -212,15 +225,21 @@ class Service:
 
     def train_phase(self, kind: str, items: list[TokenizedExample]) -> str:
         """Fine-tune the student (kind: sft / seqkd = NLL on `items`; kd = word-level KD + NLL) for
-        learner.sft_steps; keep the checkpoint with the lowest validation loss (on ground-truth responses)."""
+        learner.sft_steps; keep the checkpoint with the lowest validation loss (on ground-truth responses) or,
+        with learner.select_by=rouge_l, the highest validation ROUGE-L of its samples (the initial student too)."""
         c, group = self.cfg, self.group
         assert group is not None
         group.set_lr(c.learner.sft_lr)
         best_dir = self.ckpt / f"{kind}_best"
-        best = float("inf")
+        by_rouge = c.learner.select_by == "rouge_l"
+        best = float("inf")  # lower is better: validation loss, or -ROUGE-L
+        if by_rouge:
+            best = -self._evaluate(f"{kind}-start").rouge_l
+            group.save(str(best_dir), self.assets.tokenizer_dir)
         batches = iterate_batches(items, c.learner.sft_batch_size, c.seed)
         steps = c.learner.sft_steps
-        print(f"[{kind}] {steps} steps, batch {c.learner.sft_batch_size}, lr {c.learner.sft_lr}", flush=True)
+        print(f"[{kind}] {steps} steps, batch {c.learner.sft_batch_size}, lr {c.learner.sft_lr}, "
+              f"select by {c.learner.select_by}", flush=True)
         t0 = time.time()
         for step in range(1, steps + 1):
             batch = self._lm_batch(next(batches))
@@ -232,14 +251,21 @@ class Service:
             self.global_step += 1
             record = {"phase": kind, "global_step": self.global_step, "step": step, **m}
             if step % c.learner.sft_eval_every == 0 or step == steps:
-                vloss = self._valid_loss()
-                record["valid_loss"] = vloss
-                if vloss < best:
-                    best = vloss
+                if by_rouge:
+                    self._push_weights()
+                    res = self._evaluate(f"{kind}-step-{step}")
+                    score, shown = -res.rouge_l, f"valid ROUGE-L {res.rouge_l:.2f}"
+                    record.update(res.as_dict())
+                else:
+                    score = self._valid_loss()
+                    shown = f"valid {score:.3f}"
+                    record["valid_loss"] = score
+                if score < best:
+                    best = score
                     group.save(str(best_dir), self.assets.tokenizer_dir)
                     record["best"] = True
-                print(f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} valid {vloss:.3f} "
-                      f"(best {best:.3f}, {time.time() - t0:.0f}s)", flush=True)
+                print(f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} {shown} "
+                      f"(best {abs(best):.3f}, {time.time() - t0:.0f}s)", flush=True)
             elif step % c.logging.progress_every == 0:
                 print(f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} ({time.time() - t0:.0f}s)", flush=True)
             self.log.log(record)
@@ -252,7 +278,8 @@ class Service:
         c, group = self.cfg, self.group
         assert group is not None
         group.set_lr(c.learner.lr)
-        self._start_samplers(sft_dir, alpha=c.objective.alpha)
+        if not self.samplers:
+            self._start_samplers(sft_dir, alpha=c.objective.alpha)
         self.replay = make_replay(c.learner.replay_capacity, c.learner.max_version_lag, c.cluster.replay_cpus,
                                   placement=self._where("replay"))
         pt_batches = None

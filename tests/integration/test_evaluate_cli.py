@@ -30,6 +30,30 @@ def test_evaluate_cli_writes_table_and_json(tiny_models, tmp_path):
     scores = [s["rouge_l"] for s in ds["per_seed"].values()]
     assert all(0.0 <= s <= 100.0 for s in scores)
     assert ds["rouge_l_mean"] == pytest.approx(sum(scores) / 2)
+    assert ds["lm_loss"] > 0 and "reverse_kl_seq" not in ds  # KL measures only with --teacher
+
+
+def test_evaluate_cli_teacher_measures(tiny_models, tmp_path):
+    """--teacher adds reverse KL (student samples), forward KL (teacher samples) and ExAccErr; a model measured
+    against itself has zero KL."""
+    data = Path(ROOT / "../shared/data/dolly/valid.jsonl").resolve()
+    runs = {}
+    for name, model in (("student", tiny_models.student), ("self", tiny_models.teacher)):
+        out = tmp_path / f"{name}.json"
+        proc = subprocess.run([sys.executable, "-m", "learner.evaluate", "--model", str(model), "--teacher",
+                               str(tiny_models.teacher), "--data", str(data), "--limit", "12", "--kl-prompts", "6",
+                               "--seeds", "10", "--max-new-tokens", "12", "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "rev KL" in proc.stdout and "ExAccErr" in proc.stdout
+        runs[name] = json.loads(out.read_text())["datasets"][str(data)]
+    student, itself = runs["student"], runs["self"]
+    assert student["kl_prompts"] == 6 and student["exacc_length"] == 12
+    assert student["reverse_kl_seq"] > 0.1 and student["forward_kl_seq"] > 0.1
+    assert student["reverse_kl_token"] <= student["reverse_kl_seq"]
+    assert student["exacc_err_pct"] is not None
+    assert abs(itself["reverse_kl_seq"]) < 1e-4 and abs(itself["forward_kl_seq"]) < 1e-4
+    assert itself["exacc_err_pct"] is None  # undefined when the per-step error is 0
 
 
 def test_evaluate_cli_reports_bad_data(tiny_models, tmp_path):

