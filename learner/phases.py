@@ -87,7 +87,8 @@ class Service:
         t0 = time.time()
         self.group = LearnerGroup(c.learner.num_workers, c.cluster.learner_cpus, c.cluster.learner_gpus, student_dir,
                                   c.learner, c.objective, self.vocab, c.models.dtype, c.seed,
-                                  placements=[self._where(f"learner-{r}") for r in range(c.learner.num_workers)])
+                                  placements=[self._where(f"learner-{r}") for r in range(c.learner.num_workers)],
+                                  threads=c.cluster.torch_threads)
         print(f"[learner] {c.learner.num_workers} FSDP worker(s) ready in {time.time() - t0:.1f}s", flush=True)
 
     def _start_teachers(self) -> None:
@@ -95,7 +96,7 @@ class Service:
         self.teachers = [make_teacher(i, c.cluster.teacher_cpus, c.cluster.teacher_gpus, self.assets.teacher_dir,
                                       self.vocab, self.tok.pad_token_id, batch_size=c.teacher.batch_size,
                                       top_k=c.teacher.top_k, dtype=c.models.dtype,
-                                      placement=self._where(f"teacher-{i}"))
+                                      placement=self._where(f"teacher-{i}"), threads=c.cluster.torch_threads)
                          for i in range(c.teacher.num_teachers)]
 
     def _start_samplers(self, student_dir: str, alpha: float) -> None:
@@ -110,7 +111,8 @@ class Service:
                                      kv_cache_mb=c.sampler.kv_cache_mb, seed=c.seed + 1000 * i,
                                      gpu_memory_utilization=c.sampler.gpu_memory_utilization,
                                      tensor_parallel_size=c.sampler.tensor_parallel_size, max_model_len=max_len),
-                         i, c.cluster.sampler_cpus, c.cluster.sampler_gpus, placement=self._where(f"sampler-{i}"))
+                         i, c.cluster.sampler_cpus, c.cluster.sampler_gpus, placement=self._where(f"sampler-{i}"),
+                         threads=c.cluster.torch_threads)
             for i in range(c.sampler.num_samplers)]
         ray.get([s.get_version.remote() for s in self.samplers])
         print(f"[sampler] {len(self.samplers)} vLLM sampler(s) ready in {time.time() - t0:.1f}s", flush=True)
