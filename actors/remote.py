@@ -30,7 +30,7 @@ class SamplerActor(Sampler):
         return out
 
     def load_weights(self, state_dict: Any, version: int) -> int:
-        v = super().load_weights(state_dict, version)
+        v = super().load_weights(state_dict, version)  # receive_weights() comes through here too
         telemetry.gauge("distill_weight_version").set(v)
         return v
 

@@ -63,6 +63,18 @@ class Sampler:
         self.stats["push_seconds"] += time.perf_counter() - t0
         return self.version
 
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
+        """Join the learner's weight group as a receiver (collective with the learner's rank 0)."""
+        from common.weight_sync import WeightGroup, WeightReceiver
+
+        self.receiver = WeightReceiver(WeightGroup(host, port, rank, world_size, backend))
+        return True
+
+    def receive_weights(self) -> int:
+        """Take the next collective push (blocks until the learner sends) and load it; returns the new version."""
+        version, named = self.receiver.receive()
+        return self.load_weights(dict(named), version)
+
     def get_version(self) -> int:
         return self.version
 

@@ -130,6 +130,9 @@ class LearnerConfig(_Section):
     # validation ROUGE-L of samples (the paper's rule; also logs the reverse KL at each evaluation, costs sampling)
     select_by: Literal["valid_loss", "rouge_l"] = "valid_loss"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # how weights reach the samplers: rank 0's full state dict through the Ray object store, or a packed broadcast
+    # over a process group of rank 0 and the samplers (NCCL when both sides have GPUs, else gloo)
+    weight_sync: Literal["object_store", "collective"] = "object_store"
 
 
 class EvalConfig(_Section):
@@ -161,6 +164,11 @@ class LoggingConfig(_Section):
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "minillm-service"
     progress_every: int = Field(10, gt=0)
+
+
+def weight_sync_backend(cluster: ClusterConfig) -> str:
+    """The collective weight push's backend: NCCL GPU to GPU, else gloo (CPU buffers, any placement)."""
+    return "nccl" if cluster.learner_gpus > 0 and cluster.sampler_gpus > 0 else "gloo"
 
 
 class DistillConfig(_Section):

@@ -130,6 +130,22 @@ class LearnerGroup:
         ray.get(refs[1:])
         return refs[0]
 
+    def weight_sync_address(self) -> tuple[str, int]:
+        """A free address on rank 0's node for the weight group's store."""
+        host, port = ray.get(self.actors[0].rendezvous.remote()).removeprefix("tcp://").rsplit(":", 1)
+        return host, int(port)
+
+    def init_weight_sender(self, host: str, port: int, world_size: int, backend: str) -> ray.ObjectRef:
+        """Rank 0 joins the weight group; returns the ref (the samplers join concurrently, then wait on both)."""
+        return self.actors[0].call.remote("init_weight_sender", host, port, world_size, backend)
+
+    def push_weights(self, version: int) -> None:
+        """All workers gather the full state dict; rank 0 broadcasts it to the samplers in the background."""
+        self._all("push_weights", version)
+
+    def wait_push(self) -> None:
+        ray.get(self.actors[0].call.remote("wait_push"))
+
     def save(self, out_dir: str, tokenizer_dir: str | None) -> None:
         self._all("save", out_dir, tokenizer_dir)
 

@@ -13,7 +13,7 @@ import ray
 
 from actors.remote import make_replay, make_sampler, make_teacher
 from actors.sampler import SamplerSpec
-from common.config import ConfigError, DistillConfig, resolve_path
+from common.config import ConfigError, DistillConfig, resolve_path, weight_sync_backend
 from common.data import (
     Example,
     TokenizedExample,
@@ -116,6 +116,31 @@ class Service:
             for i in range(c.sampler.num_samplers)]
         ray.get([s.get_version.remote() for s in self.samplers])
         print(f"[sampler] {len(self.samplers)} vLLM sampler(s) ready in {time.time() - t0:.1f}s", flush=True)
+        if c.learner.weight_sync == "collective":
+            self._connect_weight_group()
+
+    def _connect_weight_group(self) -> None:
+        """The learner's rank 0 and the samplers form the weight group (all join at once: it is collective)."""
+        assert self.group is not None
+        backend = weight_sync_backend(self.cfg.cluster)
+        host, port = self.group.weight_sync_address()
+        world = 1 + len(self.samplers)
+        refs = [self.group.init_weight_sender(host, port, world, backend),
+                *[s.join_weight_group.remote(host, port, 1 + i, world, backend) for i, s in enumerate(self.samplers)]]
+        ray.get(refs)
+        print(f"[weights] collective push over {backend}: learner rank 0 -> {len(self.samplers)} sampler(s)",
+              flush=True)
+
+    def _send_weights(self) -> list:
+        """Start a push of the learner's current weights as a new version; returns refs that resolve when every
+        sampler holds it (and raise if the push failed)."""
+        self.version += 1
+        if self.cfg.learner.weight_sync == "collective":
+            refs = [s.receive_weights.remote() for s in self.samplers]  # queued behind any batch being sampled
+            self.group.push_weights(self.version)
+            return refs
+        state = self.group.state_dict_ref()
+        return [s.load_weights.remote(state, self.version) for s in self.samplers]
 
     def shutdown(self) -> None:
         if self.group is not None:
@@ -203,9 +228,7 @@ class Service:
 
     def _push_weights(self) -> None:
         """Send the learner's current weights to every sampler (a new version) and wait until they hold them."""
-        self.version += 1
-        state = self.group.state_dict_ref()
-        ray.get([s.load_weights.remote(state, self.version) for s in self.samplers])
+        ray.get(self._send_weights())
 
     def teacher_responses(self) -> list[TokenizedExample]:
         """SeqKD data: the teacher's own samples (alpha = 1 through the samplers) for the training prompts."""
@@ -320,9 +343,7 @@ class Service:
             pt = next(pt_batches) if pt_batches is not None else None
             m = group.minillm_step(packed, scores.dense(self.vocab), c.objective.alpha, pt)
             t_push = time.perf_counter()
-            self.version += 1
-            state = group.state_dict_ref()
-            pushes = [s.load_weights.remote(state, self.version) for s in self.samplers]
+            pushes = self._send_weights()
             ray.get(self.replay.set_learner_version.remote(self.version))
             push_dispatch = time.perf_counter() - t_push  # gather + send; samplers load it between batches
             self.global_step += 1

@@ -15,6 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from common.config import LearnerConfig, ObjectiveConfig
@@ -51,9 +52,12 @@ class LearnerWorker:
         self.cfg, self.obj, self.vocab_size = learner, objective, vocab_size
         torch.manual_seed(seed)
         model = load_model(student_dir, dtype).to(self.device)
+        # an explicit mesh on the learner's device: by default FSDP2 moves shards to CUDA whenever a GPU is
+        # visible, even under gloo on a CPU learner
+        mesh = init_device_mesh(self.device.type, (world_size,))
         for layer in getattr(getattr(model, "model", model), "layers", []):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         self.model = model
         self.set_optimizer(lr or learner.lr)
         self.steps = 0
@@ -177,6 +181,27 @@ class LearnerWorker:
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd if self.rank == 0 else None
 
+    def init_weight_sender(self, host: str, port: int, world_size: int, backend: str) -> bool:
+        """Rank 0 joins the weight group (itself + the samplers) as its sender; collective with the samplers."""
+        from common.weight_sync import WeightGroup, WeightSender
+
+        self.weight_sender = WeightSender(WeightGroup(host, port, 0, world_size, backend))
+        return True
+
+    def push_weights(self, version: int) -> bool:
+        """Collective over the learner workers (they gather the full state dict); rank 0 broadcasts it packed to
+        the samplers on a background thread, so the next update can start while it transfers."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=self.device.type == "cpu")
+        sd = get_model_state_dict(self.model, options=options)
+        if self.rank == 0:
+            self.weight_sender.send(sd.items(), version, background=True)
+        return True
+
+    def wait_push(self) -> bool:
+        if self.rank == 0 and getattr(self, "weight_sender", None) is not None:
+            self.weight_sender.wait()
+        return True
+
     def save(self, out_dir: str, tokenizer_dir: str | None = None) -> str | None:
         """Collective. Rank 0 writes an HF folder (atomically) that transformers and vLLM load as they are."""
         from common.models import load_tokenizer, save_hf
@@ -197,6 +222,9 @@ class LearnerWorker:
         return out_dir
 
     def close(self) -> None:
+        sender = getattr(self, "weight_sender", None)
+        if sender is not None:
+            sender.group.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -27,3 +27,17 @@ def build_llama_dir(path: Path, vocab: int, seed: int, eos: int = 2, hidden: int
 @torch.no_grad()
 def next_token_probs(model, prefix: list[int]) -> torch.Tensor:
     return model(input_ids=torch.tensor([prefix])).logits[0, -1].double().softmax(-1)
+
+
+def random_rollout_batch(vocab: int, eos: int, seed: int = 0):
+    """Four packed rollouts of uneven lengths, random teacher log-probs and a pre-training batch."""
+    from common.rollout import pack_sequences
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in (3, 5, 4, 6)]
+    responses = [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in (4, 2, 6, 3)]
+    old = [(-torch.rand(len(r), generator=g) * 3 - 0.5).tolist() for r in responses]
+    packed = pack_sequences(prompts, responses, eos, old)
+    teacher = torch.log_softmax(torch.randn(4, packed.tokens.shape[1], vocab, generator=g) * 2, -1)
+    pt = torch.randint(3, vocab, (4, 8), generator=g)
+    return packed, teacher, pt

@@ -7,9 +7,8 @@ import torch
 from actors.remote import make_sampler
 from actors.sampler import SamplerSpec
 from common.config import LearnerConfig, ObjectiveConfig
-from common.rollout import pack_sequences
 from learner.group import LearnerGroup
-from tests.toy_models import build_llama_dir
+from tests.toy_models import build_llama_dir, random_rollout_batch
 
 pytestmark = pytest.mark.integration
 
@@ -24,14 +23,7 @@ def student_dir(tmp_path_factory):
 
 
 def _batch(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, VOCAB, (int(n),), generator=g).tolist() for n in (3, 5, 4, 6)]
-    responses = [torch.randint(3, VOCAB, (int(n),), generator=g).tolist() for n in (4, 2, 6, 3)]
-    old = [(-torch.rand(len(r), generator=g) * 3 - 0.5).tolist() for r in responses]
-    packed = pack_sequences(prompts, responses, EOS, old)
-    teacher = torch.log_softmax(torch.randn(4, packed.tokens.shape[1], VOCAB, generator=g) * 2, -1)
-    pt = torch.randint(3, VOCAB, (4, 8), generator=g)
-    return packed, teacher, pt
+    return random_rollout_batch(VOCAB, EOS, seed)
 
 
 def _state_after_one_step(n_workers: int, student_dir, lcfg, ocfg):
@@ -97,3 +89,42 @@ def test_weight_push_reaches_sampler(ray_session, student_dir, tmp_path):
     finally:
         group.shutdown()
         ray.kill(sampler)
+
+
+def test_collective_weight_push_reaches_every_sampler(ray_session, student_dir, tmp_path):
+    """learner.weight_sync=collective: rank 0 broadcasts one packed push over gloo (NCCL on GPUs) to two
+    samplers; each then scores exactly like the learner, at the new version."""
+    lcfg = LearnerConfig(lr=5e-2, grad_clip=None)
+    group = LearnerGroup(1, 0.25, 0.0, str(student_dir), lcfg, ObjectiveConfig(), VOCAB, "float32", seed=0)
+    spec = SamplerSpec(student_dir=str(student_dir), teacher_dir=None, eos_token_id=EOS, max_new_tokens=4,
+                       kv_cache_mb=32, max_model_len=64)
+    samplers = [make_sampler(spec, i, 0.5, 0.0) for i in range(2)]
+    try:
+        host, port = group.weight_sync_address()
+        ray.get([group.init_weight_sender(host, port, 3, "gloo"),
+                 *[s.join_weight_group.remote(host, port, 1 + i, 3, "gloo") for i, s in enumerate(samplers)]])
+        seq, start = [1, 5, 9, 11, 20, 33, 4, 7], 3
+        before = ray.get(samplers[0].student_logprobs.remote([seq], [start]))[0]
+        for version in (1, 2):
+            packed, teacher, pt = _batch(version)
+            group.minillm_step(packed, teacher, 0.2, pt)
+            refs = [s.receive_weights.remote() for s in samplers]
+            group.push_weights(version)
+            assert ray.get(refs) == [version, version]
+        group.wait_push()
+        group.save(str(tmp_path / "ckpt"), None)
+        from common.models import load_model
+
+        with torch.no_grad():
+            ref = load_model(tmp_path / "ckpt")(torch.tensor([seq])).logits[0].log_softmax(-1)
+        learner_lp = [ref[j - 1, seq[j]].item() for j in range(start, len(seq))]
+        for s in samplers:
+            after = ray.get(s.student_logprobs.remote([seq], [start]))[0]
+            diff = max(abs(a - b) for a, b in zip(after, learner_lp, strict=True))
+            print(f"sampler vs learner log-probs after collective push: max diff {diff:.2e}")
+            assert diff < 1e-4
+            assert max(abs(a - b) for a, b in zip(after, before, strict=True)) > 1e-3
+    finally:
+        group.shutdown()
+        for s in samplers:
+            ray.kill(s)

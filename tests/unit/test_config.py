@@ -53,3 +53,20 @@ def test_local_source_needs_paths():
 def test_batches_must_split_evenly_over_learner_workers():
     with pytest.raises(ConfigError, match="divisible by learner.num_workers"):
         load_config(overrides=["learner.num_workers=3"])
+
+
+def test_weight_sync_choice_and_backend():
+    from common.config import weight_sync_backend
+
+    cfg = load_config(None, ["learner.weight_sync=collective"])
+    assert cfg.learner.weight_sync == "collective"
+    assert weight_sync_backend(cfg.cluster) == "gloo"
+    gpu = load_config(None, ["cluster.learner_gpus=1", "cluster.sampler_gpus=1"])
+    assert weight_sync_backend(gpu.cluster) == "nccl"
+    # a CPU sampler gets its weights over gloo even from a GPU learner (CPU buffers)
+    assert weight_sync_backend(load_config(None, ["cluster.learner_gpus=1"]).cluster) == "gloo"
+    with pytest.raises(ConfigError, match="learner.weight_sync"):
+        load_config(None, ["learner.weight_sync=nccl"])
+    assert load_config(None, ["cluster.torch_threads=2"]).cluster.torch_threads == 2
+    with pytest.raises(ConfigError, match="cluster.torch_threads"):
+        load_config(None, ["cluster.torch_threads=0"])
