@@ -195,6 +195,9 @@ class DistillConfig(_Section):
         if tp > 1 and self.cluster.sampler_gpus < tp:
             raise ValueError(f"sampler.tensor_parallel_size={tp} needs cluster.sampler_gpus >= {tp} "
                              "(one GPU per shard, all in the sampler's placement bundle)")
+        if tp > 1 and self.learner.weight_sync == "collective":
+            raise ValueError("learner.weight_sync=collective needs sampler.tensor_parallel_size=1 (a tensor-parallel "
+                             "engine's shards live in other processes): use object_store")
         n = self.learner.num_workers
         for name in ("batch_size", "sft_batch_size", "pretrain_batch_size"):
             if getattr(self.learner, name) % n:
