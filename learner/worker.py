@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from common.config import LearnerConfig, ObjectiveConfig
 from common.data import LMBatch
@@ -52,9 +52,10 @@ class LearnerWorker:
         self.cfg, self.obj, self.vocab_size = learner, objective, vocab_size
         torch.manual_seed(seed)
         model = load_model(student_dir, dtype).to(self.device)
-        # an explicit mesh on the learner's device: by default FSDP2 moves shards to CUDA whenever a GPU is
-        # visible, even under gloo on a CPU learner
-        mesh = init_device_mesh(self.device.type, (world_size,))
+        # a CPU learner on a GPU node needs an explicit CPU mesh: FSDP2's default mesh moves shards to CUDA whenever
+        # a GPU is visible. Elsewhere keep the default (an explicit mesh broke reloading tied embeddings).
+        cpu_on_gpu_node = self.device.type == "cpu" and torch.cuda.is_available()
+        mesh = init_device_mesh("cpu", (world_size,)) if cpu_on_gpu_node else None
         for layer in getattr(getattr(model, "model", model), "layers", []):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -72,6 +73,11 @@ class LearnerWorker:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         full = load_model(student_dir).state_dict()
+        # a forward without backward (evaluation) leaves the root's parameters unsharded (plain tensors), and
+        # loading full tensors into that mix fails for tied embeddings: reshard everything first
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
         set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
         self.set_optimizer(self.optimizer.param_groups[0]["lr"])
 

@@ -128,3 +128,23 @@ def test_collective_weight_push_reaches_every_sampler(ray_session, student_dir, 
         group.shutdown()
         for s in samplers:
             ray.kill(s)
+
+
+def test_reload_of_a_tied_embedding_student(ray_session, tmp_path):
+    """SmolLM2-style students tie the head to the embeddings; the SFT phase reloads its best checkpoint right after
+    an evaluation."""
+    tied = tmp_path / "tied"
+    build_llama_dir(tied, VOCAB, seed=3, tied=True)
+    group = LearnerGroup(1, 0.5, 0.0, str(tied), LearnerConfig(lr=5e-2, grad_clip=None), ObjectiveConfig(), VOCAB,
+                         "float32", seed=0)
+    try:
+        before = ray.get(group.state_dict_ref())
+        packed, teacher, pt = _batch()
+        group.minillm_step(packed, teacher, 0.2, pt)
+        assert max((ray.get(group.state_dict_ref())[k] - before[k]).abs().max().item() for k in before) > 1e-4
+        group.reverse_kl(packed, teacher)  # an evaluation forward leaves the root unsharded: reload must cope
+        group.load_state(str(tied))
+        after = ray.get(group.state_dict_ref())
+        assert all(torch.equal(after[k], before[k]) for k in before)
+    finally:
+        group.shutdown()
