@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not stages.done("train-sft"):
                     raise SystemExit("minillm starts from the sft run's checkpoint: run the sft stage first")
                 overrides.append(f"models.sft_checkpoint={work / 'sft' / 'checkpoints' / 'best'}")
+                # sampler, teacher and learner run at once here: one thread each, or OpenMP threads thrash 2 cores
+                overrides.insert(0, "cluster.torch_threads=1")
             stage(stages, f"train-{method}", lambda o=overrides, m=method: run_logged(
                 [py, "-m", "learner.main", "--config", args.config, *o], work / "logs" / f"train-{m}.log"))
             evaluate(method)

@@ -151,7 +151,8 @@ class ClusterConfig(_Section):
     learner_cpus: float = Field(0.5, ge=0)
     replay_cpus: float = Field(0.0, ge=0)
     # torch/OpenMP threads of each actor; None: its CPU share rounded down (at least 1). The phases of a run take
-    # turns (SFT computes only in the learner), so on a small machine the core count here uses every core.
+    # turns in SFT / KD (only the learner computes), so there the core count uses every core of a small machine;
+    # in MiniLLM's phase three actors compute at once: keep threads x actors <= cores.
     torch_threads: int | None = Field(None, gt=0)
     sampler_gpus: float = Field(0.0, ge=0)
     teacher_gpus: float = Field(0.0, ge=0)
