@@ -53,13 +53,14 @@ class LearnerWorker:
         torch.manual_seed(seed)
         model = load_model(student_dir, dtype).to(self.device)
         # a CPU learner on a GPU node needs an explicit CPU mesh: FSDP2's default mesh moves shards to CUDA whenever
-        # a GPU is visible. Elsewhere keep the default (an explicit mesh broke reloading tied embeddings).
+        # a GPU is visible. Elsewhere the default mesh is the same one.
         cpu_on_gpu_node = self.device.type == "cpu" and torch.cuda.is_available()
         mesh = init_device_mesh("cpu", (world_size,)) if cpu_on_gpu_node else None
         for layer in getattr(getattr(model, "model", model), "layers", []):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         self.model = model
+        self.weight_sender = None  # set by init_weight_sender on rank 0 (learner.weight_sync=collective)
         self.set_optimizer(lr or learner.lr)
         self.steps = 0
 
@@ -204,7 +205,7 @@ class LearnerWorker:
         return True
 
     def wait_push(self) -> bool:
-        if self.rank == 0 and getattr(self, "weight_sender", None) is not None:
+        if self.weight_sender is not None:
             self.weight_sender.wait()
         return True
 
@@ -228,9 +229,8 @@ class LearnerWorker:
         return out_dir
 
     def close(self) -> None:
-        sender = getattr(self, "weight_sender", None)
-        if sender is not None:
-            sender.group.close()
+        if self.weight_sender is not None:
+            self.weight_sender.group.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
