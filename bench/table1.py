@@ -9,7 +9,8 @@ run again, its partial folder moved aside by the driver):
   2. teacher: the paper fine-tunes its teachers on the task first. `method=sft` on the SmolLM2 model itself,
      selected by validation ROUGE-L with the shipped model as the starting candidate, so the teacher is the
      fine-tuned model only if it beats the shipped one on validation (the decision is in teacher-sft/metrics.jsonl);
-  3. train: `python -m learner.main` per method (sft first: minillm starts from its checkpoint);
+  3. train: `python -m learner.main` per method (sft first: minillm starts from its checkpoint), then the
+     sft-more control (that same checkpoint, --control-steps more plain SFT updates: MiniLLM's extra budget);
   4. evaluate: `python -m learner.evaluate` on Dolly test for the teacher and each method's best checkpoint
      (5 seeds, ROUGE-L, Dist-4, LM loss, reverse/forward KL to the teacher, ExAccErr);
   5. report: docs/results.md's generated table, docs/results.json and docs/results_curves.png.
@@ -26,7 +27,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["sft", "minillm", "kd", "seqkd"]  # the comparison that matters first
+# the comparison that matters first; sft-more is the control for MiniLLM's extra updates: the SFT checkpoint
+# MiniLLM starts from, trained with plain SFT for as many more updates as MiniLLM makes
+METHODS = ["sft", "minillm", "kd", "seqkd", "sft-more"]
 SEEDS = ["10", "20", "30", "40", "50"]
 
 
@@ -60,6 +63,7 @@ def run_logged(cmd: list[str], log: Path) -> None:
         for line in proc.stdout:
             sys.stdout.write(line)
             fh.write(line)
+            fh.flush()  # the log is read while a stage runs
         code = proc.wait()
     if code != 0:
         raise SystemExit(f"failed ({code}): {' '.join(cmd)}; log in {log}")
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-steps", type=int, default=100,
                         help="fine-tuning updates of the teacher (0: as shipped)")
     parser.add_argument("--teacher-lr", type=float, default=2e-5)
+    parser.add_argument("--control-steps", type=int, default=40,
+                        help="updates of the sft-more control (set it to the config's learner.minillm_steps)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild docs/ from finished stages")
     args = parser.parse_args(argv)
     work = args.work.resolve()
@@ -123,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         for i, method in enumerate(args.methods):
             overrides = [f"method={method}", f"output_dir={work / method}", f"models.teacher={teacher}",
                          f"models.student={student}", *args.set]
+            if method in ("minillm", "sft-more") and not stages.done("train-sft"):
+                raise SystemExit(f"{method} starts from the sft run's checkpoint: run the sft stage first")
+            if method == "sft-more":
+                steps = args.control_steps
+                overrides = ["method=sft", f"output_dir={work / method}", f"models.teacher={teacher}",
+                             f"models.student={work / 'sft' / 'checkpoints' / 'best'}", f"learner.sft_steps={steps}",
+                             f"learner.sft_eval_every={max(1, steps // 2)}", *args.set]
             if method == "minillm":
-                if not stages.done("train-sft"):
-                    raise SystemExit("minillm starts from the sft run's checkpoint: run the sft stage first")
                 overrides.append(f"models.sft_checkpoint={work / 'sft' / 'checkpoints' / 'best'}")
                 # sampler, teacher and learner run at once here: one thread each, or OpenMP threads thrash 2 cores
                 overrides.insert(0, "cluster.torch_threads=1")
