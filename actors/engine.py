@@ -34,6 +34,7 @@ Facts this relies on (vLLM 0.32, read in the installed source and measured on vl
 from __future__ import annotations
 
 import json
+import logging
 import numbers
 import os
 from collections.abc import Iterable, Mapping
@@ -48,6 +49,18 @@ from vllm import LLM, SamplingParams  # noqa: E402
 
 # Names a Hugging Face state dict may hold that the checkpoint (and vLLM) do not: dropped before a push.
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class _NoChatWarmupTraceback(logging.Filter):
+    """vLLM warms up chat-template rendering at start-up and, with ``skip_tokenizer_init=True``, logs that as a
+    failure with a full traceback. These engines never render chats (token ids in and out), so it is noise that
+    reads like an error in every run's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Chat template warmup failed")
+
+
+logging.getLogger("vllm.renderers.base").addFilter(_NoChatWarmupTraceback())
 
 
 @dataclass
