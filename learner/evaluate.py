@@ -6,7 +6,10 @@ bias ExAccErr (Appendix B.5) on the first --kl-prompts prompts.
 
     python -m learner.evaluate --model runs/tiny/checkpoints/best --data ../shared/data/dolly/test.jsonl \
         [--data FILE2.jsonl ...] [--seeds 10 20 30 40 50] [--max-new-tokens 64] [--limit N] [--out results.json] \
-        [--teacher DIR --kl-prompts 100]
+        [--teacher DIR --kl-prompts 100] [--samples samples.jsonl]
+
+--samples writes every generated response (dataset, seed, example index, prompt, references, response, its
+token count and ROUGE-L) as JSON lines, to read what a score stands for.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import time
 from pathlib import Path
 
 from common.data import DataError, load_jsonl
-from common.metrics import corpus_rouge_l, distinct_n, exposure_accumulated_error, mean_and_spread
+from common.metrics import corpus_rouge_l, distinct_n, exposure_accumulated_error, mean_and_spread, rouge_l
 from common.models import ModelError, check_compatible, load_model, load_tokenizer
 
 
@@ -48,7 +51,9 @@ def teacher_analysis(student, teacher, teacher_engine, prompts: list[list[int]],
 
 def evaluate_model(model_dir: str, data_files: list[str], seeds: list[int], max_new_tokens: int,
                    max_prompt_tokens: int = 512, limit: int | None = None, kv_cache_mb: int = 256,
-                   teacher_dir: str | None = None, kl_prompts: int = 100) -> dict:
+                   teacher_dir: str | None = None, kl_prompts: int = 100, samples: list[dict] | None = None) -> dict:
+    """The results dict (per dataset: per-seed scores, spread, analysis); generated responses are appended to
+    `samples` when a list is given."""
     from actors.engine import VLLMEngine
     from learner.analysis import lm_loss
 
@@ -68,14 +73,15 @@ def evaluate_model(model_dir: str, data_files: list[str], seeds: list[int], max_
                                     max_model_len=max_len)
     results: dict = {"model": str(model_dir), "seeds": seeds, "max_new_tokens": max_new_tokens, "datasets": {}}
     for path, examples in datasets.items():
-        prompts, refs, skipped = [], [], 0
-        for ex in examples:
+        prompts, refs, kept, skipped = [], [], [], 0
+        for i, ex in enumerate(examples):
             ids = tokenizer.encode(ex.prompt, add_special_tokens=False)
             if len(ids) > max_prompt_tokens:
                 skipped += 1
                 continue
             prompts.append(ids)
             refs.append(ex.references)
+            kept.append((i, ex.prompt))
         per_seed: dict[int, dict] = {}
         first_samples: list[list[int]] = []
         for seed in seeds:
@@ -90,6 +96,10 @@ def evaluate_model(model_dir: str, data_files: list[str], seeds: list[int], max_
                 "mean_tokens": sum(len(r) for r in responses) / max(len(responses), 1),
                 "seconds": round(time.time() - t0, 2),
             }
+            if samples is not None:
+                samples.extend({"dataset": str(path), "seed": seed, "index": i, "prompt": prompt, "references": ref,
+                                "response": text, "tokens": len(resp), "rouge_l": rouge_l(text, ref)}
+                               for (i, prompt), ref, text, resp in zip(kept, refs, texts, responses, strict=True))
             print(f"[evaluate] {Path(path).name} seed {seed}: ROUGE-L {per_seed[seed]['rouge_l']:.2f} "
                   f"({len(prompts)} prompts, {per_seed[seed]['seconds']:.1f}s)", flush=True)
         rouge_mean, rouge_sd = mean_and_spread([r["rouge_l"] for r in per_seed.values()])
@@ -136,10 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--teacher", default=None, help="teacher folder: adds reverse/forward KL and ExAccErr")
     parser.add_argument("--kl-prompts", type=int, default=100, help="prompts (of each file) for the KL measures")
+    parser.add_argument("--samples", type=Path, default=None, help="write every generated response here (JSONL)")
     args = parser.parse_args(argv)
+    samples: list[dict] | None = [] if args.samples else None
     try:
         results = evaluate_model(args.model, args.data, args.seeds, args.max_new_tokens, args.max_prompt_tokens,
-                                 args.limit, teacher_dir=args.teacher, kl_prompts=args.kl_prompts)
+                                 args.limit, teacher_dir=args.teacher, kl_prompts=args.kl_prompts, samples=samples)
     except (DataError, ModelError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -148,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
         print(f"wrote {args.out}")
+    if args.samples and samples is not None:
+        args.samples.parent.mkdir(parents=True, exist_ok=True)
+        args.samples.write_text("".join(json.dumps(row) + "\n" for row in samples))
+        print(f"wrote {len(samples)} responses to {args.samples}")
     return 0
 
 

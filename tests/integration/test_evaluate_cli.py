@@ -20,7 +20,8 @@ def test_evaluate_cli_writes_table_and_json(tiny_models, tmp_path):
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, "-m", "learner.evaluate", "--model", str(tiny_models.teacher), "--data",
-                           str(data), "--seeds", "10", "20", "--max-new-tokens", "16", "--out", str(out)],
+                           str(data), "--seeds", "10", "20", "--max-new-tokens", "16", "--out", str(out),
+                           "--samples", str(tmp_path / "samples.jsonl")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ROUGE-L" in proc.stdout and "mini.jsonl" in proc.stdout
@@ -31,6 +32,15 @@ def test_evaluate_cli_writes_table_and_json(tiny_models, tmp_path):
     assert all(0.0 <= s <= 100.0 for s in scores)
     assert ds["rouge_l_mean"] == pytest.approx(sum(scores) / 2)
     assert ds["lm_loss"] > 0 and "reverse_kl_seq" not in ds  # KL measures only with --teacher
+    # every response is written, and a seed's score is the mean of its responses' scores
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and {(r["seed"], r["index"]) for r in samples} == {(s, i) for s in (10, 20)
+                                                                               for i in range(3)}
+    assert samples[0]["references"] == ["Red.", "Blue is a colour."] and "Name a colour." in samples[0]["prompt"]
+    for seed in (10, 20):
+        mine = [r["rouge_l"] for r in samples if r["seed"] == seed]
+        assert sum(mine) / 3 == pytest.approx(ds["per_seed"][str(seed)]["rouge_l"])
+        assert all(0 <= r["tokens"] <= 16 for r in samples)
 
 
 def test_evaluate_cli_teacher_measures(tiny_models, tmp_path):
