@@ -13,7 +13,9 @@ run again, its partial folder moved aside by the driver):
      sft-more control (that same checkpoint, --control-steps more plain SFT updates: MiniLLM's extra budget);
   4. evaluate: `python -m learner.evaluate` on Dolly test for the teacher and each method's best checkpoint
      (5 seeds, ROUGE-L, Dist-4, LM loss, reverse/forward KL to the teacher, ExAccErr);
-  5. report: docs/results.md's generated table, docs/results.json and docs/results_curves.png.
+     every response goes to WORK/eval/NAME.samples.jsonl;
+  5. report: docs/results.md's generated table (with ROUGE-L length-matched to SFT, and the score of constant
+     answers: bench/rouge_calibration.py), docs/results.json and docs/results_curves.png.
 Wall time of every stage is recorded in WORK/stages.json, so the total is known across sessions.
 """
 
@@ -122,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             stage(stages, f"eval-{name}", lambda: run_logged(
                 [py, "-m", "learner.evaluate", "--model", str(model), "--teacher", str(teacher), "--data", test,
                  "--limit", str(args.test_limit), "--kl-prompts", str(args.kl_prompts), "--seeds", *SEEDS,
-                 "--max-new-tokens", "48", "--max-prompt-tokens", "96", "--out", str(out)],
+                 "--max-new-tokens", "48", "--max-prompt-tokens", "96", "--out", str(out),
+                 "--samples", str(work / "eval" / f"{name}.samples.jsonl")],
                 work / "logs" / f"eval-{name}.log"))
 
         # each method is evaluated right after its training, so the table fills in as the stages finish

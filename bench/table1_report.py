@@ -34,19 +34,37 @@ def _curves(work: Path) -> dict[str, list[dict]]:
     return out
 
 
+def _calibration(work: Path) -> tuple[dict[str, float], dict[str, dict]]:
+    """Constant-answer floors and each model's ROUGE-L length-matched to SFT's, from the evaluations' samples."""
+    from bench.rouge_calibration import floors, length_matched, load_samples
+
+    paths = {name: work / "eval" / f"{name}.samples.jsonl" for name in LABELS}
+    samples = {name: load_samples(p) for name, p in paths.items() if p.exists()}
+    if "sft" not in samples:
+        return {}, {}
+    base = samples["sft"]
+    return floors(base), {name: length_matched(base, s) for name, s in samples.items() if name != "sft"}
+
+
 def _fmt(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def table_markdown(rows: dict[str, dict], stages: dict, test_limit: int) -> str:
-    lines = ["| model | ROUGE-L (5 seeds) | Dist-4 | test LM loss | reverse KL / response | forward KL / response "
-             "| ExAccErr % | mean length | train wall time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def table_markdown(rows: dict[str, dict], stages: dict, test_limit: int, matched: dict[str, dict] | None = None,
+                   floor: dict[str, float] | None = None) -> str:
+    matched, floor = matched or {}, floor or {}
+    lines = ["| model | ROUGE-L (5 seeds) | ROUGE-L vs SFT, length-matched | Dist-4 | test LM loss "
+             "| reverse KL / response | reverse KL / token | forward KL / response | ExAccErr % | mean length "
+             "| train wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lengths = [s["mean_tokens"] for s in r["per_seed"].values()]
         train = stages.get(f"train-{name}", {}).get("seconds")
-        lines.append(f"| {LABELS[name]} | {r['rouge_l_mean']:.2f} ± {r['rouge_l_std']:.2f} | "
+        m = matched.get(name)
+        vs_sft = "-" if m is None else f"{m['other']:.2f} vs {m['base']:.2f}"
+        lines.append(f"| {LABELS[name]} | {r['rouge_l_mean']:.2f} ± {r['rouge_l_std']:.2f} | {vs_sft} | "
                      f"{_fmt(r['dist_4_mean'])} | {_fmt(r['lm_loss'], 3)} | {_fmt(r.get('reverse_kl_seq'))} | "
+                     f"{_fmt(r.get('reverse_kl_token'))} | "
                      f"{_fmt(r.get('forward_kl_seq'))} | {_fmt(r.get('exacc_err_pct'), 1)} | "
                      f"{sum(lengths) / len(lengths):.1f} | {'-' if train is None else f'{train / 60:.1f} min'} |")
     n = next(iter(rows.values()))["n_prompts"] if rows else 0
@@ -56,6 +74,12 @@ def table_markdown(rows: dict[str, dict], stages: dict, test_limit: int) -> str:
               f"ExAccErr on the first {r.get('kl_prompts', '-') if rows else '-'} of those prompts (seed 10 samples "
               f"for the reverse KL, teacher samples for the forward KL). Total wall time of all stages: "
               f"{total:.0f} min."]
+    if matched:
+        lines += ["", "Length-matched: for every seed and prompt, the model's and SFT's responses are cut to the "
+                  "shorter one's word count and scored again (model vs SFT), so the difference is not one of length. "
+                  "No model at all: " + ", ".join(f"the constant answer \"{t}\" scores {v:.2f}"
+                                                  for t, v in floor.items()) + " ROUGE-L on the same prompts "
+                  "(`bench/rouge_calibration.py`)."]
     return "\n".join(lines)
 
 
@@ -95,10 +119,13 @@ def write_report(work: Path, stages: dict, docs: Path, test_limit: int, config: 
     curves = _curves(work)
     summaries = {m: json.loads((work / m / "summary.json").read_text()) for m in curves
                  if (work / m / "summary.json").exists()}
+    floor, matched = _calibration(work)
     (docs / "results.json").write_text(json.dumps({"config": config, "overrides": extra, "stages": stages,
-                                                   "test": rows, "summaries": summaries}, indent=2))
+                                                   "test": rows, "summaries": summaries,
+                                                   "length_matched_to_sft": matched, "constant_answers": floor},
+                                                  indent=2))
     plotted = plot_curves(curves, docs / "results_curves.png")
-    table = table_markdown(rows, stages, test_limit)
+    table = table_markdown(rows, stages, test_limit, matched, floor)
     if plotted:
         table += "\n\n![validation ROUGE-L and reverse KL over training](results_curves.png)"
     md = docs / "results.md"
