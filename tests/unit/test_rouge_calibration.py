@@ -1,0 +1,50 @@
+"""bench/rouge_calibration.py: constant-answer floors and length-matched ROUGE-L on hand-computed cases."""
+
+import json
+
+import pytest
+
+from bench.rouge_calibration import floors, length_matched, load_samples
+
+
+def _row(seed, index, response, refs):
+    return {"dataset": "d.jsonl", "seed": seed, "index": index, "prompt": "p", "references": refs,
+            "response": response, "tokens": len(response.split()), "rouge_l": 0.0}
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_samples(path)
+
+
+def test_length_matched_cuts_each_pair_to_the_shorter_answer(tmp_path):
+    refs = ["cats sit on mats"]
+    base = _write(tmp_path / "a.jsonl", [_row(10, 0, "cats sit", refs)])
+    # the longer answer matches the whole reference, but only its first two words count against a 2-word answer
+    other = _write(tmp_path / "b.jsonl", [_row(10, 0, "dogs sit on mats", refs)])
+    m = length_matched(base, other)
+    # "cats sit" vs 4-word ref: LCS 2, P 1, R 1/2 -> F 2/3; "dogs sit": LCS 1, P 1/2, R 1/4 -> F 1/3
+    assert m["pairs"] == 1
+    assert m["base"] == pytest.approx(200 / 3) and m["other"] == pytest.approx(100 / 3)
+    assert m["base_words"] == 2 and m["other_words"] == 4
+
+
+def test_length_matched_needs_shared_examples(tmp_path):
+    base = _write(tmp_path / "a.jsonl", [_row(10, 0, "x", ["y"])])
+    other = _write(tmp_path / "b.jsonl", [_row(20, 0, "x", ["y"])])
+    with pytest.raises(SystemExit, match="share no"):
+        length_matched(base, other)
+
+
+def test_floor_of_a_constant_answer(tmp_path):
+    rows = _write(tmp_path / "a.jsonl", [_row(10, 0, "", ["the cat"]), _row(20, 0, "", ["the cat"]),
+                                         _row(10, 1, "", ["a dog"])])
+    # "the" against "the cat": P 1, R 1/2 -> 66.7; against "a dog": 0; each example counted once across seeds
+    assert floors(rows)["the"] == pytest.approx(100 / 3)
+
+
+def test_bad_samples_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(_row(10, 0, "x", ["y"])) + "\n{\"seed\": 1}\n")
+    with pytest.raises(SystemExit, match="bad.jsonl:2"):
+        load_samples(path)
