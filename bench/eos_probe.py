@@ -13,7 +13,6 @@ its answers grow. Responses are re-tokenised from their text: close to, but not 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.rouge_calibration import load_samples  # noqa: E402
 from common.models import load_model, load_tokenizer  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher, student = load_model(args.teacher).eval(), load_model(args.student).eval()
     print(f"{'samples':<28} {'n':>3} {'median log p_teacher(EOS)':>26} {'median log q_student(EOS)':>26}")
     for path in args.samples:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = list(load_samples(path).values())
         cap = max(r["tokens"] for r in rows)
         stopped = [r for r in rows if r["seed"] == args.seed and r["tokens"] < cap][: args.limit]
         if not stopped:

@@ -129,18 +129,19 @@ def main(argv: list[str] | None = None) -> int:
                 work / "logs" / f"eval-{name}.log"))
 
         # each method is evaluated right after its training, so the table fills in as the stages finish
+        sft_best = work / "sft" / "checkpoints" / "best"
         for i, method in enumerate(args.methods):
-            overrides = [f"method={method}", f"output_dir={work / method}", f"models.teacher={teacher}",
-                         f"models.student={student}", *args.set]
             if method in ("minillm", "sft-more") and not stages.done("train-sft"):
                 raise SystemExit(f"{method} starts from the sft run's checkpoint: run the sft stage first")
-            if method == "sft-more":
-                steps = args.control_steps
-                overrides = ["method=sft", f"output_dir={work / method}", f"models.teacher={teacher}",
-                             f"models.student={work / 'sft' / 'checkpoints' / 'best'}", f"learner.sft_steps={steps}",
-                             f"learner.sft_eval_every={max(1, steps // 2)}", *args.set]
+            control = method == "sft-more"
+            overrides = [f"method={'sft' if control else method}", f"output_dir={work / method}",
+                         f"models.teacher={teacher}", f"models.student={sft_best if control else student}"]
+            if control:
+                overrides += [f"learner.sft_steps={args.control_steps}",
+                              f"learner.sft_eval_every={max(1, args.control_steps // 2)}"]
+            overrides += args.set
             if method == "minillm":
-                overrides.append(f"models.sft_checkpoint={work / 'sft' / 'checkpoints' / 'best'}")
+                overrides.append(f"models.sft_checkpoint={sft_best}")
                 # sampler, teacher and learner run at once here: one thread each, or OpenMP threads thrash 2 cores
                 overrides.insert(0, "cluster.torch_threads=1")
             stage(stages, f"train-{method}", lambda o=overrides, m=method: run_logged(

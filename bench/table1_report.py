@@ -24,7 +24,7 @@ def _eval_rows(work: Path) -> dict[str, dict]:
 def _curves(work: Path) -> dict[str, list[dict]]:
     """Evaluation records of each training run, in update order (MiniLLM continues from SFT's update count)."""
     out = {}
-    for method in ("sft", "kd", "seqkd", "minillm", "sft-more"):
+    for method in (name for name in LABELS if name != "teacher"):
         path = work / method / "metrics.jsonl"
         if not path.exists():
             continue

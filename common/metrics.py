@@ -23,12 +23,16 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
     return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
 
 
-def corpus_rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+def rouge_l_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+    """ROUGE-L of each prediction against its own reference set."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} reference sets")
-    if not predictions:
-        return 0.0
-    return mean(rouge_l(p, r) for p, r in zip(predictions, references, strict=True))
+    return [rouge_l(p, r) for p, r in zip(predictions, references, strict=True)]
+
+
+def corpus_rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    scores = rouge_l_scores(predictions, references)
+    return mean(scores) if scores else 0.0
 
 
 def distinct_n(token_lists: Sequence[Sequence[int | str]], n: int = 4) -> float:

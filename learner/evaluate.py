@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from common.data import DataError, load_jsonl
-from common.metrics import corpus_rouge_l, distinct_n, exposure_accumulated_error, mean_and_spread, rouge_l
+from common.metrics import distinct_n, exposure_accumulated_error, mean_and_spread, rouge_l_scores
 from common.models import ModelError, check_compatible, load_model, load_tokenizer
 
 
@@ -91,15 +91,17 @@ def evaluate_model(model_dir: str, data_files: list[str], seeds: list[int], max_
             responses = _strip_eos(outs)
             first_samples = first_samples or [o.token_ids for o in outs]
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+            scores = rouge_l_scores(texts, refs)  # scored once: the seed's mean and, with --samples, each response
             per_seed[seed] = {
-                "rouge_l": corpus_rouge_l(texts, refs), "dist_4": distinct_n(responses, 4),
+                "rouge_l": sum(scores) / len(scores) if scores else 0.0, "dist_4": distinct_n(responses, 4),
                 "mean_tokens": sum(len(r) for r in responses) / max(len(responses), 1),
                 "seconds": round(time.time() - t0, 2),
             }
             if samples is not None:
                 samples.extend({"dataset": str(path), "seed": seed, "index": i, "prompt": prompt, "references": ref,
-                                "response": text, "tokens": len(resp), "rouge_l": rouge_l(text, ref)}
-                               for (i, prompt), ref, text, resp in zip(kept, refs, texts, responses, strict=True))
+                                "response": text, "tokens": len(resp), "rouge_l": score}
+                               for (i, prompt), ref, text, resp, score in zip(kept, refs, texts, responses, scores,
+                                                                               strict=True))
             print(f"[evaluate] {Path(path).name} seed {seed}: ROUGE-L {per_seed[seed]['rouge_l']:.2f} "
                   f"({len(prompts)} prompts, {per_seed[seed]['seconds']:.1f}s)", flush=True)
         rouge_mean, rouge_sd = mean_and_spread([r["rouge_l"] for r in per_seed.values()])
