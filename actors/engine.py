@@ -126,10 +126,20 @@ def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
 class VLLMEngine:
     """A vLLM engine (``vllm.LLM``, in-process) over a local Hugging Face causal-LM folder, token ids only."""
 
-    def __init__(self, model_dir: str, *, kv_cache_bytes: int = 256 << 20, dtype: str = "float32",
-                 seed: int = 0, max_model_len: int = 1024, enforce_eager: bool = True,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
-                 enable_prefix_caching: bool = True, **engine_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        kv_cache_bytes: int = 256 << 20,
+        dtype: str = "float32",
+        seed: int = 0,
+        max_model_len: int = 1024,
+        enforce_eager: bool = True,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float | None = None,
+        enable_prefix_caching: bool = True,
+        **engine_kwargs: Any,
+    ) -> None:
         root = Path(model_dir).expanduser()
         if not (root / "config.json").is_file():
             raise FileNotFoundError(f"{root} is not a Hugging Face model folder (no config.json)")
@@ -144,7 +154,8 @@ class VLLMEngine:
 
         # vLLM refuses a max_model_len above the model's positions; cap it there instead of failing
         positions = hf_config.get("max_position_embeddings") or (hf_config.get("text_config") or {}).get(
-            "max_position_embeddings")
+            "max_position_embeddings"
+        )
         if positions and max_model_len > int(positions):
             max_model_len = int(positions)
         kwargs: dict[str, Any] = dict(
@@ -203,8 +214,10 @@ class VLLMEngine:
     # ------------------------------------------------------------------ helpers
     def _check_usable(self) -> None:
         if self._broken is not None:
-            raise RuntimeError(f"engine weights are in an undefined state after a failed weight push "
-                               f"({self._broken}); push a complete valid state dict or rebuild the engine")
+            raise RuntimeError(
+                f"engine weights are in an undefined state after a failed weight push "
+                f"({self._broken}); push a complete valid state dict or rebuild the engine"
+            )
 
     def _check_tokens(self, seq: list[int], what: str, index: int) -> None:
         if not seq:
@@ -215,8 +228,15 @@ class VLLMEngine:
             raise ValueError(f"{what} {index} has token id {bad} outside [0, {self._vocab_size})")
 
     # ------------------------------------------------------------------ sampling
-    def generate(self, prompts: list[list[int]], max_tokens: list[int] | int, *, temperature: float = 1.0,
-                 stop_token_ids: list[int] | None = None, ignore_eos: bool = False) -> list[Continuation]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_tokens: list[int] | int,
+        *,
+        temperature: float = 1.0,
+        stop_token_ids: list[int] | None = None,
+        ignore_eos: bool = False,
+    ) -> list[Continuation]:
         """Continue each prompt by up to ``max_tokens[i]`` tokens (0 gives an empty continuation).
 
         Stops at an EOS id of the model (unless ``ignore_eos``) or at any of ``stop_token_ids``; the stop
@@ -248,13 +268,22 @@ class VLLMEngine:
                 results[i] = Continuation([], [], False, "")
                 continue
             todo.append(i)
-            params.append(SamplingParams(
-                n=1, max_tokens=int(m), temperature=float(temperature), top_p=1.0, top_k=0, min_p=0.0,
-                logprobs=0, ignore_eos=ignore_eos, stop_token_ids=sorted(stops), detokenize=False,
-            ))
+            params.append(
+                SamplingParams(
+                    n=1,
+                    max_tokens=int(m),
+                    temperature=float(temperature),
+                    top_p=1.0,
+                    top_k=0,
+                    min_p=0.0,
+                    logprobs=0,
+                    ignore_eos=ignore_eos,
+                    stop_token_ids=sorted(stops),
+                    detokenize=False,
+                )
+            )
         if todo:
-            outs = self._llm.generate([{"prompt_token_ids": prompts[i]} for i in todo], params,
-                                      use_tqdm=False)
+            outs = self._llm.generate([{"prompt_token_ids": prompts[i]} for i in todo], params, use_tqdm=False)
             for i, out in zip(todo, outs, strict=True):
                 comp = out.outputs[0]
                 toks = list(comp.token_ids)
@@ -297,8 +326,9 @@ class VLLMEngine:
         self._llm.collective_rpc(_seed_in_worker, args=(int(seed),))
 
     # ------------------------------------------------------------------ weights
-    def _validated(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
-                   ) -> list[tuple[str, torch.Tensor]]:
+    def _validated(
+        self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+    ) -> list[tuple[str, torch.Tensor]]:
         items = list(named_tensors.items()) if isinstance(named_tensors, Mapping) else list(named_tensors)
         out: list[tuple[str, torch.Tensor]] = []
         seen: set[str] = set()
@@ -327,19 +357,19 @@ class VLLMEngine:
         missing = sorted(set(self._expected) - seen)
         problems = []
         if unknown:
-            problems.append(f"unknown names (not in the checkpoint of {self.model_dir}): "
-                            f"{sorted(unknown)[:10]}")
+            problems.append(f"unknown names (not in the checkpoint of {self.model_dir}): {sorted(unknown)[:10]}")
         if bad:
             problems.append("; ".join(bad[:10]))
         if missing:
-            problems.append(f"missing names (a push must be a complete state dict): {missing[:10]}"
-                            + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+            problems.append(
+                f"missing names (a push must be a complete state dict): {missing[:10]}"
+                + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            )
         if problems:
             raise ValueError("weight push rejected, engine unchanged: " + " | ".join(problems))
         return out
 
-    def load_weights(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
-                     ) -> None:
+    def load_weights(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace all weights of the running engine (Hugging Face checkpoint names, complete state dict).
 
         Raises ValueError (engine unchanged) for unknown or missing names, wrong shapes or non-float tensors,
@@ -354,8 +384,7 @@ class VLLMEngine:
             raise RuntimeError(f"weight push failed inside vLLM: {self._broken}") from exc
         self._broken = None
         if not self._llm.reset_prefix_cache():
-            raise RuntimeError("weights were pushed but the prefix cache could not be reset "
-                               "(requests still running?)")
+            raise RuntimeError("weights were pushed but the prefix cache could not be reset (requests still running?)")
         self.weight_pushes += 1
 
     def __repr__(self) -> str:
@@ -363,4 +392,3 @@ class VLLMEngine:
 
 
 __all__ = ["Continuation", "VLLMEngine", "checkpoint_shapes"]
-

@@ -64,29 +64,45 @@ def thread_env(cpus: float, threads: int | None = None) -> dict[str, str]:
     return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
 
 
-def _options(name: str, cpus: float, gpus: float, env: dict[str, str], threads: int | None,
-             **extra: Any) -> dict[str, Any]:
-    opts: dict[str, Any] = {"name": name, "num_cpus": cpus, "num_gpus": gpus,
-                            "runtime_env": {"env_vars": {**env, **thread_env(cpus, threads)}}}
+def _options(
+    name: str, cpus: float, gpus: float, env: dict[str, str], threads: int | None, **extra: Any
+) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "name": name,
+        "num_cpus": cpus,
+        "num_gpus": gpus,
+        "runtime_env": {"env_vars": {**env, **thread_env(cpus, threads)}},
+    }
     opts.update(extra)
     return opts
 
 
-def make_sampler(spec: SamplerSpec, index: int, cpus: float, gpus: float, placement: dict | None = None,
-                 threads: int | None = None):
+def make_sampler(
+    spec: SamplerSpec, index: int, cpus: float, gpus: float, placement: dict | None = None, threads: int | None = None
+):
     cls = ray.remote(SamplerActor)
-    return cls.options(**_options(f"sampler-{index}", cpus, gpus, ENGINE_ENV, threads,
-                                  **(placement or {}))).remote(spec)
+    return cls.options(**_options(f"sampler-{index}", cpus, gpus, ENGINE_ENV, threads, **(placement or {}))).remote(
+        spec
+    )
 
 
-def make_teacher(index: int, cpus: float, gpus: float, *args: Any, placement: dict | None = None,
-                 threads: int | None = None, **kwargs: Any):
+def make_teacher(
+    index: int,
+    cpus: float,
+    gpus: float,
+    *args: Any,
+    placement: dict | None = None,
+    threads: int | None = None,
+    **kwargs: Any,
+):
     cls = ray.remote(TeacherActor)
-    return cls.options(**_options(f"teacher-{index}", cpus, gpus, {}, threads,
-                                  **(placement or {}))).remote(*args, **kwargs)
+    return cls.options(**_options(f"teacher-{index}", cpus, gpus, {}, threads, **(placement or {}))).remote(
+        *args, **kwargs
+    )
 
 
 def make_replay(capacity: int, max_version_lag: int, cpus: float = 0.0, placement: dict | None = None):
     cls = ray.remote(ReplayActor)
-    return cls.options(name="replay", num_cpus=cpus, max_concurrency=64,
-                       **(placement or {})).remote(capacity, max_version_lag)
+    return cls.options(name="replay", num_cpus=cpus, max_concurrency=64, **(placement or {})).remote(
+        capacity, max_version_lag
+    )

@@ -56,5 +56,10 @@ class ReplayBuffer:
         self.learner_version = version
 
     async def stats(self) -> dict[str, int]:
-        return {"depth": len(self.items), "capacity": self.capacity, "dropped_stale": self.dropped_stale,
-                "put_total": self.put_total, "learner_version": self.learner_version}
+        return {
+            "depth": len(self.items),
+            "capacity": self.capacity,
+            "dropped_stale": self.dropped_stale,
+            "put_total": self.put_total,
+            "learner_version": self.learner_version,
+        }

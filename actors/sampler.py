@@ -41,15 +41,24 @@ class SamplerSpec:
 class Sampler:
     def __init__(self, spec: SamplerSpec):
         self.spec = spec
-        engine_args = dict(kv_cache_bytes=spec.kv_cache_mb << 20, seed=spec.seed,
-                           max_model_len=spec.max_model_len, tensor_parallel_size=spec.tensor_parallel_size,
-                           gpu_memory_utilization=spec.gpu_memory_utilization)
+        engine_args = dict(
+            kv_cache_bytes=spec.kv_cache_mb << 20,
+            seed=spec.seed,
+            max_model_len=spec.max_model_len,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+        )
         self.student = VLLMEngine(spec.student_dir, **engine_args)
         self.teacher = VLLMEngine(spec.teacher_dir, **engine_args) if spec.teacher_dir else None
         self.rng = np.random.default_rng(spec.seed)
         self.version = 0
-        self.stats = {"engine_calls": 0, "sampled_tokens": 0, "sample_seconds": 0.0, "weight_pushes": 0,
-                      "push_seconds": 0.0}
+        self.stats = {
+            "engine_calls": 0,
+            "sampled_tokens": 0,
+            "sample_seconds": 0.0,
+            "weight_pushes": 0,
+            "push_seconds": 0.0,
+        }
 
     # ----- weights -----------------------------------------------------------------------------------
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
@@ -79,8 +88,13 @@ class Sampler:
         return self.version
 
     # ----- sampling ----------------------------------------------------------------------------------
-    def sample(self, prompts: list[list[int]], prompt_index: list[int] | None = None,
-               alpha: float | None = None, max_new_tokens: int | None = None) -> Rollouts:
+    def sample(
+        self,
+        prompts: list[list[int]],
+        prompt_index: list[int] | None = None,
+        alpha: float | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Rollouts:
         alpha = self.spec.alpha if alpha is None else alpha
         limit = max_new_tokens or self.spec.max_new_tokens
         if alpha > 0 and self.teacher is None:
@@ -107,9 +121,12 @@ class Sampler:
                 if not rows:
                     continue
                 assert engine is not None
-                outs = engine.generate([prompts[i] + generated[i] for i in rows], lengths,
-                                       temperature=self.spec.temperature,
-                                       stop_token_ids=[self.spec.eos_token_id])
+                outs = engine.generate(
+                    [prompts[i] + generated[i] for i in rows],
+                    lengths,
+                    temperature=self.spec.temperature,
+                    stop_token_ids=[self.spec.eos_token_id],
+                )
                 calls += 1
                 for i, want, out in zip(rows, lengths, outs, strict=True):
                     generated[i].extend(out.token_ids)
@@ -119,8 +136,9 @@ class Sampler:
         scored = [i for i in range(n) if generated[i]]
         logprobs: list[list[float]] = [[] for _ in range(n)]
         if scored:
-            lps = self.student.prompt_logprobs([prompts[i] + generated[i] for i in scored],
-                                               [len(prompts[i]) for i in scored])
+            lps = self.student.prompt_logprobs(
+                [prompts[i] + generated[i] for i in scored], [len(prompts[i]) for i in scored]
+            )
             calls += 1
             for i, lp in zip(scored, lps, strict=True):
                 logprobs[i] = lp
@@ -130,9 +148,13 @@ class Sampler:
         self.stats["sampled_tokens"] += sum(len(g) for g in generated)
         self.stats["sample_seconds"] += elapsed
         return Rollouts(
-            prompt_ids=[list(p) for p in prompts], response_ids=generated, old_logprobs=logprobs,
+            prompt_ids=[list(p) for p in prompts],
+            response_ids=generated,
+            old_logprobs=logprobs,
             owners=[o[: len(g)].tolist() for o, g in zip(owners, generated, strict=True)],
-            weight_version=self.version, prompt_index=list(prompt_index or range(n)), finished=finished,
+            weight_version=self.version,
+            prompt_index=list(prompt_index or range(n)),
+            finished=finished,
             seconds=elapsed,
         )
 

@@ -13,8 +13,15 @@ from common.rollout import Rollouts, TeacherScores, gather_positions, pack_rollo
 
 
 class Teacher:
-    def __init__(self, teacher_dir: str, vocab_size: int, pad_id: int, batch_size: int = 16,
-                 top_k: int | None = None, dtype: str = "float32"):
+    def __init__(
+        self,
+        teacher_dir: str,
+        vocab_size: int,
+        pad_id: int,
+        batch_size: int = 16,
+        top_k: int | None = None,
+        dtype: str = "float32",
+    ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(teacher_dir, dtype).to(self.device).eval()
         self.vocab_size, self.pad_id = vocab_size, pad_id
@@ -44,8 +51,9 @@ class Teacher:
             return TeacherScores(token_lp, packed.mask, logprobs=dense, seconds=elapsed)
         vals, ids = dense.topk(self.top_k, dim=-1)
         rest = torch.log1p(-vals.exp().sum(-1).clamp(max=1 - 1e-6))
-        return TeacherScores(token_lp, packed.mask, topk_ids=ids, topk_logprobs=vals, rest_logprob=rest,
-                             seconds=elapsed)
+        return TeacherScores(
+            token_lp, packed.mask, topk_ids=ids, topk_logprobs=vals, rest_logprob=rest, seconds=elapsed
+        )
 
     @torch.no_grad()
     def score_lm_batch(self, batch: LMBatch) -> torch.Tensor:

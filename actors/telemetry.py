@@ -38,8 +38,13 @@ def gauge(name: str) -> metrics.Gauge:
 
 def record_update(result: dict[str, float]) -> None:
     """Learner metrics from an update's result dict (keys missing for a phase are skipped)."""
-    for key, name in (("step_seconds", "distill_learner_step_seconds"), ("loss", "distill_loss"),
-                      ("loss_single", "distill_loss_single"), ("loss_long", "distill_loss_long"),
-                      ("loss_pt", "distill_loss_pt"), ("reverse_kl", "distill_reverse_kl")):
+    for key, name in (
+        ("step_seconds", "distill_learner_step_seconds"),
+        ("loss", "distill_loss"),
+        ("loss_single", "distill_loss_single"),
+        ("loss_long", "distill_loss_long"),
+        ("loss_pt", "distill_loss_pt"),
+        ("reverse_kl", "distill_reverse_kl"),
+    ):
         if key in result:
             gauge(name).set(float(result[key]))

@@ -28,8 +28,9 @@ from common.tiny import build_tiny_models  # noqa: E402
 
 
 @torch.no_grad()
-def lockstep_mixture(student, teacher, prompts: list[list[int]], max_new: int, alpha: float, eos: int,
-                     gen: torch.Generator) -> int:
+def lockstep_mixture(
+    student, teacher, prompts: list[list[int]], max_new: int, alpha: float, eos: int, gen: torch.Generator
+) -> int:
     """Left-padded batch; every step both models score the last token, a coin picks whose distribution
     samples it (exact per-token mixture). Returns the number of generated tokens."""
     width = max(len(p) for p in prompts)
@@ -53,10 +54,20 @@ def lockstep_mixture(student, teacher, prompts: list[list[int]], max_new: int, a
             break
         attn = torch.cat([attn, torch.ones(len(prompts), 1, dtype=attn.dtype)], 1)
         pos = pos[:, -1:] + 1
-        s_out = student(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos,
-                        past_key_values=s_out.past_key_values, use_cache=True)
-        t_out = teacher(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos,
-                        past_key_values=t_out.past_key_values, use_cache=True)
+        s_out = student(
+            input_ids=nxt[:, None],
+            attention_mask=attn,
+            position_ids=pos,
+            past_key_values=s_out.past_key_values,
+            use_cache=True,
+        )
+        t_out = teacher(
+            input_ids=nxt[:, None],
+            attention_mask=attn,
+            position_ids=pos,
+            past_key_values=t_out.past_key_values,
+            use_cache=True,
+        )
     return produced
 
 
@@ -68,11 +79,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     cfg = load_config()
-    tiny = build_tiny_models(cfg.models.tiny, resolve_path(cfg.data.train), cfg.data.max_prompt_tokens,
-                             cfg.data.max_response_tokens)
+    tiny = build_tiny_models(
+        cfg.models.tiny, resolve_path(cfg.data.train), cfg.data.max_prompt_tokens, cfg.data.max_response_tokens
+    )
     tok = load_tokenizer(tiny.tokenizer)
-    items, _ = tokenize_examples(load_jsonl(resolve_path(cfg.data.valid), limit=400), tok,
-                                 cfg.data.max_prompt_tokens, None)
+    items, _ = tokenize_examples(
+        load_jsonl(resolve_path(cfg.data.valid), limit=400), tok, cfg.data.max_prompt_tokens, None
+    )
     prompts = [it.prompt_ids for it in items[: args.prompts]]
     eos = tok.eos_token_id
     spec = dict(eos_token_id=eos, max_new_tokens=args.tokens, kv_cache_mb=256, max_model_len=512)
@@ -96,8 +109,10 @@ def main() -> None:
         r = mixed.sample(prompts, alpha=0.0)
         rates["C"].append(r.num_tokens / (time.perf_counter() - t0))
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"{args.prompts} prompts x {args.tokens} tokens, alpha {args.alpha}, {args.repeats} repeats "
-          f"(torch threads {torch.get_num_threads()})")
+    print(
+        f"{args.prompts} prompts x {args.tokens} tokens, alpha {args.alpha}, {args.repeats} repeats "
+        f"(torch threads {torch.get_num_threads()})"
+    )
     print(f"A vLLM coin-segment mixture : {med['A']:8.0f} tok/s (median), {statistics.median(calls)} engine calls")
     print(f"B torch lockstep mixture    : {med['B']:8.0f} tok/s (median)")
     print(f"C vLLM student only         : {med['C']:8.0f} tok/s (median)")

@@ -62,9 +62,13 @@ def length_matched(base: dict[Key, dict], other: dict[Key, dict]) -> dict[str, f
         n = min(len(a["response"].split()), len(b["response"].split()))
         ours.append(rouge_l(_first_words(a["response"], n), a["references"]))
         theirs.append(rouge_l(_first_words(b["response"], n), b["references"]))
-    return {"pairs": len(shared), "base": statistics.mean(ours), "other": statistics.mean(theirs),
-            "base_words": statistics.mean(len(base[k]["response"].split()) for k in shared),
-            "other_words": statistics.mean(len(other[k]["response"].split()) for k in shared)}
+    return {
+        "pairs": len(shared),
+        "base": statistics.mean(ours),
+        "other": statistics.mean(theirs),
+        "base_words": statistics.mean(len(base[k]["response"].split()) for k in shared),
+        "other_words": statistics.mean(len(other[k]["response"].split()) for k in shared),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,7 @@ def nll_per_token(model, pairs: list[tuple[list[int], list[int]]]) -> float:
         for prompt, response in pairs:
             ids = torch.tensor([prompt + response])
             logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
-            nll = -logp.gather(-1, ids[0, 1:, None])[:, 0][len(prompt) - 1:]
+            nll = -logp.gather(-1, ids[0, 1:, None])[:, 0][len(prompt) - 1 :]
             total, tokens = total + nll.sum().item(), tokens + len(response)
     return total / tokens
 
@@ -59,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tok = load_tokenizer(args.teacher)
     teacher = load_model(args.teacher).eval()
-    pairs = [(tok(format_prompt(e.instruction, e.context)).input_ids[-96:],
-              tok(e.references[0]).input_ids[:48] + [tok.eos_token_id])
-             for e in load_jsonl(args.data, limit=args.examples)]
+    pairs = [
+        (
+            tok(format_prompt(e.instruction, e.context)).input_ids[-96:],
+            tok(e.references[0]).input_ids[:48] + [tok.eos_token_id],
+        )
+        for e in load_jsonl(args.data, limit=args.examples)
+    ]
     print(f"validation NLL per reference token, first {len(pairs)} examples of {args.data.name}")
     print(f"  teacher ({teacher.config.num_hidden_layers} layers): {nll_per_token(teacher, pairs):.3f}")
     for name, keep in CANDIDATES.items():

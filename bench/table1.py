@@ -59,8 +59,10 @@ def run_logged(cmd: list[str], log: Path) -> None:
     """Run a command from the repository root, streaming its output to the console and to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     print("$ " + " ".join(cmd), flush=True)
-    with log.open("a") as fh, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                               text=True) as proc:
+    with (
+        log.open("a") as fh,
+        subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc,
+    ):
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(line)
@@ -89,14 +91,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--test-limit", type=int, default=60, help="first N Dolly test examples")
     parser.add_argument("--kl-prompts", type=int, default=30)
-    parser.add_argument("--student-layers", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29],
-                        help="the teacher's layers the student keeps")
+    parser.add_argument(
+        "--student-layers",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29],
+        help="the teacher's layers the student keeps",
+    )
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every training run")
-    parser.add_argument("--teacher-steps", type=int, default=100,
-                        help="fine-tuning updates of the teacher (0: as shipped)")
+    parser.add_argument(
+        "--teacher-steps", type=int, default=100, help="fine-tuning updates of the teacher (0: as shipped)"
+    )
     parser.add_argument("--teacher-lr", type=float, default=2e-5)
-    parser.add_argument("--control-steps", type=int, default=40,
-                        help="updates of the sft-more control (set it to the config's learner.minillm_steps)")
+    parser.add_argument(
+        "--control-steps",
+        type=int,
+        default=40,
+        help="updates of the sft-more control (set it to the config's learner.minillm_steps)",
+    )
     parser.add_argument("--report-only", action="store_true", help="only rebuild docs/ from finished stages")
     args = parser.parse_args(argv)
     work = args.work.resolve()
@@ -108,25 +120,89 @@ def main(argv: list[str] | None = None) -> int:
     test = str((ROOT / "../shared/data/dolly/test.jsonl").resolve())
 
     if not args.report_only:
-        stage(stages, "models", lambda: (
-            run_logged([py, "-m", "common.convert", "smollm2", "--out", str(shipped)], work / "logs" / "models.log"),
-            run_logged([py, "-m", "common.convert", "derive-student", "--teacher", str(shipped), "--out",
-                        str(student), "--layers", *map(str, args.student_layers)], work / "logs" / "models.log")))
+        stage(
+            stages,
+            "models",
+            lambda: (
+                run_logged(
+                    [py, "-m", "common.convert", "smollm2", "--out", str(shipped)], work / "logs" / "models.log"
+                ),
+                run_logged(
+                    [
+                        py,
+                        "-m",
+                        "common.convert",
+                        "derive-student",
+                        "--teacher",
+                        str(shipped),
+                        "--out",
+                        str(student),
+                        "--layers",
+                        *map(str, args.student_layers),
+                    ],
+                    work / "logs" / "models.log",
+                ),
+            ),
+        )
         if args.teacher_steps > 0:
-            stage(stages, "teacher-sft", lambda: run_logged(
-                [py, "-m", "learner.main", "--config", args.config, "method=sft", f"output_dir={work / 'teacher-sft'}",
-                 f"models.teacher={shipped}", f"models.student={shipped}", f"learner.sft_steps={args.teacher_steps}",
-                 f"learner.sft_lr={args.teacher_lr}", f"learner.sft_eval_every={max(1, args.teacher_steps // 4)}",
-                 *args.set], work / "logs" / "teacher-sft.log"))
+            stage(
+                stages,
+                "teacher-sft",
+                lambda: run_logged(
+                    [
+                        py,
+                        "-m",
+                        "learner.main",
+                        "--config",
+                        args.config,
+                        "method=sft",
+                        f"output_dir={work / 'teacher-sft'}",
+                        f"models.teacher={shipped}",
+                        f"models.student={shipped}",
+                        f"learner.sft_steps={args.teacher_steps}",
+                        f"learner.sft_lr={args.teacher_lr}",
+                        f"learner.sft_eval_every={max(1, args.teacher_steps // 4)}",
+                        *args.set,
+                    ],
+                    work / "logs" / "teacher-sft.log",
+                ),
+            )
+
         def evaluate(name: str) -> None:
             model = teacher if name == "teacher" else work / name / "checkpoints" / "best"
             out = work / "eval" / f"{name}.json"
-            stage(stages, f"eval-{name}", lambda: run_logged(
-                [py, "-m", "learner.evaluate", "--model", str(model), "--teacher", str(teacher), "--data", test,
-                 "--limit", str(args.test_limit), "--kl-prompts", str(args.kl_prompts), "--seeds", *SEEDS,
-                 "--max-new-tokens", "48", "--max-prompt-tokens", "96", "--out", str(out),
-                 "--samples", str(work / "eval" / f"{name}.samples.jsonl")],
-                work / "logs" / f"eval-{name}.log"))
+            stage(
+                stages,
+                f"eval-{name}",
+                lambda: run_logged(
+                    [
+                        py,
+                        "-m",
+                        "learner.evaluate",
+                        "--model",
+                        str(model),
+                        "--teacher",
+                        str(teacher),
+                        "--data",
+                        test,
+                        "--limit",
+                        str(args.test_limit),
+                        "--kl-prompts",
+                        str(args.kl_prompts),
+                        "--seeds",
+                        *SEEDS,
+                        "--max-new-tokens",
+                        "48",
+                        "--max-prompt-tokens",
+                        "96",
+                        "--out",
+                        str(out),
+                        "--samples",
+                        str(work / "eval" / f"{name}.samples.jsonl"),
+                    ],
+                    work / "logs" / f"eval-{name}.log",
+                ),
+            )
 
         # each method is evaluated right after its training, so the table fills in as the stages finish
         sft_best = work / "sft" / "checkpoints" / "best"
@@ -134,18 +210,29 @@ def main(argv: list[str] | None = None) -> int:
             if method in ("minillm", "sft-more") and not stages.done("train-sft"):
                 raise SystemExit(f"{method} starts from the sft run's checkpoint: run the sft stage first")
             control = method == "sft-more"
-            overrides = [f"method={'sft' if control else method}", f"output_dir={work / method}",
-                         f"models.teacher={teacher}", f"models.student={sft_best if control else student}"]
+            overrides = [
+                f"method={'sft' if control else method}",
+                f"output_dir={work / method}",
+                f"models.teacher={teacher}",
+                f"models.student={sft_best if control else student}",
+            ]
             if control:
-                overrides += [f"learner.sft_steps={args.control_steps}",
-                              f"learner.sft_eval_every={max(1, args.control_steps // 2)}"]
+                overrides += [
+                    f"learner.sft_steps={args.control_steps}",
+                    f"learner.sft_eval_every={max(1, args.control_steps // 2)}",
+                ]
             overrides += args.set
             if method == "minillm":
                 overrides.append(f"models.sft_checkpoint={sft_best}")
                 # sampler, teacher and learner run at once here: one thread each, or OpenMP threads thrash 2 cores
                 overrides.insert(0, "cluster.torch_threads=1")
-            stage(stages, f"train-{method}", lambda o=overrides, m=method: run_logged(
-                [py, "-m", "learner.main", "--config", args.config, *o], work / "logs" / f"train-{m}.log"))
+            stage(
+                stages,
+                f"train-{method}",
+                lambda o=overrides, m=method: run_logged(
+                    [py, "-m", "learner.main", "--config", args.config, *o], work / "logs" / f"train-{m}.log"
+                ),
+            )
             evaluate(method)
             if i == 1:
                 evaluate("teacher")

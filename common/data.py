@@ -112,8 +112,10 @@ class FilterReport:
 
     def __str__(self) -> str:
         total = self.kept + self.dropped_prompt + self.dropped_response
-        return (f"kept {self.kept}/{total} examples (dropped {self.dropped_prompt} with long prompts, "
-                f"{self.dropped_response} with long responses)")
+        return (
+            f"kept {self.kept}/{total} examples (dropped {self.dropped_prompt} with long prompts, "
+            f"{self.dropped_response} with long responses)"
+        )
 
 
 def tokenize_examples(
@@ -187,8 +189,9 @@ def iterate_batches(
         epoch += 1
 
 
-def load_pretrain_blocks(path: str | Path, tokenizer: Tokenizer, block_size: int,
-                         max_blocks: int | None = None) -> torch.Tensor:
+def load_pretrain_blocks(
+    path: str | Path, tokenizer: Tokenizer, block_size: int, max_blocks: int | None = None
+) -> torch.Tensor:
     """Plain text (documents separated by blank lines) -> EOS-joined token stream cut into [N, block_size]."""
     path = Path(path)
     if not path.is_file():

@@ -41,8 +41,9 @@ def distinct_n(token_lists: Sequence[Sequence[int | str]], n: int = 4) -> float:
     return 100.0 * len(set(grams)) / len(grams) if grams else 0.0
 
 
-def sequence_kl_estimate(student_logprobs: Sequence[Sequence[float]],
-                         teacher_logprobs: Sequence[Sequence[float]]) -> tuple[float, float]:
+def sequence_kl_estimate(
+    student_logprobs: Sequence[Sequence[float]], teacher_logprobs: Sequence[Sequence[float]]
+) -> tuple[float, float]:
     """Monte-Carlo reverse KL from responses sampled from the student: KL[q||p] = E_q[log q(y) - log p(y)].
 
     Returns (per-sequence mean, per-token mean). Unbiased for the sequence-level KL when the responses
@@ -61,8 +62,9 @@ def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
     return mean(values), pstdev(values) if len(values) > 1 else 0.0
 
 
-def exposure_accumulated_error(kl_student_prefix: Sequence[Sequence[float]],
-                               kl_teacher_prefix: Sequence[Sequence[float]], length: int) -> float:
+def exposure_accumulated_error(
+    kl_student_prefix: Sequence[Sequence[float]], kl_teacher_prefix: Sequence[Sequence[float]], length: int
+) -> float:
     """ExAccErr(l) of Arora et al. (2022), as in MiniLLM's Appendix B.5, in percent.
 
     Inputs are per-position forward KLs KL[p(.|y<t) || q(.|y<t)] along prefixes sampled from the student
@@ -72,6 +74,7 @@ def exposure_accumulated_error(kl_student_prefix: Sequence[Sequence[float]],
     ExAccErr(l) = (R(l) - l eps(l)) / (l eps(l)) * 100: the extra error due to exposure bias.
     Samples shorter than l contribute to the positions they have (averaged per position).
     """
+
     def per_position_sum(rows: Sequence[Sequence[float]]) -> float:
         total = 0.0
         for t in range(length):

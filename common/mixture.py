@@ -43,8 +43,11 @@ def plan_segments(num_positions: int, alpha: float, rng: np.random.Generator) ->
 
 
 def segments_to_owners(segments: list[Segment]) -> np.ndarray:
-    return np.concatenate([np.full(s.length, s.owner, dtype=np.int8) for s in segments]) if segments else \
-        np.zeros(0, dtype=np.int8)
+    return (
+        np.concatenate([np.full(s.length, s.owner, dtype=np.int8) for s in segments])
+        if segments
+        else np.zeros(0, dtype=np.int8)
+    )
 
 
 def expected_segments(num_positions: int, alpha: float) -> float:

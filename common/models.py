@@ -52,8 +52,16 @@ def load_model(path: str | Path, dtype: str = "float32") -> torch.nn.Module:
     return model
 
 
-def small_llama_config(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
-                       intermediate_size: int, max_positions: int, bos_id: int, eos_id: int) -> LlamaConfig:
+def small_llama_config(
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int,
+    max_positions: int,
+    bos_id: int,
+    eos_id: int,
+) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -92,8 +100,7 @@ def model_vocab_rows(path: str | Path) -> int:
     return rows
 
 
-def check_compatible(teacher_dir: str | Path, student_dir: str | Path,
-                     tokenizer: PreTrainedTokenizerBase) -> VocabInfo:
+def check_compatible(teacher_dir: str | Path, student_dir: str | Path, tokenizer: PreTrainedTokenizerBase) -> VocabInfo:
     """Teacher and student must share the tokenizer's vocabulary; padded rows beyond it are allowed
     (they are sliced off before any distribution is compared). Raises ModelError otherwise."""
     size = len(tokenizer)

@@ -42,8 +42,9 @@ def bundled(slots: list[ActorSlot]) -> dict[str, int]:
     return index
 
 
-def resource_problems(slots: list[ActorSlot], cluster: dict[str, float],
-                      nodes: list[dict[str, float]] | None = None) -> list[str]:
+def resource_problems(
+    slots: list[ActorSlot], cluster: dict[str, float], nodes: list[dict[str, float]] | None = None
+) -> list[str]:
     """Why the cluster cannot hold these actors (empty when it can). Checks totals, and that every single
     actor fits on some node (a 2-GPU sampler cannot span two 1-GPU nodes)."""
     problems = []

@@ -29,9 +29,16 @@ class Rollouts:
 
     def select(self, rows: list[int]) -> Rollouts:
         pick = lambda xs: [xs[i] for i in rows] if xs else []  # noqa: E731
-        return Rollouts(pick(self.prompt_ids), pick(self.response_ids), pick(self.old_logprobs),
-                        pick(self.owners), self.weight_version, pick(self.prompt_index), pick(self.finished),
-                        self.seconds)
+        return Rollouts(
+            pick(self.prompt_ids),
+            pick(self.response_ids),
+            pick(self.old_logprobs),
+            pick(self.owners),
+            self.weight_version,
+            pick(self.prompt_index),
+            pick(self.finished),
+            self.seconds,
+        )
 
 
 @dataclass
@@ -75,8 +82,9 @@ class PackedRollouts:
     old_logprobs: torch.Tensor  # [B, T] float
 
 
-def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                   old_logprobs: list[list[float]] | None = None) -> PackedRollouts:
+def pack_sequences(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int, old_logprobs: list[list[float]] | None = None
+) -> PackedRollouts:
     batch = len(prompts)
     width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
     resp_len = max(1, max(len(r) for r in responses))

@@ -39,12 +39,20 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS,
-                                   unk_token=None, model_max_length=MAX_POSITIONS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        bos_token=EOS,
+        pad_token=EOS,
+        unk_token=None,
+        model_max_length=MAX_POSITIONS,
+    )
 
 
 def _spec_hash(spec: TinyBuildConfig, train_path: Path) -> str:
@@ -54,12 +62,14 @@ def _spec_hash(spec: TinyBuildConfig, train_path: Path) -> str:
 
 
 def _model_config(spec: TinyModelSpec, vocab: int, eos: int):
-    return small_llama_config(vocab, spec.hidden_size, spec.num_layers, spec.num_heads,
-                              spec.intermediate_size, MAX_POSITIONS, eos, eos)
+    return small_llama_config(
+        vocab, spec.hidden_size, spec.num_layers, spec.num_heads, spec.intermediate_size, MAX_POSITIONS, eos, eos
+    )
 
 
-def train_causal_lm(model: torch.nn.Module, batches, steps: int, lr: float, log_every: int = 50,
-                    label: str = "teacher") -> list[float]:
+def train_causal_lm(
+    model: torch.nn.Module, batches, steps: int, lr: float, log_every: int = 50, label: str = "teacher"
+) -> list[float]:
     """Plain next-token training on full prompt+response sequences (used to give the tiny teacher skill)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
@@ -69,8 +79,9 @@ def train_causal_lm(model: torch.nn.Module, batches, steps: int, lr: float, log_
     for step in range(steps):
         batch = next(batches)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.input_ids[:, 1:].reshape(-1),
-                              reduction="none").view_as(batch.loss_mask)
+        nll = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch.input_ids[:, 1:].reshape(-1), reduction="none"
+        ).view_as(batch.loss_mask)
         loss = (nll * batch.loss_mask).sum() / batch.loss_mask.sum().clamp_min(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -85,8 +96,9 @@ def train_causal_lm(model: torch.nn.Module, batches, steps: int, lr: float, log_
     return losses
 
 
-def build_tiny_models(spec: TinyBuildConfig, train_path: Path, max_prompt_tokens: int,
-                      max_response_tokens: int, seed: int = 0) -> TinyModels:
+def build_tiny_models(
+    spec: TinyBuildConfig, train_path: Path, max_prompt_tokens: int, max_response_tokens: int, seed: int = 0
+) -> TinyModels:
     """Build (or reuse from cache) the tokenizer, teacher and student of the embedded default."""
     if not train_path.is_file():
         raise DataError(f"data file not found: {train_path}")
@@ -106,9 +118,10 @@ def build_tiny_models(spec: TinyBuildConfig, train_path: Path, max_prompt_tokens
 
     items, report = tokenize_examples(examples, tokenizer, max_prompt_tokens, max_response_tokens)
     print(f"[tiny] teacher training data: {report}", flush=True)
-    pairs = (collate_prompt_response([(it.prompt_ids, it.response_ids) for it in batch], eos,
-                                     train_on_prompt=True)
-             for batch in iterate_batches(items, spec.teacher_batch_size, seed))
+    pairs = (
+        collate_prompt_response([(it.prompt_ids, it.response_ids) for it in batch], eos, train_on_prompt=True)
+        for batch in iterate_batches(items, spec.teacher_batch_size, seed)
+    )
     teacher = build_llama(_model_config(spec.teacher, vocab, eos), seed)
     train_causal_lm(teacher, pairs, spec.teacher_train_steps, spec.teacher_lr)
     save_hf(teacher, tokenizer, out.teacher)

@@ -44,9 +44,11 @@ class PackedLayout:
     @staticmethod
     def from_bytes(raw: bytes) -> PackedLayout:
         d = json.loads(raw.decode())
-        return PackedLayout(int(d["version"]), {k: int(v) for k, v in d["sizes"].items()},
-                            tuple(TensorSlot(s["name"], s["dtype"], tuple(s["shape"]), int(s["offset"]))
-                                  for s in d["slots"]))
+        return PackedLayout(
+            int(d["version"]),
+            {k: int(v) for k, v in d["sizes"].items()},
+            tuple(TensorSlot(s["name"], s["dtype"], tuple(s["shape"]), int(s["offset"])) for s in d["slots"]),
+        )
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -56,8 +58,9 @@ def _dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def pack(named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
-         device: torch.device | str = "cpu") -> tuple[PackedLayout, dict[str, torch.Tensor]]:
+def pack(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, device: torch.device | str = "cpu"
+) -> tuple[PackedLayout, dict[str, torch.Tensor]]:
     """One flat buffer per dtype holding every tensor, and the layout that unpacks it."""
     items = [(n, t.detach()) for n, t in named_tensors]
     sizes: dict[str, int] = {}
@@ -87,8 +90,9 @@ class WeightGroup:
     """A process group of the learner's rank 0 (rank 0, the sender) and the samplers (ranks 1..N), independent of
     the default process group. `backend`: gloo (CPU tensors) or nccl (CUDA tensors)."""
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str = "gloo",
-                 timeout_s: float = 600.0):
+    def __init__(
+        self, host: str, port: int, rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 600.0
+    ):
         if backend not in ("gloo", "nccl"):
             raise WeightSyncError(f"weight sync backend must be gloo or nccl, got {backend!r}")
         if backend == "nccl" and not torch.cuda.is_available():

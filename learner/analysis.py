@@ -35,15 +35,23 @@ class PositionKLs:
         return self._means(self.forward)
 
 
-def _response_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor,
-                       vocab_size: int) -> torch.Tensor:
+def _response_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
     logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
     return torch.log_softmax(truncate_vocab(logits, vocab_size), dim=-1)
 
 
 @torch.no_grad()
-def position_kls(student: torch.nn.Module, teacher: torch.nn.Module, prompts: Sequence[list[int]],
-                 responses: Sequence[list[int]], vocab_size: int, pad_id: int, batch_size: int = 8) -> PositionKLs:
+def position_kls(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    responses: Sequence[list[int]],
+    vocab_size: int,
+    pad_id: int,
+    batch_size: int = 8,
+) -> PositionKLs:
     """Exact reverse and forward KL at every response position (the distributions that predict each
     response token), in the order given. Empty responses give empty rows."""
     reverse: list[list[float]] = []
@@ -64,8 +72,14 @@ def position_kls(student: torch.nn.Module, teacher: torch.nn.Module, prompts: Se
 
 
 @torch.no_grad()
-def lm_loss(model: torch.nn.Module, prompts: Sequence[list[int]], responses: Sequence[list[int]], vocab_size: int,
-            pad_id: int, batch_size: int = 8) -> float:
+def lm_loss(
+    model: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    responses: Sequence[list[int]],
+    vocab_size: int,
+    pad_id: int,
+    batch_size: int = 8,
+) -> float:
     """Mean token NLL (nats) of the responses given their prompts: the test-set LM loss of Appendix B.4."""
     total, tokens = 0.0, 0
     for start in range(0, len(prompts), batch_size):

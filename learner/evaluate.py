@@ -29,14 +29,24 @@ def _strip_eos(outs) -> list[list[int]]:
     return [o.token_ids[:-1] if o.finished_eos else o.token_ids for o in outs]
 
 
-def teacher_analysis(student, teacher, teacher_engine, prompts: list[list[int]], student_samples: list[list[int]],
-                     vocab_size: int, pad_id: int, eos: int, max_new_tokens: int) -> dict:
+def teacher_analysis(
+    student,
+    teacher,
+    teacher_engine,
+    prompts: list[list[int]],
+    student_samples: list[list[int]],
+    vocab_size: int,
+    pad_id: int,
+    eos: int,
+    max_new_tokens: int,
+) -> dict:
     """Reverse KL on the student's samples, forward KL on the teacher's, ExAccErr from both (per position)."""
     from learner.analysis import position_kls
 
     own = position_kls(student, teacher, prompts, student_samples, vocab_size, pad_id, batch_size=4)
-    teacher_samples = [o.token_ids for o in teacher_engine.generate(prompts, max_new_tokens, temperature=1.0,
-                                                                    stop_token_ids=[eos])]
+    teacher_samples = [
+        o.token_ids for o in teacher_engine.generate(prompts, max_new_tokens, temperature=1.0, stop_token_ids=[eos])
+    ]
     theirs = position_kls(student, teacher, prompts, teacher_samples, vocab_size, pad_id, batch_size=4)
     rev_seq, rev_tok = own.reverse_means()
     fwd_seq, fwd_tok = theirs.forward_means()
@@ -45,13 +55,29 @@ def teacher_analysis(student, teacher, teacher_engine, prompts: list[list[int]],
         exacc: float | None = exposure_accumulated_error(own.forward, theirs.forward, length)
     except ValueError:  # student == teacher on every teacher prefix
         exacc = None
-    return {"kl_prompts": len(prompts), "reverse_kl_seq": rev_seq, "reverse_kl_token": rev_tok,
-            "forward_kl_seq": fwd_seq, "forward_kl_token": fwd_tok, "exacc_err_pct": exacc, "exacc_length": length}
+    return {
+        "kl_prompts": len(prompts),
+        "reverse_kl_seq": rev_seq,
+        "reverse_kl_token": rev_tok,
+        "forward_kl_seq": fwd_seq,
+        "forward_kl_token": fwd_tok,
+        "exacc_err_pct": exacc,
+        "exacc_length": length,
+    }
 
 
-def evaluate_model(model_dir: str, data_files: list[str], seeds: list[int], max_new_tokens: int,
-                   max_prompt_tokens: int = 512, limit: int | None = None, kv_cache_mb: int = 256,
-                   teacher_dir: str | None = None, kl_prompts: int = 100, samples: list[dict] | None = None) -> dict:
+def evaluate_model(
+    model_dir: str,
+    data_files: list[str],
+    seeds: list[int],
+    max_new_tokens: int,
+    max_prompt_tokens: int = 512,
+    limit: int | None = None,
+    kv_cache_mb: int = 256,
+    teacher_dir: str | None = None,
+    kl_prompts: int = 100,
+    samples: list[dict] | None = None,
+) -> dict:
     """The results dict (per dataset: per-seed scores, spread, analysis); generated responses are appended to
     `samples` when a list is given."""
     from actors.engine import VLLMEngine
@@ -69,8 +95,7 @@ def evaluate_model(model_dir: str, data_files: list[str], seeds: list[int], max_
     teacher = teacher_engine = None
     if teacher_dir is not None:
         teacher = load_model(teacher_dir).eval()
-        teacher_engine = VLLMEngine(teacher_dir, kv_cache_bytes=kv_cache_mb << 20, seed=seeds[0],
-                                    max_model_len=max_len)
+        teacher_engine = VLLMEngine(teacher_dir, kv_cache_bytes=kv_cache_mb << 20, seed=seeds[0], max_model_len=max_len)
     results: dict = {"model": str(model_dir), "seeds": seeds, "max_new_tokens": max_new_tokens, "datasets": {}}
     for path, examples in datasets.items():
         prompts, refs, kept, skipped = [], [], [], 0
@@ -93,52 +118,89 @@ def evaluate_model(model_dir: str, data_files: list[str], seeds: list[int], max_
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
             scores = rouge_l_scores(texts, refs)  # scored once: the seed's mean and, with --samples, each response
             per_seed[seed] = {
-                "rouge_l": sum(scores) / len(scores) if scores else 0.0, "dist_4": distinct_n(responses, 4),
+                "rouge_l": sum(scores) / len(scores) if scores else 0.0,
+                "dist_4": distinct_n(responses, 4),
                 "mean_tokens": sum(len(r) for r in responses) / max(len(responses), 1),
                 "seconds": round(time.time() - t0, 2),
             }
             if samples is not None:
-                samples.extend({"dataset": str(path), "seed": seed, "index": i, "prompt": prompt, "references": ref,
-                                "response": text, "tokens": len(resp), "rouge_l": score}
-                               for (i, prompt), ref, text, resp, score in zip(kept, refs, texts, responses, scores,
-                                                                               strict=True))
-            print(f"[evaluate] {Path(path).name} seed {seed}: ROUGE-L {per_seed[seed]['rouge_l']:.2f} "
-                  f"({len(prompts)} prompts, {per_seed[seed]['seconds']:.1f}s)", flush=True)
+                samples.extend(
+                    {
+                        "dataset": str(path),
+                        "seed": seed,
+                        "index": i,
+                        "prompt": prompt,
+                        "references": ref,
+                        "response": text,
+                        "tokens": len(resp),
+                        "rouge_l": score,
+                    }
+                    for (i, prompt), ref, text, resp, score in zip(kept, refs, texts, responses, scores, strict=True)
+                )
+            print(
+                f"[evaluate] {Path(path).name} seed {seed}: ROUGE-L {per_seed[seed]['rouge_l']:.2f} "
+                f"({len(prompts)} prompts, {per_seed[seed]['seconds']:.1f}s)",
+                flush=True,
+            )
         rouge_mean, rouge_sd = mean_and_spread([r["rouge_l"] for r in per_seed.values()])
         dist_mean, _ = mean_and_spread([r["dist_4"] for r in per_seed.values()])
         ref_ids = [tokenizer.encode(r[0], add_special_tokens=False) + [eos] for r in refs]
-        entry = {"n_prompts": len(prompts), "skipped_long_prompts": skipped, "rouge_l_mean": rouge_mean,
-                 "rouge_l_std": rouge_sd, "dist_4_mean": dist_mean,
-                 "lm_loss": lm_loss(student, prompts, ref_ids, vocab_size, tokenizer.pad_token_id, batch_size=4),
-                 "per_seed": per_seed}
+        entry = {
+            "n_prompts": len(prompts),
+            "skipped_long_prompts": skipped,
+            "rouge_l_mean": rouge_mean,
+            "rouge_l_std": rouge_sd,
+            "dist_4_mean": dist_mean,
+            "lm_loss": lm_loss(student, prompts, ref_ids, vocab_size, tokenizer.pad_token_id, batch_size=4),
+            "per_seed": per_seed,
+        }
         if teacher is not None:
             t0 = time.time()
             n = min(kl_prompts, len(prompts))
-            entry.update(teacher_analysis(student, teacher, teacher_engine, prompts[:n], first_samples[:n],
-                                          vocab_size, tokenizer.pad_token_id, eos, max_new_tokens))
-            print(f"[evaluate] {Path(path).name}: reverse KL {entry['reverse_kl_seq']:.3f}/response, forward KL "
-                  f"{entry['forward_kl_seq']:.3f}/response on {n} prompts ({time.time() - t0:.1f}s)", flush=True)
+            entry.update(
+                teacher_analysis(
+                    student,
+                    teacher,
+                    teacher_engine,
+                    prompts[:n],
+                    first_samples[:n],
+                    vocab_size,
+                    tokenizer.pad_token_id,
+                    eos,
+                    max_new_tokens,
+                )
+            )
+            print(
+                f"[evaluate] {Path(path).name}: reverse KL {entry['reverse_kl_seq']:.3f}/response, forward KL "
+                f"{entry['forward_kl_seq']:.3f}/response on {n} prompts ({time.time() - t0:.1f}s)",
+                flush=True,
+            )
         results["datasets"][str(path)] = entry
     return results
 
 
 def format_table(results: dict) -> str:
-    lines = [f"{'dataset':<32} {'n':>5} {'ROUGE-L':>8} {'+-':>6} {'Dist-4':>7} {'LM loss':>8} {'rev KL':>7} "
-             f"{'fwd KL':>7} {'ExAccErr%':>9}"]
+    lines = [
+        f"{'dataset':<32} {'n':>5} {'ROUGE-L':>8} {'+-':>6} {'Dist-4':>7} {'LM loss':>8} {'rev KL':>7} "
+        f"{'fwd KL':>7} {'ExAccErr%':>9}"
+    ]
 
     def num(r: dict, key: str, width: int) -> str:
         return f"{r[key]:>{width}.2f}" if r.get(key) is not None else f"{'-':>{width}}"
 
     for name, r in results["datasets"].items():
-        lines.append(f"{Path(name).name:<32} {r['n_prompts']:>5} {r['rouge_l_mean']:>8.2f} {r['rouge_l_std']:>6.2f} "
-                     f"{r['dist_4_mean']:>7.2f} {r['lm_loss']:>8.3f} {num(r, 'reverse_kl_seq', 7)} "
-                     f"{num(r, 'forward_kl_seq', 7)} {num(r, 'exacc_err_pct', 9)}")
+        lines.append(
+            f"{Path(name).name:<32} {r['n_prompts']:>5} {r['rouge_l_mean']:>8.2f} {r['rouge_l_std']:>6.2f} "
+            f"{r['dist_4_mean']:>7.2f} {r['lm_loss']:>8.3f} {num(r, 'reverse_kl_seq', 7)} "
+            f"{num(r, 'forward_kl_seq', 7)} {num(r, 'exacc_err_pct', 9)}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m learner.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m learner.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="Hugging Face folder (model + tokenizer)")
     parser.add_argument("--data", action="append", required=True, help="Dolly-schema JSONL (repeatable)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50])
@@ -152,8 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     samples: list[dict] | None = [] if args.samples else None
     try:
-        results = evaluate_model(args.model, args.data, args.seeds, args.max_new_tokens, args.max_prompt_tokens,
-                                 args.limit, teacher_dir=args.teacher, kl_prompts=args.kl_prompts, samples=samples)
+        results = evaluate_model(
+            args.model,
+            args.data,
+            args.seeds,
+            args.max_new_tokens,
+            args.max_prompt_tokens,
+            args.limit,
+            teacher_dir=args.teacher,
+            kl_prompts=args.kl_prompts,
+            samples=samples,
+        )
     except (DataError, ModelError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

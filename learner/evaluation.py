@@ -20,17 +20,29 @@ class EvalResult:
     mean_response_tokens: float
 
     def as_dict(self, prefix: str = "eval_") -> dict[str, float]:
-        return {f"{prefix}rouge_l": self.rouge_l, f"{prefix}reverse_kl_seq": self.reverse_kl_seq,
-                f"{prefix}reverse_kl_token": self.reverse_kl_token,
-                f"{prefix}response_tokens": self.mean_response_tokens}
+        return {
+            f"{prefix}rouge_l": self.rouge_l,
+            f"{prefix}reverse_kl_seq": self.reverse_kl_seq,
+            f"{prefix}reverse_kl_token": self.reverse_kl_token,
+            f"{prefix}response_tokens": self.mean_response_tokens,
+        }
 
 
 def _strip_eos(ids: list[int], eos: int) -> list[int]:
     return ids[:-1] if ids and ids[-1] == eos else ids
 
 
-def evaluate_student(sampler, teacher, group, tokenizer, items: list[TokenizedExample], examples: list[Example],
-                     max_new_tokens: int, kl_items: list[TokenizedExample], vocab_size: int) -> EvalResult:
+def evaluate_student(
+    sampler,
+    teacher,
+    group,
+    tokenizer,
+    items: list[TokenizedExample],
+    examples: list[Example],
+    max_new_tokens: int,
+    kl_items: list[TokenizedExample],
+    vocab_size: int,
+) -> EvalResult:
     """ROUGE-L of student samples on `items` against their references, and the reverse KL on `kl_items`.
 
     The KL is Rao-Blackwellised: responses are sampled from the student, and at every position the exact
@@ -40,14 +52,19 @@ def evaluate_student(sampler, teacher, group, tokenizer, items: list[TokenizedEx
     eos = tokenizer.eos_token_id
     prompts = [it.prompt_ids for it in items]
     kl_prompts = [it.prompt_ids for it in kl_items]
-    rollouts = ray.get(sampler.sample.remote(prompts + kl_prompts, [it.index for it in items + kl_items],
-                                             alpha=0.0, max_new_tokens=max_new_tokens))
-    texts = [tokenizer.decode(_strip_eos(r, eos), skip_special_tokens=True)
-             for r in rollouts.response_ids[: len(items)]]
+    rollouts = ray.get(
+        sampler.sample.remote(
+            prompts + kl_prompts, [it.index for it in items + kl_items], alpha=0.0, max_new_tokens=max_new_tokens
+        )
+    )
+    texts = [
+        tokenizer.decode(_strip_eos(r, eos), skip_special_tokens=True) for r in rollouts.response_ids[: len(items)]
+    ]
     rouge = corpus_rouge_l(texts, [examples[it.index].references for it in items])
     kl_rollouts = rollouts.select(list(range(len(items), len(items) + len(kl_items))))
     scores = ray.get(teacher.score.remote(kl_rollouts))
-    kl_sum, tokens, seqs = group.reverse_kl(pack_rollouts(kl_rollouts, tokenizer.pad_token_id),
-                                            scores.dense(vocab_size))
+    kl_sum, tokens, seqs = group.reverse_kl(
+        pack_rollouts(kl_rollouts, tokenizer.pad_token_id), scores.dense(vocab_size)
+    )
     mean_len = sum(len(r) for r in rollouts.response_ids[: len(items)]) / max(len(items), 1)
     return EvalResult(rouge, kl_sum / max(seqs, 1), kl_sum / max(tokens, 1.0), mean_len)

@@ -52,8 +52,9 @@ def _slice_lm(batch: LMBatch, sl: slice) -> LMBatch:
 
 
 def _slice_packed(p: PackedRollouts, sl: slice) -> PackedRollouts:
-    return PackedRollouts(p.input_ids[sl], p.attention_mask[sl], p.predict_pos[sl], p.tokens[sl], p.mask[sl],
-                          p.old_logprobs[sl])
+    return PackedRollouts(
+        p.input_ids[sl], p.attention_mask[sl], p.predict_pos[sl], p.tokens[sl], p.mask[sl], p.old_logprobs[sl]
+    )
 
 
 def _mean_metrics(results: list[dict[str, float]]) -> dict[str, float]:
@@ -72,56 +73,107 @@ def _mean_metrics(results: list[dict[str, float]]) -> dict[str, float]:
 class LearnerGroup:
     """Driver-side handle: splits each batch evenly over the workers and calls them together."""
 
-    def __init__(self, num_workers: int, cpus: float, gpus: float, student_dir: str, learner_cfg, objective_cfg,
-                 vocab_size: int, dtype: str, seed: int, placements: list[dict] | None = None,
-                 threads: int | None = None):
+    def __init__(
+        self,
+        num_workers: int,
+        cpus: float,
+        gpus: float,
+        student_dir: str,
+        learner_cfg,
+        objective_cfg,
+        vocab_size: int,
+        dtype: str,
+        seed: int,
+        placements: list[dict] | None = None,
+        threads: int | None = None,
+    ):
         from actors.remote import thread_env
 
         cls = ray.remote(LearnerActor)
         env = thread_env(cpus, threads)
         placements = placements or [{}] * num_workers
         self.actors = [
-            cls.options(name=f"learner-{r}", num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env},
-                        **placements[r]).remote()
+            cls.options(
+                name=f"learner-{r}", num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env}, **placements[r]
+            ).remote()
             for r in range(num_workers)
         ]
         init_method = ray.get(self.actors[0].rendezvous.remote())
-        ray.get([a.setup.remote(student_dir, learner_cfg, objective_cfg, vocab_size, rank, num_workers,
-                                init_method, dtype=dtype, seed=seed)
-                 for rank, a in enumerate(self.actors)])
+        ray.get(
+            [
+                a.setup.remote(
+                    student_dir,
+                    learner_cfg,
+                    objective_cfg,
+                    vocab_size,
+                    rank,
+                    num_workers,
+                    init_method,
+                    dtype=dtype,
+                    seed=seed,
+                )
+                for rank, a in enumerate(self.actors)
+            ]
+        )
         self.n = num_workers
 
     def _all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         return ray.get([a.call.remote(method, *args, **kwargs) for a in self.actors])
 
     def sft_step(self, batch: LMBatch) -> dict[str, float]:
-        return _mean_metrics(ray.get([a.call.remote("sft_step", _slice_lm(batch, sl))
-                                      for a, sl in zip(self.actors, _split(len(batch), self.n), strict=True)]))
+        return _mean_metrics(
+            ray.get(
+                [
+                    a.call.remote("sft_step", _slice_lm(batch, sl))
+                    for a, sl in zip(self.actors, _split(len(batch), self.n), strict=True)
+                ]
+            )
+        )
 
     def kd_step(self, batch: LMBatch, teacher_logprobs: torch.Tensor) -> dict[str, float]:
         sls = _split(len(batch), self.n)
-        return _mean_metrics(ray.get([a.call.remote("kd_step", _slice_lm(batch, sl), teacher_logprobs[sl])
-                                      for a, sl in zip(self.actors, sls, strict=True)]))
+        return _mean_metrics(
+            ray.get(
+                [
+                    a.call.remote("kd_step", _slice_lm(batch, sl), teacher_logprobs[sl])
+                    for a, sl in zip(self.actors, sls, strict=True)
+                ]
+            )
+        )
 
-    def minillm_step(self, packed: PackedRollouts, teacher_logprobs: torch.Tensor, alpha: float,
-                     pt_ids: torch.Tensor | None) -> dict[str, float]:
+    def minillm_step(
+        self, packed: PackedRollouts, teacher_logprobs: torch.Tensor, alpha: float, pt_ids: torch.Tensor | None
+    ) -> dict[str, float]:
         sls = _split(packed.input_ids.shape[0], self.n)
         pts = [None] * self.n if pt_ids is None else [pt_ids[s] for s in _split(pt_ids.shape[0], self.n)]
-        return _mean_metrics(ray.get([
-            a.call.remote("minillm_step", _slice_packed(packed, sl), teacher_logprobs[sl], alpha, pt)
-            for a, sl, pt in zip(self.actors, sls, pts, strict=True)]))
+        return _mean_metrics(
+            ray.get(
+                [
+                    a.call.remote("minillm_step", _slice_packed(packed, sl), teacher_logprobs[sl], alpha, pt)
+                    for a, sl, pt in zip(self.actors, sls, pts, strict=True)
+                ]
+            )
+        )
 
     def eval_nll(self, batch: LMBatch) -> float:
         """Mean token NLL over the batch (token sums added across workers)."""
-        res = ray.get([a.call.remote("eval_nll", _slice_lm(batch, sl))
-                       for a, sl in zip(self.actors, _split(len(batch), self.n), strict=True)])
+        res = ray.get(
+            [
+                a.call.remote("eval_nll", _slice_lm(batch, sl))
+                for a, sl in zip(self.actors, _split(len(batch), self.n), strict=True)
+            ]
+        )
         return sum(r[0] for r in res) / max(sum(r[1] for r in res), 1.0)
 
     def reverse_kl(self, packed: PackedRollouts, teacher_logprobs: torch.Tensor) -> tuple[float, float, int]:
         """(sum of exact per-token KL[q || p], tokens, sequences) over the batch, added across workers."""
         sls = _split(packed.input_ids.shape[0], self.n)
-        res = ray.get([a.call.remote("reverse_kl", _slice_packed(packed, sl), teacher_logprobs[sl])
-                       for a, sl in zip(self.actors, sls, strict=True)])
+        res = ray.get(
+            [
+                a.call.remote("reverse_kl", _slice_packed(packed, sl), teacher_logprobs[sl])
+                for a, sl in zip(self.actors, sls, strict=True)
+            ]
+        )
         return sum(r[0] for r in res), sum(r[1] for r in res), sum(r[2] for r in res)
 
     def state_dict_ref(self) -> ray.ObjectRef:

@@ -33,19 +33,24 @@ def resolve_models(cfg: DistillConfig) -> Assets:
     if m.source == "tiny":
         from common.tiny import build_tiny_models
 
-        built = build_tiny_models(m.tiny, resolve_path(cfg.data.train), cfg.data.max_prompt_tokens,
-                                  cfg.data.max_response_tokens, seed=cfg.seed)
+        built = build_tiny_models(
+            m.tiny,
+            resolve_path(cfg.data.train),
+            cfg.data.max_prompt_tokens,
+            cfg.data.max_response_tokens,
+            seed=cfg.seed,
+        )
         return Assets(str(built.teacher), str(built.student), str(built.tokenizer))
     teacher, student = resolve_path(m.teacher), resolve_path(m.student)
     tok = resolve_path(m.tokenizer) if m.tokenizer else student
     return Assets(str(teacher), str(student), str(tok))
 
 
-def load_split(path: str, tokenizer, cfg: DistillConfig, limit: int | None, name: str
-               ) -> tuple[list[Example], list[TokenizedExample]]:
+def load_split(
+    path: str, tokenizer, cfg: DistillConfig, limit: int | None, name: str
+) -> tuple[list[Example], list[TokenizedExample]]:
     examples = load_jsonl(resolve_path(path), limit=limit)
-    items, report = tokenize_examples(examples, tokenizer, cfg.data.max_prompt_tokens,
-                                      cfg.data.max_response_tokens)
+    items, report = tokenize_examples(examples, tokenizer, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
     print(f"[data] {name}: {report}", flush=True)
     if not items:
         raise DataError(f"{name}: every example exceeds the context budget (data.max_*_tokens)")
@@ -58,8 +63,11 @@ def connect_ray(cfg: DistillConfig) -> str:
     a local Ray started by another run on this machine dies with that run."""
     import ray
 
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
-           "WANDB_MODE": os.environ.get("WANDB_MODE", cfg.logging.wandb_mode)}
+    env = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": os.environ.get("WANDB_MODE", cfg.logging.wandb_mode),
+    }
     runtime_env = {"env_vars": env}
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -82,8 +90,9 @@ def check_resources(cfg: DistillConfig) -> None:
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m learner.main", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m learner.main", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default=None, help="YAML config (default: configs/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. learner.lr=1e-4")
     args = parser.parse_args(argv)
@@ -100,8 +109,11 @@ def run(cfg: DistillConfig) -> Path:
     assets = resolve_models(cfg)
     tokenizer = load_tokenizer(assets.tokenizer_dir)
     vocab = check_compatible(assets.teacher_dir, assets.student_dir, tokenizer)
-    print(f"[models] teacher {assets.teacher_dir}\n[models] student {assets.student_dir} "
-          f"(vocabulary {vocab.tokenizer_size})", flush=True)
+    print(
+        f"[models] teacher {assets.teacher_dir}\n[models] student {assets.student_dir} "
+        f"(vocabulary {vocab.tokenizer_size})",
+        flush=True,
+    )
     train = load_split(cfg.data.train, tokenizer, cfg, cfg.data.max_train_examples, "train")
     valid = load_split(cfg.data.valid, tokenizer, cfg, cfg.data.max_valid_examples, "valid")
 

@@ -32,8 +32,17 @@ Split = tuple[list[Example], list[TokenizedExample]]
 
 
 class Service:
-    def __init__(self, cfg: DistillConfig, assets, tokenizer, vocab_size: int, train: Split, valid: Split,
-                 logger: RunLogger, run_dir: Path):
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        assets,
+        tokenizer,
+        vocab_size: int,
+        train: Split,
+        valid: Split,
+        logger: RunLogger,
+        run_dir: Path,
+    ):
         self.cfg, self.assets, self.tok, self.vocab = cfg, assets, tokenizer, vocab_size
         self.train_examples, self.train_items = train
         self.valid_examples, self.valid_items = valid
@@ -52,7 +61,7 @@ class Service:
         rng.shuffle(held_out)
         self.eval_items = held_out[: cfg.eval.num_prompts]
         n_kl = min(cfg.eval.kl_prompts, len(held_out))
-        self.kl_items = held_out[len(held_out) - n_kl + n_kl % cfg.learner.num_workers:]  # splits evenly
+        self.kl_items = held_out[len(held_out) - n_kl + n_kl % cfg.learner.num_workers :]  # splits evenly
 
     # ----- placement ---------------------------------------------------------------------------------
     def _reserve(self) -> None:
@@ -69,9 +78,11 @@ class Service:
         if not self.placement_group.wait(timeout_seconds=c.placement_timeout_s):
             remove_placement_group(self.placement_group)
             self.placement_group = None
-            raise ConfigError(f"could not place the service's actors ({bundles}, strategy {c.placement_strategy}) "
-                              f"within cluster.placement_timeout_s={c.placement_timeout_s:g}s: the cluster has "
-                              f"{ray.available_resources()} free")
+            raise ConfigError(
+                f"could not place the service's actors ({bundles}, strategy {c.placement_strategy}) "
+                f"within cluster.placement_timeout_s={c.placement_timeout_s:g}s: the cluster has "
+                f"{ray.available_resources()} free"
+            )
         print(f"[placement] {len(bundles)} bundles reserved ({c.placement_strategy})", flush=True)
 
     def _where(self, name: str) -> dict:
@@ -79,41 +90,76 @@ class Service:
 
         if self.placement_group is None or name not in self.bundle_index:
             return {}
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
-            self.placement_group, placement_group_bundle_index=self.bundle_index[name])}
+        return {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                self.placement_group, placement_group_bundle_index=self.bundle_index[name]
+            )
+        }
 
     def _start_learner(self, student_dir: str) -> None:
         c = self.cfg
         t0 = time.time()
-        self.group = LearnerGroup(c.learner.num_workers, c.cluster.learner_cpus, c.cluster.learner_gpus, student_dir,
-                                  c.learner, c.objective, self.vocab, c.models.dtype, c.seed,
-                                  placements=[self._where(f"learner-{r}") for r in range(c.learner.num_workers)],
-                                  threads=c.cluster.torch_threads)
+        self.group = LearnerGroup(
+            c.learner.num_workers,
+            c.cluster.learner_cpus,
+            c.cluster.learner_gpus,
+            student_dir,
+            c.learner,
+            c.objective,
+            self.vocab,
+            c.models.dtype,
+            c.seed,
+            placements=[self._where(f"learner-{r}") for r in range(c.learner.num_workers)],
+            threads=c.cluster.torch_threads,
+        )
         print(f"[learner] {c.learner.num_workers} FSDP worker(s) ready in {time.time() - t0:.1f}s", flush=True)
 
     def _start_teachers(self) -> None:
         c = self.cfg
-        self.teachers = [make_teacher(i, c.cluster.teacher_cpus, c.cluster.teacher_gpus, self.assets.teacher_dir,
-                                      self.vocab, self.tok.pad_token_id, batch_size=c.teacher.batch_size,
-                                      top_k=c.teacher.top_k, dtype=c.models.dtype,
-                                      placement=self._where(f"teacher-{i}"), threads=c.cluster.torch_threads)
-                         for i in range(c.teacher.num_teachers)]
+        self.teachers = [
+            make_teacher(
+                i,
+                c.cluster.teacher_cpus,
+                c.cluster.teacher_gpus,
+                self.assets.teacher_dir,
+                self.vocab,
+                self.tok.pad_token_id,
+                batch_size=c.teacher.batch_size,
+                top_k=c.teacher.top_k,
+                dtype=c.models.dtype,
+                placement=self._where(f"teacher-{i}"),
+                threads=c.cluster.torch_threads,
+            )
+            for i in range(c.teacher.num_teachers)
+        ]
 
     def _start_samplers(self, student_dir: str, alpha: float) -> None:
         c = self.cfg
         t0 = time.time()
         max_len = c.data.max_prompt_tokens + max(c.sampler.max_new_tokens, c.eval.max_new_tokens) + 8
         self.samplers = [
-            make_sampler(SamplerSpec(student_dir=student_dir,
-                                     teacher_dir=self.assets.teacher_dir if alpha > 0 else None,
-                                     eos_token_id=self.tok.eos_token_id, max_new_tokens=c.sampler.max_new_tokens,
-                                     alpha=alpha, temperature=c.sampler.temperature,
-                                     kv_cache_mb=c.sampler.kv_cache_mb, seed=c.seed + 1000 * i,
-                                     gpu_memory_utilization=c.sampler.gpu_memory_utilization,
-                                     tensor_parallel_size=c.sampler.tensor_parallel_size, max_model_len=max_len),
-                         i, c.cluster.sampler_cpus, c.cluster.sampler_gpus, placement=self._where(f"sampler-{i}"),
-                         threads=c.cluster.torch_threads)
-            for i in range(c.sampler.num_samplers)]
+            make_sampler(
+                SamplerSpec(
+                    student_dir=student_dir,
+                    teacher_dir=self.assets.teacher_dir if alpha > 0 else None,
+                    eos_token_id=self.tok.eos_token_id,
+                    max_new_tokens=c.sampler.max_new_tokens,
+                    alpha=alpha,
+                    temperature=c.sampler.temperature,
+                    kv_cache_mb=c.sampler.kv_cache_mb,
+                    seed=c.seed + 1000 * i,
+                    gpu_memory_utilization=c.sampler.gpu_memory_utilization,
+                    tensor_parallel_size=c.sampler.tensor_parallel_size,
+                    max_model_len=max_len,
+                ),
+                i,
+                c.cluster.sampler_cpus,
+                c.cluster.sampler_gpus,
+                placement=self._where(f"sampler-{i}"),
+                threads=c.cluster.torch_threads,
+            )
+            for i in range(c.sampler.num_samplers)
+        ]
         ray.get([s.get_version.remote() for s in self.samplers])
         print(f"[sampler] {len(self.samplers)} vLLM sampler(s) ready in {time.time() - t0:.1f}s", flush=True)
         if c.learner.weight_sync == "collective":
@@ -125,11 +171,14 @@ class Service:
         backend = weight_sync_backend(self.cfg.cluster)
         host, port = self.group.weight_sync_address()
         world = 1 + len(self.samplers)
-        refs = [self.group.init_weight_sender(host, port, world, backend),
-                *[s.join_weight_group.remote(host, port, 1 + i, world, backend) for i, s in enumerate(self.samplers)]]
+        refs = [
+            self.group.init_weight_sender(host, port, world, backend),
+            *[s.join_weight_group.remote(host, port, 1 + i, world, backend) for i, s in enumerate(self.samplers)],
+        ]
         ray.get(refs)
-        print(f"[weights] collective push over {backend}: learner rank 0 -> {len(self.samplers)} sampler(s)",
-              flush=True)
+        print(
+            f"[weights] collective push over {backend}: learner rank 0 -> {len(self.samplers)} sampler(s)", flush=True
+        )
 
     def _send_weights(self) -> list:
         """Start a push of the learner's current weights as a new version; returns refs that resolve when every
@@ -176,13 +225,32 @@ class Service:
 
     def _evaluate(self, label: str) -> EvalResult:
         t0 = time.time()
-        res = evaluate_student(self.samplers[0], self.teachers[0], self.group, self.tok, self.eval_items,
-                               self.valid_examples, self.cfg.eval.max_new_tokens, self.kl_items, self.vocab)
-        print(f"[eval] {label}: valid ROUGE-L {res.rouge_l:.2f}, reverse KL {res.reverse_kl_seq:.3f}/seq "
-              f"({res.reverse_kl_token:.4f}/token), {res.mean_response_tokens:.1f} tokens "
-              f"({time.time() - t0:.1f}s)", flush=True)
-        self.log.log({"phase": "eval", "label": label, "global_step": self.global_step,
-                      "weight_version": self.version, **res.as_dict()})
+        res = evaluate_student(
+            self.samplers[0],
+            self.teachers[0],
+            self.group,
+            self.tok,
+            self.eval_items,
+            self.valid_examples,
+            self.cfg.eval.max_new_tokens,
+            self.kl_items,
+            self.vocab,
+        )
+        print(
+            f"[eval] {label}: valid ROUGE-L {res.rouge_l:.2f}, reverse KL {res.reverse_kl_seq:.3f}/seq "
+            f"({res.reverse_kl_token:.4f}/token), {res.mean_response_tokens:.1f} tokens "
+            f"({time.time() - t0:.1f}s)",
+            flush=True,
+        )
+        self.log.log(
+            {
+                "phase": "eval",
+                "label": label,
+                "global_step": self.global_step,
+                "weight_version": self.version,
+                **res.as_dict(),
+            }
+        )
         return res
 
     # ----- phases ------------------------------------------------------------------------------------
@@ -241,10 +309,19 @@ class Service:
         for start in range(0, n, chunk):
             part = prompts[start : start + chunk]
             sampler = self.samplers[(start // chunk) % len(self.samplers)]
-            r = ray.get(sampler.sample.remote([it.prompt_ids for it in part], [it.index for it in part], alpha=1.0,
-                                              max_new_tokens=c.data.max_response_tokens))
-            out.extend(TokenizedExample(it.prompt_ids, resp, it.index)
-                       for it, resp in zip(part, r.response_ids, strict=True) if resp)
+            r = ray.get(
+                sampler.sample.remote(
+                    [it.prompt_ids for it in part],
+                    [it.index for it in part],
+                    alpha=1.0,
+                    max_new_tokens=c.data.max_response_tokens,
+                )
+            )
+            out.extend(
+                TokenizedExample(it.prompt_ids, resp, it.index)
+                for it, resp in zip(part, r.response_ids, strict=True)
+                if resp
+            )
             print(f"[seqkd] teacher responses {min(start + chunk, n)}/{n} ({time.time() - t0:.0f}s)", flush=True)
         return out
 
@@ -263,8 +340,11 @@ class Service:
             group.save(str(best_dir), self.assets.tokenizer_dir)
         batches = iterate_batches(items, c.learner.sft_batch_size, c.seed)
         steps = c.learner.sft_steps
-        print(f"[{kind}] {steps} steps, batch {c.learner.sft_batch_size}, lr {c.learner.sft_lr}, "
-              f"select by {c.learner.select_by}", flush=True)
+        print(
+            f"[{kind}] {steps} steps, batch {c.learner.sft_batch_size}, lr {c.learner.sft_lr}, "
+            f"select by {c.learner.select_by}",
+            flush=True,
+        )
         t0 = time.time()
         for step in range(1, steps + 1):
             batch = self._lm_batch(next(batches))
@@ -289,8 +369,11 @@ class Service:
                     best = score
                     group.save(str(best_dir), self.assets.tokenizer_dir)
                     record["best"] = True
-                print(f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} {shown} "
-                      f"(best {abs(best):.3f}, {time.time() - t0:.0f}s)", flush=True)
+                print(
+                    f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} {shown} "
+                    f"(best {abs(best):.3f}, {time.time() - t0:.0f}s)",
+                    flush=True,
+                )
             elif step % c.logging.progress_every == 0:
                 print(f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} ({time.time() - t0:.0f}s)", flush=True)
             self.log.log(record)
@@ -305,12 +388,14 @@ class Service:
         group.set_lr(c.learner.lr)
         if not self.samplers:
             self._start_samplers(sft_dir, alpha=c.objective.alpha)
-        self.replay = make_replay(c.learner.replay_capacity, c.learner.max_version_lag, c.cluster.replay_cpus,
-                                  placement=self._where("replay"))
+        self.replay = make_replay(
+            c.learner.replay_capacity, c.learner.max_version_lag, c.cluster.replay_cpus, placement=self._where("replay")
+        )
         pt_batches = None
         if c.data.pretrain and c.objective.pt_weight > 0:
-            blocks = load_pretrain_blocks(resolve_path(c.data.pretrain), self.tok, c.data.pretrain_block_size,
-                                          max_blocks=4096)
+            blocks = load_pretrain_blocks(
+                resolve_path(c.data.pretrain), self.tok, c.data.pretrain_block_size, max_blocks=4096
+            )
             pt_batches = iterate_pretrain(blocks, c.learner.pretrain_batch_size, c.seed)
         prompts = iterate_batches(self.train_items, c.learner.batch_size, c.seed + 1)
 
@@ -323,8 +408,11 @@ class Service:
         pushes: list = []
         launched = 0
         t0 = time.time()
-        print(f"[minillm] {c.learner.minillm_steps} steps, batch {c.learner.batch_size}, alpha {c.objective.alpha}, "
-              f"lr {c.learner.lr}, lag <= {c.learner.max_version_lag}", flush=True)
+        print(
+            f"[minillm] {c.learner.minillm_steps} steps, batch {c.learner.batch_size}, alpha {c.objective.alpha}, "
+            f"lr {c.learner.lr}, lag <= {c.learner.max_version_lag}",
+            flush=True,
+        )
         for step in range(1, c.learner.minillm_steps + 1):
             while len(inflight) < ahead:
                 batch = next(prompts)
@@ -350,15 +438,21 @@ class Service:
             qstats = ray.get(self.replay.stats.remote())
             n_tok = rollouts.num_tokens
             record = {
-                "phase": "minillm", "global_step": self.global_step, "step": step, **m,
+                "phase": "minillm",
+                "global_step": self.global_step,
+                "step": step,
+                **m,
                 "mean_response_tokens": n_tok / max(len(rollouts), 1),
                 "teacher_token_share": sum(sum(o) for o in rollouts.owners) / max(n_tok, 1),
                 "sampler_tokens_per_s": n_tok / max(rollouts.seconds, 1e-9),
                 "teacher_tokens_per_s": n_tok / max(scores.seconds, 1e-9),
                 "learner_tokens_per_s": m["response_tokens"] / max(m["step_seconds"], 1e-9),
-                "learner_wait_seconds": wait, "push_dispatch_seconds": push_dispatch,
-                "queue_depth": qstats["depth"], "dropped_stale": qstats["dropped_stale"],
-                "weight_version": self.version, "rollout_version": item_version,
+                "learner_wait_seconds": wait,
+                "push_dispatch_seconds": push_dispatch,
+                "queue_depth": qstats["depth"],
+                "dropped_stale": qstats["dropped_stale"],
+                "weight_version": self.version,
+                "rollout_version": item_version,
                 "version_lag": self.version - 1 - item_version,
             }
             if step % c.eval.every_steps == 0 or step == c.learner.minillm_steps:
@@ -371,19 +465,24 @@ class Service:
                     record["best"] = True
             self.log.log(record)
             if step % c.logging.progress_every == 0 or step == c.learner.minillm_steps:
-                print(f"[minillm] step {step}/{c.learner.minillm_steps} loss {m['loss']:.3f} "
-                      f"(single {m['loss_single']:.3f} long {m['loss_long']:.3f} pt {m['loss_pt']:.3f}) "
-                      f"rKL {m['reverse_kl']:.3f} len {record['mean_response_tokens']:.1f} "
-                      f"rho [{m['rho_min']:.2f}, {m['rho_max']:.2f}] lag {record['version_lag']} "
-                      f"({time.time() - t0:.0f}s)", flush=True)
+                print(
+                    f"[minillm] step {step}/{c.learner.minillm_steps} loss {m['loss']:.3f} "
+                    f"(single {m['loss_single']:.3f} long {m['loss_long']:.3f} pt {m['loss_pt']:.3f}) "
+                    f"rKL {m['reverse_kl']:.3f} len {record['mean_response_tokens']:.1f} "
+                    f"rho [{m['rho_min']:.2f}, {m['rho_max']:.2f}] lag {record['version_lag']} "
+                    f"({time.time() - t0:.0f}s)",
+                    flush=True,
+                )
         ray.get(pushes)
         for ref in inflight:  # let producers that ran ahead finish cleanly
             ray.cancel(ref)
         group.save(str(self.ckpt / "final"), self.assets.tokenizer_dir)
         return {
-            "start": start.as_dict(""), "final": last.as_dict(""), "best_valid_rouge_l": best_rouge,
-            "minillm_seconds": round(time.time() - t0, 1), "weight_version": self.version,
+            "start": start.as_dict(""),
+            "final": last.as_dict(""),
+            "best_valid_rouge_l": best_rouge,
+            "minillm_seconds": round(time.time() - t0, 1),
+            "weight_version": self.version,
             "sampler_stats": ray.get(self.samplers[0].get_stats.remote()),
             "teacher_stats": ray.get(self.teachers[0].get_stats.remote()),
         }
-

@@ -42,9 +42,13 @@ class RunLogger:
                 import wandb
 
                 os.environ.setdefault("WANDB_SILENT", "true")
-                self._wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir),
-                                         mode=cfg.logging.wandb_mode, config=cfg.model_dump(mode="json"),
-                                         name=run_dir.name)
+                self._wandb = wandb.init(
+                    project=cfg.logging.wandb_project,
+                    dir=str(run_dir),
+                    mode=cfg.logging.wandb_mode,
+                    config=cfg.model_dump(mode="json"),
+                    name=run_dir.name,
+                )
             except Exception as exc:  # noqa: BLE001 - logging must never stop training
                 print(f"[run] wandb disabled: {exc}", flush=True)
 

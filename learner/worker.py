@@ -38,16 +38,27 @@ def _log_softmax_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class LearnerWorker:
-    def __init__(self, student_dir: str, learner: LearnerConfig, objective: ObjectiveConfig, vocab_size: int,
-                 rank: int, world_size: int, init_method: str, dtype: str = "float32", seed: int = 0,
-                 lr: float | None = None):
+    def __init__(
+        self,
+        student_dir: str,
+        learner: LearnerConfig,
+        objective: ObjectiveConfig,
+        vocab_size: int,
+        rank: int,
+        world_size: int,
+        init_method: str,
+        dtype: str = "float32",
+        seed: int = 0,
+        lr: float | None = None,
+    ):
         backend = learner.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu")
         if not dist.is_initialized():
-            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                    timeout=timedelta(minutes=10))
+            dist.init_process_group(
+                backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(minutes=10)
+            )
         self.rank, self.world_size = rank, world_size
         self.cfg, self.obj, self.vocab_size = learner, objective, vocab_size
         torch.manual_seed(seed)
@@ -66,8 +77,9 @@ class LearnerWorker:
 
     # ----- set-up ------------------------------------------------------------------------------------
     def set_optimizer(self, lr: float) -> None:
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay,
-                                           betas=(0.9, 0.95))
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.95)
+        )
 
     def load_state(self, student_dir: str) -> None:
         """Reload weights from an HF folder (e.g. the best SFT checkpoint) and reset the optimiser."""
@@ -136,12 +148,17 @@ class LearnerWorker:
         r = self.obj.kd_ratio
         loss = reduce_losses(r * kd + (1 - r) * nll, mask, self.obj.reduction)
         norm = self._step(loss)
-        return {"loss": loss.item(), "kd": reduce_losses(kd, mask, self.obj.reduction).item(),
-                "nll": reduce_losses(nll, mask, self.obj.reduction).item(), "grad_norm": norm,
-                "step_seconds": time.perf_counter() - t0}
+        return {
+            "loss": loss.item(),
+            "kd": reduce_losses(kd, mask, self.obj.reduction).item(),
+            "nll": reduce_losses(nll, mask, self.obj.reduction).item(),
+            "grad_norm": norm,
+            "step_seconds": time.perf_counter() - t0,
+        }
 
-    def minillm_step(self, packed: PackedRollouts, teacher_logprobs: torch.Tensor, alpha: float,
-                     pt_ids: torch.Tensor | None = None) -> dict[str, float]:
+    def minillm_step(
+        self, packed: PackedRollouts, teacher_logprobs: torch.Tensor, alpha: float, pt_ids: torch.Tensor | None = None
+    ) -> dict[str, float]:
         """One MiniLLM update: single-step (exact reverse KL, importance-weighted) + PPO-clipped long-term
         + pre-training LM loss. `teacher_logprobs` is [B, T, V] at the response positions."""
         t0 = time.perf_counter()
@@ -150,8 +167,15 @@ class LearnerWorker:
         mask = packed.mask.to(self.device)
         teacher = teacher_logprobs.to(self.device)
         single, long = minillm_token_losses(
-            student.float(), teacher, packed.tokens.to(self.device), mask, packed.old_logprobs.to(self.device),
-            alpha, self.obj.clip_eps, length_norm=self.obj.length_norm)
+            student.float(),
+            teacher,
+            packed.tokens.to(self.device),
+            mask,
+            packed.old_logprobs.to(self.device),
+            alpha,
+            self.obj.clip_eps,
+            length_norm=self.obj.length_norm,
+        )
         l_single = reduce_losses(single, mask, self.obj.reduction)
         l_long = reduce_losses(long, mask, self.obj.reduction)
         l_pt = self._pt_loss(pt_ids)
@@ -166,10 +190,17 @@ class LearnerWorker:
         norm = self._step(loss)
         n_tok = mask.sum().item()
         return {
-            "loss": loss.item(), "loss_single": l_single.item(), "loss_long": l_long.item(), "loss_pt": l_pt.item(),
-            "reverse_kl": rkl.item(), "rho_min": rho.min().item() if n_tok else 1.0,
-            "rho_max": rho.max().item() if n_tok else 1.0, "rho_mean": rho.mean().item() if n_tok else 1.0,
-            "response_tokens": n_tok, "grad_norm": norm, "step_seconds": time.perf_counter() - t0,
+            "loss": loss.item(),
+            "loss_single": l_single.item(),
+            "loss_long": l_long.item(),
+            "loss_pt": l_pt.item(),
+            "reverse_kl": rkl.item(),
+            "rho_min": rho.min().item() if n_tok else 1.0,
+            "rho_max": rho.max().item() if n_tok else 1.0,
+            "rho_mean": rho.mean().item() if n_tok else 1.0,
+            "response_tokens": n_tok,
+            "grad_norm": norm,
+            "step_seconds": time.perf_counter() - t0,
         }
 
     @torch.no_grad()

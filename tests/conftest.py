@@ -16,8 +16,11 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False,
-                 runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "WANDB_MODE": "offline"}})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "WANDB_MODE": "offline"}},
+        )
     yield ray
     ray.shutdown()
 
@@ -28,5 +31,10 @@ def tiny_models():
     from common.tiny import build_tiny_models
 
     cfg = load_config()
-    return build_tiny_models(cfg.models.tiny, resolve_path(cfg.data.train), cfg.data.max_prompt_tokens,
-                             cfg.data.max_response_tokens, seed=cfg.seed)
+    return build_tiny_models(
+        cfg.models.tiny,
+        resolve_path(cfg.data.train),
+        cfg.data.max_prompt_tokens,
+        cfg.data.max_response_tokens,
+        seed=cfg.seed,
+    )

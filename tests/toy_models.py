@@ -6,12 +6,28 @@ import torch
 import transformers
 
 
-def build_llama_dir(path: Path, vocab: int, seed: int, eos: int = 2, hidden: int = 64, layers: int = 2,
-                    head_std: float = 0.25, tied: bool = False) -> transformers.LlamaForCausalLM:
+def build_llama_dir(
+    path: Path,
+    vocab: int,
+    seed: int,
+    eos: int = 2,
+    hidden: int = 64,
+    layers: int = 2,
+    head_std: float = 0.25,
+    tied: bool = False,
+) -> transformers.LlamaForCausalLM:
     cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32, max_position_embeddings=256,
-        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=eos, pad_token_id=eos,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        num_key_value_heads=hidden // 32,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=eos,
+        pad_token_id=eos,
     )
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).float()

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 VOCAB, EOS = 64, 2
 
@@ -52,16 +51,21 @@ def test_fsdp_learner_on_nccl_matches_cpu_gloo(tmp_path):
         assert p.exitcode == 0, backend
     gpu, cpu = torch.load(tmp_path / "nccl"), torch.load(tmp_path / "gloo")
     worst = max((gpu["state"][k] - cpu["state"][k]).abs().max().item() for k in cpu["state"])
-    print(f"GPU/NCCL vs CPU/gloo after one MiniLLM + one SFT step: max |param diff| {worst:.2e}, "
-          f"loss {gpu['loss']:.6f} vs {cpu['loss']:.6f}")
+    print(
+        f"GPU/NCCL vs CPU/gloo after one MiniLLM + one SFT step: max |param diff| {worst:.2e}, "
+        f"loss {gpu['loss']:.6f} vs {cpu['loss']:.6f}"
+    )
     assert gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-4, abs=1e-5)
     assert worst < 1e-4
 
 
 def _state(device: str) -> list[tuple[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(7)
-    return [("w", torch.randn(300, 70, generator=g).to(device)), ("b", torch.randn(70, generator=g).to(device)),
-            ("h", torch.randn(5, 3, generator=g).half().to(device))]
+    return [
+        ("w", torch.randn(300, 70, generator=g).to(device)),
+        ("b", torch.randn(70, generator=g).to(device)),
+        ("h", torch.randn(5, 3, generator=g).half().to(device)),
+    ]
 
 
 def _push_peer(rank: int, world: int, port: int, backend: str, devices: list[str], queue) -> None:
@@ -80,8 +84,10 @@ def _push_peer(rank: int, world: int, port: int, backend: str, devices: list[str
 def _run_push(backend: str, devices: list[str]) -> list:
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), _port()
-    procs = [ctx.Process(target=_push_peer, args=(r, len(devices), port, backend, devices, queue))
-             for r in range(len(devices))]
+    procs = [
+        ctx.Process(target=_push_peer, args=(r, len(devices), port, backend, devices, queue))
+        for r in range(len(devices))
+    ]
     for p in procs:
         p.start()
     got = [queue.get(timeout=180) for _ in devices[1:]]
@@ -92,7 +98,7 @@ def _run_push(backend: str, devices: list[str]) -> list:
 
 
 def test_weight_push_from_gpu_learner_to_cpu_sampler_over_gloo():
-    (rank, version, device, named), = _run_push("gloo", ["cuda:0", "cpu"])
+    ((rank, version, device, named),) = _run_push("gloo", ["cuda:0", "cpu"])
     assert version == 1 and device == "cpu"
     for (n, a), (m, b) in zip(_state("cpu"), named, strict=True):
         assert n == m and torch.equal(a, b)
@@ -100,7 +106,7 @@ def test_weight_push_from_gpu_learner_to_cpu_sampler_over_gloo():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank")
 def test_weight_push_gpu_to_gpu_over_nccl():
-    (rank, version, device, named), = _run_push("nccl", ["cuda:0", "cuda:1"])
+    ((rank, version, device, named),) = _run_push("nccl", ["cuda:0", "cuda:1"])
     assert version == 1 and device == "cuda:1"
     for (n, a), (m, b) in zip(_state("cpu"), named, strict=True):
         assert n == m and torch.equal(a, b)

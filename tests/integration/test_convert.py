@@ -16,10 +16,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_smollm2_conversion_and_derived_student(tmp_path):
     teacher, student = tmp_path / "smollm2", tmp_path / "student"
-    for args in (["smollm2", "--out", str(teacher)],
-                 ["derive-student", "--teacher", str(teacher), "--keep-every", "3", "--out", str(student)]):
-        proc = subprocess.run([sys.executable, "-m", "common.convert", *args], cwd=ROOT, capture_output=True,
-                              text=True, timeout=600)
+    for args in (
+        ["smollm2", "--out", str(teacher)],
+        ["derive-student", "--teacher", str(teacher), "--keep-every", "3", "--out", str(student)],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "common.convert", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     from common.models import check_compatible, load_model, load_tokenizer
@@ -27,12 +30,13 @@ def test_smollm2_conversion_and_derived_student(tmp_path):
     tok = load_tokenizer(teacher)
     model = load_model(teacher).eval()
     assert model.config.num_hidden_layers == 30 and len(tok) == 49152
-    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                   add_generation_prompt=True, tokenize=False)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
+    )
     ids = tok(chat, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
-    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
 
     small = load_model(student)

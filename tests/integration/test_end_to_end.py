@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,8 +19,14 @@ def run_dir(tmp_path_factory, tiny_models):
     out = tmp_path_factory.mktemp("e2e") / "run"
     env = {**os.environ, "WANDB_MODE": "offline", "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
-    proc = subprocess.run([sys.executable, "-m", "learner.main", f"output_dir={out}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, "-m", "learner.main", f"output_dir={out}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     print(proc.stdout[-4000:])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "[minillm] step 40/40" in proc.stdout  # progress lines
@@ -35,9 +41,21 @@ def test_run_folder_is_complete(run_dir):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["phase"] == "minillm"]
     assert len(steps) == 40 and [r["step"] for r in steps] == list(range(1, 41))
-    for key in ["loss_single", "loss_long", "loss_pt", "reverse_kl", "mean_response_tokens", "rho_min", "rho_max",
-                "sampler_tokens_per_s", "teacher_tokens_per_s", "learner_tokens_per_s", "queue_depth",
-                "version_lag", "weight_version"]:
+    for key in [
+        "loss_single",
+        "loss_long",
+        "loss_pt",
+        "reverse_kl",
+        "mean_response_tokens",
+        "rho_min",
+        "rho_max",
+        "sampler_tokens_per_s",
+        "teacher_tokens_per_s",
+        "learner_tokens_per_s",
+        "queue_depth",
+        "version_lag",
+        "weight_version",
+    ]:
         assert all(key in r for r in steps), key
     assert all(0 <= r["version_lag"] <= 1 for r in steps)
     assert any(r["phase"] == "sft" and "valid_loss" in r for r in records)
@@ -46,10 +64,12 @@ def test_run_folder_is_complete(run_dir):
 def test_reverse_kl_goes_down(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     start, final = summary["start"], summary["final"]
-    print(f"reverse KL on held-out prompts, SFT start -> after MiniLLM: per token {start['reverse_kl_token']:.4f} "
-          f"-> {final['reverse_kl_token']:.4f}, per response {start['reverse_kl_seq']:.3f} -> "
-          f"{final['reverse_kl_seq']:.3f} (mean length {start['response_tokens']:.1f} -> "
-          f"{final['response_tokens']:.1f})")
+    print(
+        f"reverse KL on held-out prompts, SFT start -> after MiniLLM: per token {start['reverse_kl_token']:.4f} "
+        f"-> {final['reverse_kl_token']:.4f}, per response {start['reverse_kl_seq']:.3f} -> "
+        f"{final['reverse_kl_seq']:.3f} (mean length {start['response_tokens']:.1f} -> "
+        f"{final['response_tokens']:.1f})"
+    )
     # per token: responses also change length over training, which moves the per-response sum on its own
     assert final["reverse_kl_token"] < start["reverse_kl_token"]
 
@@ -73,6 +93,12 @@ def test_students_load_in_transformers_and_vllm(run_dir):
         "print('ok')\n"
     )
     dirs = [str(run_dir / "checkpoints" / c) for c in ("best", "final")]
-    proc = subprocess.run([sys.executable, "-c", code, *dirs], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *dirs],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -27,8 +27,15 @@ KV = 64 << 20
 
 def _build(path, seed: int) -> transformers.LlamaForCausalLM:
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
         eos_token_id=EOS,
     )
     torch.manual_seed(seed)
@@ -146,8 +153,11 @@ def test_load_weights_switches_model_and_rejects_bad_pushes(engine, models):
 
     def max_err(model):
         got = engine.prompt_logprobs(seqs, [1] * len(seqs))
-        return max(abs(x - y) for s, g in zip(seqs, got, strict=True)
-                   for x, y in zip(g, _hf_logprobs(model, s, 1), strict=True))
+        return max(
+            abs(x - y)
+            for s, g in zip(seqs, got, strict=True)
+            for x, y in zip(g, _hf_logprobs(model, s, 1), strict=True)
+        )
 
     assert max_err(model_a) < TOL
     try:

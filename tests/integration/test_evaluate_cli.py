@@ -7,22 +7,44 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_evaluate_cli_writes_table_and_json(tiny_models, tmp_path):
     data = tmp_path / "mini.jsonl"
-    rows = [{"instruction": "Name a colour.", "context": "", "response": ["Red.", "Blue is a colour."]},
-            {"instruction": "Summarise the text.", "context": "The cat sat on the mat.", "response": "A cat sat."},
-            {"instruction": "What is two plus two?", "context": "", "response": "Four."}]
+    rows = [
+        {"instruction": "Name a colour.", "context": "", "response": ["Red.", "Blue is a colour."]},
+        {"instruction": "Summarise the text.", "context": "The cat sat on the mat.", "response": "A cat sat."},
+        {"instruction": "What is two plus two?", "context": "", "response": "Four."},
+    ]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, "-m", "learner.evaluate", "--model", str(tiny_models.teacher), "--data",
-                           str(data), "--seeds", "10", "20", "--max-new-tokens", "16", "--out", str(out),
-                           "--samples", str(tmp_path / "samples.jsonl")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "learner.evaluate",
+            "--model",
+            str(tiny_models.teacher),
+            "--data",
+            str(data),
+            "--seeds",
+            "10",
+            "20",
+            "--max-new-tokens",
+            "16",
+            "--out",
+            str(out),
+            "--samples",
+            str(tmp_path / "samples.jsonl"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ROUGE-L" in proc.stdout and "mini.jsonl" in proc.stdout
     res = json.loads(out.read_text())
@@ -34,8 +56,9 @@ def test_evaluate_cli_writes_table_and_json(tiny_models, tmp_path):
     assert ds["lm_loss"] > 0 and "reverse_kl_seq" not in ds  # KL measures only with --teacher
     # every response is written, and a seed's score is the mean of its responses' scores
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 6 and {(r["seed"], r["index"]) for r in samples} == {(s, i) for s in (10, 20)
-                                                                               for i in range(3)}
+    assert len(samples) == 6 and {(r["seed"], r["index"]) for r in samples} == {
+        (s, i) for s in (10, 20) for i in range(3)
+    }
     assert samples[0]["references"] == ["Red.", "Blue is a colour."] and "Name a colour." in samples[0]["prompt"]
     for seed in (10, 20):
         mine = [r["rouge_l"] for r in samples if r["seed"] == seed]
@@ -50,10 +73,33 @@ def test_evaluate_cli_teacher_measures(tiny_models, tmp_path):
     runs = {}
     for name, model in (("student", tiny_models.student), ("self", tiny_models.teacher)):
         out = tmp_path / f"{name}.json"
-        proc = subprocess.run([sys.executable, "-m", "learner.evaluate", "--model", str(model), "--teacher",
-                               str(tiny_models.teacher), "--data", str(data), "--limit", "12", "--kl-prompts", "6",
-                               "--seeds", "10", "--max-new-tokens", "12", "--out", str(out)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "learner.evaluate",
+                "--model",
+                str(model),
+                "--teacher",
+                str(tiny_models.teacher),
+                "--data",
+                str(data),
+                "--limit",
+                "12",
+                "--kl-prompts",
+                "6",
+                "--seeds",
+                "10",
+                "--max-new-tokens",
+                "12",
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "rev KL" in proc.stdout and "ExAccErr" in proc.stdout
         runs[name] = json.loads(out.read_text())["datasets"][str(data)]
@@ -69,6 +115,21 @@ def test_evaluate_cli_teacher_measures(tiny_models, tmp_path):
 def test_evaluate_cli_reports_bad_data(tiny_models, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"instruction": "x", "response": "y"}\n{oops\n')
-    proc = subprocess.run([sys.executable, "-m", "learner.evaluate", "--model", str(tiny_models.teacher), "--data",
-                           str(data), "--seeds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "learner.evaluate",
+            "--model",
+            str(tiny_models.teacher),
+            "--data",
+            str(data),
+            "--seeds",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 2 and "bad.jsonl:2" in proc.stderr

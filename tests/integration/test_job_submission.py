@@ -13,14 +13,27 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parents[2]
-SHORT = ["learner.sft_steps=10", "learner.sft_eval_every=5", "learner.minillm_steps=6", "eval.every_steps=3",
-         "eval.num_prompts=16", "eval.kl_prompts=16", "data.max_valid_examples=120"]
-METRICS = ["ray_distill_sampled_tokens_total", "ray_distill_teacher_scored_tokens_total",
-           "ray_distill_learner_step_seconds", "ray_distill_queue_depth", "ray_distill_weight_version_lag",
-           "ray_distill_loss_single", "ray_distill_reverse_kl"]
+SHORT = [
+    "learner.sft_steps=10",
+    "learner.sft_eval_every=5",
+    "learner.minillm_steps=6",
+    "eval.every_steps=3",
+    "eval.num_prompts=16",
+    "eval.kl_prompts=16",
+    "data.max_valid_examples=120",
+]
+METRICS = [
+    "ray_distill_sampled_tokens_total",
+    "ray_distill_teacher_scored_tokens_total",
+    "ray_distill_learner_step_seconds",
+    "ray_distill_queue_depth",
+    "ray_distill_weight_version_lag",
+    "ray_distill_loss_single",
+    "ray_distill_reverse_kl",
+]
 
 
 def _free_port() -> int:
@@ -39,8 +52,9 @@ def _job_state(cli_output: str) -> str:
 
 
 def _ray(*args, env, timeout=300, check=True):
-    proc = subprocess.run([shutil.which("ray"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [shutil.which("ray"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"ray {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -52,12 +66,33 @@ def head(tmp_path_factory):
     gcs, dash, metrics = _free_port(), _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({"RAY_AUTH_MODE": "token", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "WANDB_MODE": "offline"})
-    _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dash), "--metrics-export-port", str(metrics), "--num-cpus", "2",
-         "--temp-dir", str(temp), "--disable-usage-stats", env=env)
+    _ray(
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--metrics-export-port",
+        str(metrics),
+        "--num-cpus",
+        "2",
+        "--temp-dir",
+        str(temp),
+        "--disable-usage-stats",
+        env=env,
+    )
     try:
-        yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "metrics": f"http://127.0.0.1:{metrics}/metrics",
-               "gcs": f"127.0.0.1:{gcs}"}
+        yield {
+            "env": env,
+            "dashboard": f"http://127.0.0.1:{dash}",
+            "metrics": f"http://127.0.0.1:{metrics}/metrics",
+            "gcs": f"127.0.0.1:{gcs}",
+        }
     finally:
         _ray("stop", "--force", env=env, check=False)
 
@@ -65,9 +100,24 @@ def head(tmp_path_factory):
 def test_job_submit_runs_the_service_and_exports_metrics(head, tmp_path, tiny_models):
     out = tmp_path / "job-run"
     env = head["env"]
-    submit = _ray("job", "submit", "--address", head["dashboard"], "--working-dir", ".", "--no-wait", "--",
-                  "python", "-m", "learner.main", "--config", "configs/tiny.yaml", f"output_dir={out}", *SHORT,
-                  env=env)
+    submit = _ray(
+        "job",
+        "submit",
+        "--address",
+        head["dashboard"],
+        "--working-dir",
+        ".",
+        "--no-wait",
+        "--",
+        "python",
+        "-m",
+        "learner.main",
+        "--config",
+        "configs/tiny.yaml",
+        f"output_dir={out}",
+        *SHORT,
+        env=env,
+    )
     job_id = next(line.split("'")[1] for line in submit.stdout.splitlines() if "submitted successfully" in line)
     seen_metrics: set[str] = set()
     actors: set[str] = set()
@@ -81,8 +131,9 @@ def test_job_submit_runs_the_service_and_exports_metrics(head, tmp_path, tiny_mo
             seen_metrics |= {m for m in METRICS if m in text}
         except OSError:
             pass
-        listing = _ray("list", "actors", "--address", head["gcs"], "--format", "json", "--limit", "100",
-                       env=env, check=False)
+        listing = _ray(
+            "list", "actors", "--address", head["gcs"], "--format", "json", "--limit", "100", env=env, check=False
+        )
         if listing.returncode == 0 and listing.stdout.strip().startswith("["):
             actors |= {a.get("name") for a in json.loads(listing.stdout) if a.get("name")}
         if status in ("succeeded", "failed", "stopped"):

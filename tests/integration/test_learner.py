@@ -55,8 +55,19 @@ def test_two_workers_equal_one_worker(ray_session, student_dir):
 def test_weight_push_reaches_sampler(ray_session, student_dir, tmp_path):
     lcfg = LearnerConfig(lr=5e-2, grad_clip=None)
     group = LearnerGroup(1, 0.5, 0.0, str(student_dir), lcfg, ObjectiveConfig(), VOCAB, "float32", seed=0)
-    sampler = make_sampler(SamplerSpec(student_dir=str(student_dir), teacher_dir=None, eos_token_id=EOS,
-                                       max_new_tokens=4, kv_cache_mb=32, max_model_len=64), 0, 1.0, 0.0)
+    sampler = make_sampler(
+        SamplerSpec(
+            student_dir=str(student_dir),
+            teacher_dir=None,
+            eos_token_id=EOS,
+            max_new_tokens=4,
+            kv_cache_mb=32,
+            max_model_len=64,
+        ),
+        0,
+        1.0,
+        0.0,
+    )
     try:
         seq, start = [1, 5, 9, 11, 20, 33, 4, 7], 3
         before = ray.get(sampler.student_logprobs.remote([seq], [start]))[0]
@@ -96,13 +107,23 @@ def test_collective_weight_push_reaches_every_sampler(ray_session, student_dir, 
     samplers; each then scores exactly like the learner, at the new version."""
     lcfg = LearnerConfig(lr=5e-2, grad_clip=None)
     group = LearnerGroup(1, 0.25, 0.0, str(student_dir), lcfg, ObjectiveConfig(), VOCAB, "float32", seed=0)
-    spec = SamplerSpec(student_dir=str(student_dir), teacher_dir=None, eos_token_id=EOS, max_new_tokens=4,
-                       kv_cache_mb=32, max_model_len=64)
+    spec = SamplerSpec(
+        student_dir=str(student_dir),
+        teacher_dir=None,
+        eos_token_id=EOS,
+        max_new_tokens=4,
+        kv_cache_mb=32,
+        max_model_len=64,
+    )
     samplers = [make_sampler(spec, i, 0.5, 0.0) for i in range(2)]
     try:
         host, port = group.weight_sync_address()
-        ray.get([group.init_weight_sender(host, port, 3, "gloo"),
-                 *[s.join_weight_group.remote(host, port, 1 + i, 3, "gloo") for i, s in enumerate(samplers)]])
+        ray.get(
+            [
+                group.init_weight_sender(host, port, 3, "gloo"),
+                *[s.join_weight_group.remote(host, port, 1 + i, 3, "gloo") for i, s in enumerate(samplers)],
+            ]
+        )
         seq, start = [1, 5, 9, 11, 20, 33, 4, 7], 3
         before = ray.get(samplers[0].student_logprobs.remote([seq], [start]))[0]
         for version in (1, 2):
@@ -135,8 +156,9 @@ def test_reload_of_a_tied_embedding_student(ray_session, tmp_path):
     an evaluation."""
     tied = tmp_path / "tied"
     build_llama_dir(tied, VOCAB, seed=3, tied=True)
-    group = LearnerGroup(1, 0.5, 0.0, str(tied), LearnerConfig(lr=5e-2, grad_clip=None), ObjectiveConfig(), VOCAB,
-                         "float32", seed=0)
+    group = LearnerGroup(
+        1, 0.5, 0.0, str(tied), LearnerConfig(lr=5e-2, grad_clip=None), ObjectiveConfig(), VOCAB, "float32", seed=0
+    )
     try:
         before = ray.get(group.state_dict_ref())
         packed, teacher, pt = _batch()

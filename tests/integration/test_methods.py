@@ -9,11 +9,17 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parents[2]
-SHORT = ["learner.sft_steps=8", "learner.sft_eval_every=4", "eval.num_prompts=16", "eval.kl_prompts=16",
-         "eval.max_new_tokens=16", "data.max_valid_examples=120"]
+SHORT = [
+    "learner.sft_steps=8",
+    "learner.sft_eval_every=4",
+    "eval.num_prompts=16",
+    "eval.kl_prompts=16",
+    "eval.max_new_tokens=16",
+    "data.max_valid_examples=120",
+]
 
 
 # kd also selects its checkpoint by validation ROUGE-L (the paper's rule), the others by validation loss
@@ -24,10 +30,22 @@ SELECT = {"sft": "valid_loss", "kd": "rouge_l", "seqkd": "valid_loss"}
 def test_baseline_method_runs(method, tmp_path, tiny_models):
     out = tmp_path / method
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-m", "learner.main", f"method={method}", f"output_dir={out}", *SHORT,
-                           f"learner.select_by={SELECT[method]}"],
-                          cwd=ROOT, env={**env, "WANDB_MODE": "offline"}, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "learner.main",
+            f"method={method}",
+            f"output_dir={out}",
+            *SHORT,
+            f"learner.select_by={SELECT[method]}",
+        ],
+        cwd=ROOT,
+        env={**env, "WANDB_MODE": "offline"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert f"[{method}] step 8/8" in proc.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -25,6 +25,7 @@ def toy(tmp_path_factory):
 
 def _expected(student, teacher, alpha: float) -> dict[tuple[int, ...], float]:
     """Exact probability of each outcome: (EOS,) or (y1, y2)."""
+
     def mix(prefix):
         return alpha * next_token_probs(teacher, prefix) + (1 - alpha) * next_token_probs(student, prefix)
 
@@ -59,10 +60,18 @@ def _chi_square(counts: dict, expected: dict, n: int) -> float:
 @pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0])
 def test_first_two_tokens_follow_the_mixture(toy, alpha):
     root, student, teacher = toy
-    sampler = Sampler(SamplerSpec(student_dir=str(root / "student"),
-                                  teacher_dir=str(root / "teacher") if alpha > 0 else None,
-                                  eos_token_id=EOS, max_new_tokens=2, alpha=alpha, kv_cache_mb=64,
-                                  seed=1234, max_model_len=64))
+    sampler = Sampler(
+        SamplerSpec(
+            student_dir=str(root / "student"),
+            teacher_dir=str(root / "teacher") if alpha > 0 else None,
+            eos_token_id=EOS,
+            max_new_tokens=2,
+            alpha=alpha,
+            kv_cache_mb=64,
+            seed=1234,
+            max_model_len=64,
+        )
+    )
     rollouts = sampler.sample([PROMPT] * N)
     counts: dict[tuple[int, ...], int] = {}
     for resp in rollouts.response_ids:

@@ -13,9 +13,13 @@ pytestmark = pytest.mark.integration
 
 def _state(seed: int) -> list[tuple[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [("embed.weight", torch.randn(7, 5, generator=g)), ("layers.0.norm.weight", torch.randn(5, generator=g)),
-            ("step", torch.tensor(seed, dtype=torch.int64)), ("half", torch.randn(3, 2, generator=g).half()),
-            ("lm_head.weight", torch.randn(7, 5, generator=g))]
+    return [
+        ("embed.weight", torch.randn(7, 5, generator=g)),
+        ("layers.0.norm.weight", torch.randn(5, generator=g)),
+        ("step", torch.tensor(seed, dtype=torch.int64)),
+        ("half", torch.randn(3, 2, generator=g).half()),
+        ("lm_head.weight", torch.randn(7, 5, generator=g)),
+    ]
 
 
 def test_pack_unpack_round_trip_and_one_buffer_per_dtype():

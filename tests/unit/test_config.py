@@ -68,8 +68,9 @@ def test_weight_sync_choice_and_backend():
     with pytest.raises(ConfigError, match="learner.weight_sync"):
         load_config(None, ["learner.weight_sync=nccl"])
     with pytest.raises(ConfigError, match="tensor_parallel_size=1"):
-        load_config(None, ["learner.weight_sync=collective", "sampler.tensor_parallel_size=2",
-                           "cluster.sampler_gpus=2"])
+        load_config(
+            None, ["learner.weight_sync=collective", "sampler.tensor_parallel_size=2", "cluster.sampler_gpus=2"]
+        )
     assert load_config(None, ["cluster.torch_threads=2"]).cluster.torch_threads == 2
     with pytest.raises(ConfigError, match="cluster.torch_threads"):
         load_config(None, ["cluster.torch_threads=0"])

@@ -37,18 +37,26 @@ def test_prompt_wrapper_with_and_without_input():
 
 def test_load_jsonl_handles_reference_lists(tmp_path):
     f = tmp_path / "d.jsonl"
-    _write(f, [{"instruction": "a", "context": "", "response": "b", "category": "qa"},
-               {"instruction": "c", "context": "d", "response": ["e", "f"]}])
+    _write(
+        f,
+        [
+            {"instruction": "a", "context": "", "response": "b", "category": "qa"},
+            {"instruction": "c", "context": "d", "response": ["e", "f"]},
+        ],
+    )
     exs = load_jsonl(f)
     assert exs[0].references == ("b",) and exs[1].references == ("e", "f") and exs[1].response == "e"
 
 
-@pytest.mark.parametrize("bad,why", [
-    ("{not json", "not valid JSON"),
-    (json.dumps({"context": "", "response": "x"}), "'instruction'"),
-    (json.dumps({"instruction": "a", "response": 3}), "'response'"),
-    (json.dumps([1, 2]), "JSON object"),
-])
+@pytest.mark.parametrize(
+    "bad,why",
+    [
+        ("{not json", "not valid JSON"),
+        (json.dumps({"context": "", "response": "x"}), "'instruction'"),
+        (json.dumps({"instruction": "a", "response": 3}), "'response'"),
+        (json.dumps([1, 2]), "JSON object"),
+    ],
+)
 def test_malformed_line_names_file_and_line(tmp_path, bad, why):
     f = tmp_path / "d.jsonl"
     _write(f, [{"instruction": "a", "context": "", "response": "b"}, bad])

@@ -61,8 +61,10 @@ def _brute_force(logits, teacher, tokens, mask, old, alpha, eps, length_norm):
     return torch.stack([torch.stack(row) for row in single]), torch.stack([torch.stack(row) for row in long])
 
 
-@pytest.mark.parametrize("alpha,eps,length_norm", [(0.2, 0.2, True), (0.0, None, False), (1.0, 0.1, True),
-                                                   (0.5, 0.05, False), (0.0, 0.2, True)])
+@pytest.mark.parametrize(
+    "alpha,eps,length_norm",
+    [(0.2, 0.2, True), (0.0, None, False), (1.0, 0.1, True), (0.5, 0.05, False), (0.0, 0.2, True)],
+)
 def test_terms_and_gradients_match_brute_force(alpha, eps, length_norm):
     logits, teacher, tokens, mask, old = _random_case()
     a = logits.clone().requires_grad_(True)
@@ -72,6 +74,7 @@ def test_terms_and_gradients_match_brute_force(alpha, eps, length_norm):
     torch.testing.assert_close(single, ref_single, atol=1e-10, rtol=1e-9)
     torch.testing.assert_close(long, ref_long, atol=1e-10, rtol=1e-9)
     weights = torch.randn(*single.shape, generator=torch.Generator().manual_seed(5), dtype=DT)
+
     def grad(out, wrt):
         return torch.autograd.grad((out * weights).sum(), wrt, retain_graph=True)[0]
 
@@ -94,10 +97,12 @@ def test_clipping_is_active_for_some_tokens_and_not_others(alpha, eps):
 def test_future_reward_by_hand():
     r = torch.tensor([[1.0, 2.0, 3.0, 9.0], [9.0, 1.0, 2.0, 4.0]], dtype=DT)
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]], dtype=DT)  # right and left padding
-    torch.testing.assert_close(sequence_future_reward(r, mask, True),
-                               torch.tensor([[2.5, 3.0, 0.0, 0.0], [0.0, 3.0, 4.0, 0.0]], dtype=DT))
-    torch.testing.assert_close(sequence_future_reward(r, mask, False),
-                               torch.tensor([[5.0, 3.0, 0.0, 0.0], [0.0, 6.0, 4.0, 0.0]], dtype=DT))
+    torch.testing.assert_close(
+        sequence_future_reward(r, mask, True), torch.tensor([[2.5, 3.0, 0.0, 0.0], [0.0, 3.0, 4.0, 0.0]], dtype=DT)
+    )
+    torch.testing.assert_close(
+        sequence_future_reward(r, mask, False), torch.tensor([[5.0, 3.0, 0.0, 0.0], [0.0, 6.0, 4.0, 0.0]], dtype=DT)
+    )
     # a general (non-contiguous) mask: only real later tokens count
     r2, m2 = torch.tensor([[1.0, 5.0, 2.0, 4.0]], dtype=DT), torch.tensor([[1.0, 0.0, 1.0, 1.0]], dtype=DT)
     expected = torch.tensor([[3.0, 0.0, 4.0, 0.0]], dtype=DT)
@@ -121,8 +126,14 @@ def test_padding_does_not_change_results(left, right):
     # garbage on padding must not leak: NaN logits, -inf teacher entries, out-of-range token ids
     xp = _pad(logits, left, right, float("nan")).requires_grad_(True)
     p_single, p_long = minillm_token_losses(
-        xp, _pad(teacher, left, right, float("-inf")), _pad(tokens, left, right, -100),
-        _pad(mask, left, right), _pad(old, left, right, float("nan")), 0.2, 0.2)
+        xp,
+        _pad(teacher, left, right, float("-inf")),
+        _pad(tokens, left, right, -100),
+        _pad(mask, left, right),
+        _pad(old, left, right, float("nan")),
+        0.2,
+        0.2,
+    )
     t = logits.shape[1]
     torch.testing.assert_close(p_single[:, left : left + t], single)
     torch.testing.assert_close(p_long[:, left : left + t], long)
@@ -147,8 +158,7 @@ def test_batch_composition_does_not_change_a_sequence():
         torch.testing.assert_close(l1[0], long[i])
     # in a batch with other sequences: the same rows, duplicated and reordered
     order = torch.tensor([3, 0, 3, 1, 2])
-    s2, l2 = minillm_token_losses(logits[order], teacher[order], tokens[order], mask[order], old[order],
-                                  0.2, 0.2)
+    s2, l2 = minillm_token_losses(logits[order], teacher[order], tokens[order], mask[order], old[order], 0.2, 0.2)
     torch.testing.assert_close(s2, single[order])
     torch.testing.assert_close(l2, long[order])
 
@@ -160,8 +170,12 @@ def test_all_masked_gives_zero_not_nan():
     x = logits.clone().requires_grad_(True)
     single, long = minillm_token_losses(x, teacher, tokens, mask, old, 0.2, 0.2)
     assert (single == 0).all() and (long == 0).all()
-    per_token_fns = (single + long, token_nll(x, tokens, mask), word_kd_token_losses(x, teacher, mask),
-                     reverse_kl_per_token(x, teacher, mask))
+    per_token_fns = (
+        single + long,
+        token_nll(x, tokens, mask),
+        word_kd_token_losses(x, teacher, mask),
+        reverse_kl_per_token(x, teacher, mask),
+    )
     for per_token in per_token_fns:
         assert (per_token == 0).all()
         for mode in ("seq", "token"):
@@ -185,8 +199,7 @@ def test_very_negative_teacher_logprobs_stay_finite():
 
 
 def test_reductions_by_hand():
-    per_token = torch.tensor([[1.0, 3.0, 100.0], [4.0, 0.0, 0.0], [7.0, 7.0, 7.0], [float("nan"), 2.0, 6.0]],
-                             dtype=DT)
+    per_token = torch.tensor([[1.0, 3.0, 100.0], [4.0, 0.0, 0.0], [7.0, 7.0, 7.0], [float("nan"), 2.0, 6.0]], dtype=DT)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0]], dtype=DT)
     # per sequence: means 2, 4, (none), 4 -> 10 / 3; per token: (1 + 3 + 4 + 2 + 6) / 5
     assert reduce_losses(per_token, mask).item() == pytest.approx(10.0 / 3)
@@ -275,8 +288,9 @@ def test_expected_gradient_equals_exact_reverse_kl_gradient(v, t, seed):
     student_logits = theta[rows]  # [N, T, V]
     mask = torch.ones(len(sequences), t, dtype=DT)
     old = torch.log_softmax(student_logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).detach()
-    single, long = minillm_token_losses(student_logits, teacher[rows], tokens, mask, old, alpha=0.0,
-                                        clip_eps=None, length_norm=False)
+    single, long = minillm_token_losses(
+        student_logits, teacher[rows], tokens, mask, old, alpha=0.0, clip_eps=None, length_norm=False
+    )
     q_y = old.sum(-1).exp()  # q(y) of each enumerated sequence: the exact expectation's weights
     surrogate = (q_y.unsqueeze(-1) * (single + long)).sum()
     (expected_grad,) = torch.autograd.grad(surrogate, theta, retain_graph=True)

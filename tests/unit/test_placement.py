@@ -15,11 +15,18 @@ def test_default_plan_packs_on_two_cpus():
 
 
 def test_gpu_plan_names_each_actor_and_checks_single_nodes():
-    cfg = load_config(overrides=["sampler.tensor_parallel_size=2", "cluster.sampler_gpus=2", "cluster.teacher_gpus=1",
-                                 "cluster.learner_gpus=1", "learner.num_workers=2", "learner.batch_size=16"])
+    cfg = load_config(
+        overrides=[
+            "sampler.tensor_parallel_size=2",
+            "cluster.sampler_gpus=2",
+            "cluster.teacher_gpus=1",
+            "cluster.learner_gpus=1",
+            "learner.num_workers=2",
+            "learner.batch_size=16",
+        ]
+    )
     slots = plan_slots(cfg)
-    assert {s.name: s.gpus for s in slots if s.gpus} == {"learner-0": 1, "learner-1": 1, "teacher-0": 1,
-                                                         "sampler-0": 2}
+    assert {s.name: s.gpus for s in slots if s.gpus} == {"learner-0": 1, "learner-1": 1, "teacher-0": 1, "sampler-0": 2}
     problems = resource_problems(slots, {"CPU": 8, "GPU": 3})
     assert problems and "5 GPUs requested" in problems[0] and "sampler-0 2" in problems[0]
     # enough GPUs in total, but the tensor-parallel sampler needs two on one node

@@ -8,8 +8,16 @@ from bench.rouge_calibration import floors, length_matched, load_samples
 
 
 def _row(seed, index, response, refs):
-    return {"dataset": "d.jsonl", "seed": seed, "index": index, "prompt": "p", "references": refs,
-            "response": response, "tokens": len(response.split()), "rouge_l": 0.0}
+    return {
+        "dataset": "d.jsonl",
+        "seed": seed,
+        "index": index,
+        "prompt": "p",
+        "references": refs,
+        "response": response,
+        "tokens": len(response.split()),
+        "rouge_l": 0.0,
+    }
 
 
 def _write(path, rows):
@@ -37,14 +45,15 @@ def test_length_matched_needs_shared_examples(tmp_path):
 
 
 def test_floor_of_a_constant_answer(tmp_path):
-    rows = _write(tmp_path / "a.jsonl", [_row(10, 0, "", ["the cat"]), _row(20, 0, "", ["the cat"]),
-                                         _row(10, 1, "", ["a dog"])])
+    rows = _write(
+        tmp_path / "a.jsonl", [_row(10, 0, "", ["the cat"]), _row(20, 0, "", ["the cat"]), _row(10, 1, "", ["a dog"])]
+    )
     # "the" against "the cat": P 1, R 1/2 -> 66.7; against "a dog": 0; each example counted once across seeds
     assert floors(rows)["the"] == pytest.approx(100 / 3)
 
 
 def test_bad_samples_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(_row(10, 0, "x", ["y"])) + "\n{\"seed\": 1}\n")
+    path.write_text(json.dumps(_row(10, 0, "x", ["y"])) + '\n{"seed": 1}\n')
     with pytest.raises(SystemExit, match="bad.jsonl:2"):
         load_samples(path)
