@@ -11,7 +11,7 @@ from actors import telemetry
 from actors.replay import ReplayBuffer
 from actors.sampler import Sampler, SamplerSpec
 from actors.teacher import Teacher
-from common.rollout import Rollouts, TeacherScores
+from common.rollout import Rollouts
 
 # vLLM in-process (about 3 s start-up instead of 30 s; PLATFORM.md) and quiet logs inside actors
 ENGINE_ENV = {
@@ -38,9 +38,9 @@ class SamplerActor(Sampler):
 class TeacherActor(Teacher):
     """Teacher plus dashboard metrics."""
 
-    def score(self, rollouts: Rollouts) -> TeacherScores:
-        out = super().score(rollouts)
-        telemetry.counter("distill_teacher_scored_tokens").inc(rollouts.num_tokens)
+    def score(self, rollouts: Rollouts, num_shards: int = 1, rows: list[int] | None = None) -> list:
+        out = super().score(rollouts, num_shards, rows)
+        telemetry.counter("distill_teacher_scored_tokens").inc(out[0].response_tokens)
         return out
 
 

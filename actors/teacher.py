@@ -1,5 +1,9 @@
-"""Teacher scorer: the teacher in plain torch, returning log-probs of every response position over the
-vocabulary (dense), or the top-k with the remaining mass (sparse)."""
+"""Teacher scorer: the teacher in plain torch, returning its log-probs at the response positions only, split into
+one shard per learner rank so each rank fetches just its own part.
+
+Transports (`teacher.transport`): `dense` full-vocabulary log-probs in the compute dtype, or `topk` (top-k ids and
+log-probs plus the exact tail mass); with either, the exact log-prob of every sampled token. The head and the
+log-softmax run only where a response token is predicted, in chunks of `chunk_tokens` positions."""
 
 from __future__ import annotations
 
@@ -8,57 +12,86 @@ import time
 import torch
 
 from common.data import LMBatch
-from common.models import load_model
-from common.rollout import Rollouts, TeacherScores, gather_positions, pack_rollouts
+from common.logprobs import TopKLogprobs, topk_logprobs, vocab_log_softmax
+from common.models import DTYPES, final_hidden_states, load_model
+from common.rollout import BatchInfo, Rollouts, ScoredShard, gather_positions, pack_rollouts, shard_rows, slice_packed
 
 
 class Teacher:
-    def __init__(
-        self,
-        teacher_dir: str,
-        vocab_size: int,
-        pad_id: int,
-        batch_size: int = 16,
-        top_k: int | None = None,
-        dtype: str = "float32",
-    ):
+    def __init__(self, teacher_dir: str, vocab_size: int, pad_id: int, batch_size: int = 16,
+                 transport: str = "dense", top_k: int = 64, dtype: str = "float32", chunk_tokens: int = 1024):
+        if transport not in ("dense", "topk"):
+            raise ValueError(f"unknown teacher transport {transport!r} (use 'dense' or 'topk')")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(teacher_dir, dtype).to(self.device).eval()
+        self.head = self.model.get_output_embeddings()
         self.vocab_size, self.pad_id = vocab_size, pad_id
-        self.batch_size, self.top_k = batch_size, top_k
+        self.batch_size, self.transport, self.top_k = batch_size, transport, top_k
+        self.wire_dtype = DTYPES[dtype]  # dense log-probs travel in the compute dtype (bf16 on GPU)
+        self.chunk_tokens = chunk_tokens
         self.stats = {"scored_tokens": 0, "score_seconds": 0.0}
 
-    def _logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)).logits
-        # padded embedding rows beyond the tokenizer are not tokens: slice before normalising
-        return torch.log_softmax(logits[..., : self.vocab_size].float(), dim=-1)
+    @torch.no_grad()
+    def _flat_logprobs(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+                       where: torch.Tensor) -> torch.Tensor:
+        """float32 log-probs [N, V] of the positions that predict real targets (`where` [B, T] picks them)."""
+        hidden = final_hidden_states(self.model, input_ids.to(self.device), attention.to(self.device))
+        flat = gather_positions(hidden, positions.to(self.device))[where.to(self.device) > 0]
+        return torch.cat([vocab_log_softmax(self.head(flat[i : i + self.chunk_tokens]), self.vocab_size)
+                          for i in range(0, max(flat.shape[0], 1), self.chunk_tokens)])
+
+    def _pack_teacher(self, logp: torch.Tensor) -> torch.Tensor | TopKLogprobs:
+        if self.transport == "topk":
+            top = topk_logprobs(logp, min(self.top_k, logp.shape[-1]))
+            return TopKLogprobs(top.ids.cpu(), top.logprobs.cpu(), top.tail.cpu())
+        return logp.to(self.wire_dtype).cpu()
 
     @torch.no_grad()
-    def score(self, rollouts: Rollouts) -> TeacherScores:
+    def score(self, rollouts: Rollouts, num_shards: int = 1, rows: list[int] | None = None) -> list:
+        """[BatchInfo, shard_0, ..., shard_{n-1}]: call with `.options(num_returns=1 + num_shards)` so the driver
+        holds references only. `rows` scores a subset of the rollouts (the in-run evaluation's KL prompts)."""
         t0 = time.perf_counter()
+        if rows is not None:
+            rollouts = rollouts.select(rows)
         packed = pack_rollouts(rollouts, self.pad_id)
-        chunks = []
-        for start in range(0, len(rollouts), self.batch_size):
-            sl = slice(start, start + self.batch_size)
-            logp = self._logprobs(packed.input_ids[sl], packed.attention_mask[sl])
-            chunks.append(gather_positions(logp, packed.predict_pos[sl].to(self.device)).cpu())
-        dense = torch.cat(chunks)
-        token_lp = dense.gather(-1, packed.tokens.unsqueeze(-1)).squeeze(-1) * packed.mask
-        self.stats["scored_tokens"] += int(packed.mask.sum().item())
+        shards = []
+        for sl in shard_rows(len(rollouts), num_shards):
+            part = slice_packed(packed, sl)
+            token_lp = torch.zeros_like(part.mask)
+            pieces = []
+            for start in range(0, len(part.tokens), self.batch_size):
+                b = slice(start, start + self.batch_size)
+                logp = self._flat_logprobs(part.input_ids[b], part.attention_mask[b], part.predict_pos[b],
+                                           part.mask[b])
+                real = part.mask[b] > 0
+                token_lp[b][real] = logp.gather(-1, part.tokens[b][real].to(logp.device).unsqueeze(-1)).squeeze(-1).cpu()
+                pieces.append(logp)
+            logp = torch.cat(pieces) if pieces else torch.zeros(0, self.vocab_size)
+            shards.append(ScoredShard(part, token_lp, self._pack_teacher(logp)))
         elapsed = time.perf_counter() - t0
+        n_tok = rollouts.num_tokens
+        self.stats["scored_tokens"] += n_tok
         self.stats["score_seconds"] += elapsed
-        if self.top_k is None:
-            return TeacherScores(token_lp, packed.mask, logprobs=dense, seconds=elapsed)
-        vals, ids = dense.topk(self.top_k, dim=-1)
-        rest = torch.log1p(-vals.exp().sum(-1).clamp(max=1 - 1e-6))
-        return TeacherScores(
-            token_lp, packed.mask, topk_ids=ids, topk_logprobs=vals, rest_logprob=rest, seconds=elapsed
+        info = BatchInfo(
+            weight_version=rollouts.weight_version, sequences=len(rollouts), response_tokens=n_tok,
+            teacher_tokens=sum(sum(o) for o in rollouts.owners), finished=sum(rollouts.finished),
+            sample_seconds=rollouts.seconds, score_seconds=elapsed, teacher_bytes=sum(s.teacher_bytes for s in shards),
         )
+        return [info, *shards]
 
     @torch.no_grad()
-    def score_lm_batch(self, batch: LMBatch) -> torch.Tensor:
-        """Dense [B, L-1, V] log-probs at every next-token position of a ground-truth batch (for word KD)."""
-        return self._logprobs(batch.input_ids, batch.attention_mask)[:, :-1].cpu()
+    def score_lm(self, *batches: LMBatch) -> list[torch.Tensor]:
+        """Word-level KD targets: dense log-probs [N_r, V] at the response positions of each learner rank's
+        ground-truth batch (rows where `loss_mask` is 1, row-major), in the compute dtype. Call with
+        `.options(num_returns=len(batches))`; always dense (the KD loss sums over the whole vocabulary)."""
+        out = []
+        for batch in batches:
+            n, length = batch.input_ids.shape
+            positions = torch.arange(length - 1).expand(n, -1)
+            pieces = [self._flat_logprobs(batch.input_ids[b], batch.attention_mask[b], positions[b], batch.loss_mask[b])
+                      for b in (slice(s, s + self.batch_size) for s in range(0, n, self.batch_size))]
+            out.append(torch.cat(pieces).to(self.wire_dtype).cpu())
+        return out if len(out) > 1 else out[0]  # type: ignore[return-value]
 
     def get_stats(self) -> dict[str, float]:
         return dict(self.stats)

@@ -76,7 +76,6 @@ class ModelsConfig(_Section):
 class DataConfig(_Section):
     train: str = "../shared/data/dolly/train.jsonl"
     valid: str = "../shared/data/dolly/valid.jsonl"
-    test: str = "../shared/data/dolly/test.jsonl"
     pretrain: str | None = "../shared/data/pretrain/tinyshakespeare.txt"
     max_prompt_tokens: int = Field(256, gt=0)
     max_response_tokens: int = Field(128, gt=0)  # SFT targets longer than this are dropped (and counted)
@@ -89,7 +88,6 @@ class SamplerConfig(_Section):
     num_samplers: int = Field(1, ge=1)
     max_new_tokens: int = Field(64, gt=0)
     temperature: float = Field(1.0, gt=0)
-    prompts_per_batch: int = Field(16, gt=0)
     kv_cache_mb: int = Field(256, gt=0)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # GPU only; CPU uses kv_cache_mb
     tensor_parallel_size: int = Field(1, ge=1)
@@ -97,8 +95,12 @@ class SamplerConfig(_Section):
 
 class TeacherConfig(_Section):
     num_teachers: int = Field(1, ge=1)
-    batch_size: int = Field(16, gt=0)
-    top_k: int | None = Field(None, gt=0)  # None: dense full-vocabulary log-probs
+    batch_size: int = Field(16, gt=0)  # sequences per teacher forward
+    # how the teacher's log-probs reach the learner (both carry the exact log-prob of every sampled token):
+    # dense: full vocabulary at the response positions, in models.dtype; topk: the top_k tokens' log-probs plus the
+    # exact tail mass (the single-step KL becomes the coarsened KL, a lower bound of the full one). KD is always dense.
+    transport: Literal["dense", "topk"] = "dense"
+    top_k: int = Field(64, gt=0)
 
 
 class ObjectiveConfig(_Section):
@@ -109,7 +111,9 @@ class ObjectiveConfig(_Section):
     long_weight: float = Field(1.0, ge=0)
     pt_weight: float = Field(1.0, ge=0)  # weight of the pre-training LM loss
     kd_ratio: float = Field(0.5, ge=0, le=1)  # KD baseline: loss = kd_ratio*KD + (1-kd_ratio)*NLL
-    reduction: Literal["seq", "token"] = "seq"
+    # token: every real token of the mini-batch weighs the same (sum / token count, counted across ranks), as in
+    # Algorithm 1 and the reference code; seq: each response's mean, averaged over responses
+    reduction: Literal["token", "seq"] = "token"
 
 
 class LearnerConfig(_Section):
@@ -118,6 +122,9 @@ class LearnerConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     batch_size: int = Field(16, gt=0)  # rollouts per update
+    # positions per chunk of the LM head / log-softmax / vocabulary-wide terms: bounds learner memory at
+    # chunk x vocabulary floats whatever the batch and response length
+    logit_chunk_tokens: int = Field(1024, gt=0)
     pretrain_batch_size: int = Field(8, gt=0)
     minillm_steps: int = Field(40, ge=0)
     max_version_lag: int = Field(1, ge=0)  # rollouts older than this many weight versions are refused
@@ -139,7 +146,6 @@ class EvalConfig(_Section):
     every_steps: int = Field(20, gt=0)
     num_prompts: int = Field(64, gt=0)  # validation prompts for ROUGE-L during training
     max_new_tokens: int = Field(64, gt=0)
-    seeds: list[int] = [10, 20, 30, 40, 50]
     kl_prompts: int = Field(32, gt=0)  # held-out prompts for the reverse-KL estimate
 
 
@@ -188,10 +194,6 @@ class DistillConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> DistillConfig:
-        if self.sampler.prompts_per_batch < self.learner.batch_size and self.method == "minillm":
-            raise ValueError(
-                "sampler.prompts_per_batch must be >= learner.batch_size (one update consumes one sampled batch)"
-            )
         tp = self.sampler.tensor_parallel_size
         if tp > 1 and self.cluster.sampler_gpus < tp:
             raise ValueError(
@@ -225,7 +227,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`["learner.lr=1e-4", "eval.seeds=[1,2]"]` -> nested dict; values are parsed as YAML scalars/lists."""
+    """`["learner.lr=1e-4", "data.max_prompt_tokens=64"]` -> nested dict; values are parsed as YAML scalars/lists."""
     tree: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")

@@ -142,3 +142,24 @@ def save_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, o
     if old.exists():
         shutil.rmtree(old)
     return out
+
+
+def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The hidden states the LM head reads, [B, L, H], from one forward of the whole model that runs the head on
+    one position only (`logits_to_keep=1`), so callers apply the head just where a loss needs it.
+
+    The model is called as a whole (not its base module) so that FSDP's root hooks run: they gather the root's
+    parameters (embeddings, final norm, head), which stay gathered until the backward pass."""
+    base = model.base_model
+    captured: list[torch.Tensor] = []
+
+    def keep(_module: torch.nn.Module, _args: object, output: object) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)  # type: ignore[attr-defined]
+
+    handle = base.register_forward_hook(keep)
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    # tie the root forward's output into the graph at zero cost, so FSDP's root backward hooks fire
+    return captured[-1] + 0.0 * out.logits.sum() if torch.is_grad_enabled() else captured[-1]

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.logprobs import TopKLogprobs
+
 
 @dataclass
 class Rollouts:
@@ -42,32 +44,64 @@ class Rollouts:
 
 
 @dataclass
-class TeacherScores:
-    """Teacher log-probs at every response position, right-padded to the longest response.
+class ScoredShard:
+    """One learner rank's part of a scored batch: its rollouts packed for a forward pass, and the teacher's
+    log-probs at their response positions. The teacher builds one per rank, so each rank fetches only its own.
 
-    Dense: `logprobs` is [B, T, V] (log-softmaxed over the tokenizer's vocabulary).
-    Sparse (top-k): `topk_ids`/`topk_logprobs` are [B, T, k] and `rest_logprob` [B, T] is the log of the mass
-    outside the top-k, so the distribution's total mass is kept.
+    `teacher` holds one row per real response token, in row-major order of `packed.mask` (no padding rows):
+    dense [N, V] log-probs in the transport dtype, or TopKLogprobs ([N, k] ids and log-probs, [N] exact tail).
+    `teacher_token_logprobs` [b, T] is the teacher's exact log p(y_t) of each sampled token, whatever the transport.
     """
 
-    token_logprobs: torch.Tensor  # [B, T] teacher log-prob of each sampled token (0 on padding)
-    mask: torch.Tensor  # [B, T] 1 on real response tokens
-    logprobs: torch.Tensor | None = None
-    topk_ids: torch.Tensor | None = None
-    topk_logprobs: torch.Tensor | None = None
-    rest_logprob: torch.Tensor | None = None
-    seconds: float = 0.0  # wall time the teacher spent scoring
+    packed: PackedRollouts
+    teacher_token_logprobs: torch.Tensor
+    teacher: torch.Tensor | TopKLogprobs
 
-    def dense(self, vocab_size: int) -> torch.Tensor:
-        """Full [B, T, V] log-probs; for top-k, the remaining mass is spread evenly over the other tokens."""
-        if self.logprobs is not None:
-            return self.logprobs
-        assert self.topk_ids is not None and self.topk_logprobs is not None and self.rest_logprob is not None
-        k = self.topk_ids.shape[-1]
-        fill = self.rest_logprob - torch.log(torch.tensor(float(max(vocab_size - k, 1))))
-        out = fill.unsqueeze(-1).expand(*fill.shape, vocab_size).clone()
-        out.scatter_(-1, self.topk_ids, self.topk_logprobs)
-        return out
+    def __len__(self) -> int:
+        return self.packed.tokens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.packed.mask.sum().item())
+
+    @property
+    def teacher_bytes(self) -> int:
+        t = self.teacher
+        return t.nbytes if isinstance(t, TopKLogprobs) else t.numel() * t.element_size()
+
+
+@dataclass
+class BatchInfo:
+    """What the driver learns about a scored batch: numbers only, never tensors (the shards go to the learner by
+    reference)."""
+
+    weight_version: int
+    sequences: int
+    response_tokens: int
+    teacher_tokens: int  # tokens sampled by the teacher (alpha > 0)
+    finished: int  # responses that ended with EOS
+    sample_seconds: float
+    score_seconds: float
+    teacher_bytes: int  # payload of the teacher's log-probs, all shards
+
+    def as_dict(self) -> dict[str, float]:
+        n = max(self.response_tokens, 1)
+        return {
+            "mean_response_tokens": self.response_tokens / max(self.sequences, 1),
+            "teacher_token_share": self.teacher_tokens / n,
+            "finished_share": self.finished / max(self.sequences, 1),
+            "sampler_tokens_per_s": self.response_tokens / max(self.sample_seconds, 1e-9),
+            "teacher_tokens_per_s": self.response_tokens / max(self.score_seconds, 1e-9),
+            "teacher_bytes_per_token": self.teacher_bytes / n,
+        }
+
+
+def shard_rows(n: int, parts: int) -> list[slice]:
+    """Equal contiguous row slices, one per learner rank (every rank takes an equal part of each batch)."""
+    if n % parts:
+        raise ValueError(f"a batch of {n} cannot be split evenly over {parts} learner workers")
+    size = n // parts
+    return [slice(i * size, (i + 1) * size) for i in range(parts)]
 
 
 @dataclass
@@ -112,7 +146,12 @@ def pack_rollouts(rollouts: Rollouts, pad_id: int) -> PackedRollouts:
     return pack_sequences(rollouts.prompt_ids, rollouts.response_ids, pad_id, rollouts.old_logprobs)
 
 
-def gather_positions(logits: torch.Tensor, predict_pos: torch.Tensor) -> torch.Tensor:
-    """[B, L, V] logits -> [B, T, V] at the positions that predict each response token."""
-    index = predict_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-    return torch.gather(logits, 1, index)
+def gather_positions(states: torch.Tensor, predict_pos: torch.Tensor) -> torch.Tensor:
+    """[B, L, D] (hidden states or logits) -> [B, T, D] at the positions that predict each response token."""
+    index = predict_pos.unsqueeze(-1).expand(-1, -1, states.shape[-1])
+    return torch.gather(states, 1, index)
+
+
+def slice_packed(p: PackedRollouts, rows: slice) -> PackedRollouts:
+    return PackedRollouts(p.input_ids[rows], p.attention_mask[rows], p.predict_pos[rows], p.tokens[rows],
+                          p.mask[rows], p.old_logprobs[rows])

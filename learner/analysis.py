@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from common.data import collate_prompt_response
-from learner.objectives import truncate_vocab
+from common.logprobs import vocab_log_softmax
+from learner.objectives import reverse_kl_per_token, word_kd_token_losses
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,8 @@ class PositionKLs:
 def _response_logprobs(
     model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor, vocab_size: int
 ) -> torch.Tensor:
-    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-    return torch.log_softmax(truncate_vocab(logits, vocab_size), dim=-1)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+    return vocab_log_softmax(logits, vocab_size)
 
 
 @torch.no_grad()
@@ -61,10 +62,10 @@ def position_kls(
         batch = collate_prompt_response(pairs, pad_id)
         logq = _response_logprobs(student, batch.input_ids, batch.attention_mask, vocab_size)
         logp = _response_logprobs(teacher, batch.input_ids, batch.attention_mask, vocab_size)
-        q, p = logq.exp(), logp.exp()
-        rev = (q * (logq - logp)).sum(-1)
-        fwd = (p * (logp - logq)).sum(-1)
-        mask = batch.loss_mask.bool()  # already aligned with the predicting positions
+        mask = batch.loss_mask  # already aligned with the predicting positions
+        rev = reverse_kl_per_token(logq, logp, mask)  # log-probs are logits too: log_softmax is idempotent
+        fwd = word_kd_token_losses(logq, logp, mask)
+        mask = mask.bool()
         for i in range(len(pairs)):
             reverse.append(rev[i][mask[i]].tolist())
             forward.append(fwd[i][mask[i]].tolist())

@@ -1,44 +1,64 @@
 """The MiniLLM objective and its companions as small, fully specified pure torch functions (no Ray).
 
-Shapes: B sequences, T response positions, V vocabulary. Position t's logits predict `tokens[:, t]`;
-`mask` is 1 on real response tokens and 0 on padding (left, right or anywhere: nothing assumes contiguity).
-Padding positions may hold garbage (NaN logits, -inf teacher log-probs, out-of-range token ids); it never
-reaches an output or a gradient.
+Shapes: any leading dims [...] (the learner passes flat response tokens [N], tests pass [B, T]), V vocabulary.
+Position t's logits predict `tokens[..., t]`; `mask` is 1 on real response tokens and 0 on padding (anywhere:
+nothing assumes contiguity). Padding positions may hold garbage (NaN logits, -inf teacher log-probs,
+out-of-range token ids); it never reaches an output or a gradient.
 
-    minillm_token_losses   the paper's single-step and PPO-clipped long-term terms per token
+The teacher is either dense log-probs [..., V] or `TopKLogprobs` (top-k ids and log-probs + the exact tail
+mass). With top-k the single-step term is the KL between the two distributions coarsened to the teacher's top-k
+tokens plus one tail bucket; by the log-sum inequality it is a lower bound of the full KL, with gap
+sum_{v in tail} q_v log(q_v / p_v) - q_tail log(q_tail / p_tail) >= 0. The rewards and importance weights always
+use the teacher's exact log-prob of the sampled token (`teacher_token_logprobs`), whatever the transport.
+
+    minillm_token_losses   the paper's single-step and PPO-clipped long-term terms per token (+ KL and rho)
     sequence_future_reward R_{t+1}: mean (or sum) of the rewards of a sequence's later tokens
     mixture_logprob        log p~(y) for the teacher-mixed sampling distribution
+    single_step_kl         KL[q || p] per position: exact (dense) or coarsened (top-k)
     token_nll              next-token NLL (SFT and the pre-training loss L_PT)
     word_kd_token_losses   word-level KD: forward KL[p || q] per position (the KD baseline)
-    reverse_kl_per_token   exact KL[q || p] per position (a metric)
-    reduce_losses          per-token -> scalar, per sequence ("seq", the default) or per token
-    truncate_vocab         drop padded embedding rows beyond the tokenizer's vocabulary
+    token_weights          per-token weights of a reduction ("token" mean, or "seq": per-sequence means)
+    reduce_losses          per-token -> scalar with those weights
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from common.logprobs import TopKLogprobs, tail_logprob, vocab_log_softmax
 
 # A teacher log-prob of -inf (probability exactly 0) would make KL[q || p] infinite and its gradient NaN,
 # and 0 * -inf = NaN where q underflows to 0. Floor teacher log-probs at a finite value far below anything
 # a real float32 log-softmax produces; only pathological inputs are changed by it.
 LOGP_FLOOR = -1e4
 
+Teacher = Tensor | TopKLogprobs
+
 
 def _masked_log_softmax(logits: Tensor, mask: Tensor) -> Tensor:
     # Padding may hold anything (even NaN/inf): replace it before normalising so no NaN reaches a gradient
     # (torch.where routes a zero gradient to the discarded branch).
     keep = mask.unsqueeze(-1) > 0
-    return torch.log_softmax(torch.where(keep, logits, torch.zeros_like(logits)), dim=-1)
+    return vocab_log_softmax(torch.where(keep, logits, torch.zeros_like(logits)), logits.shape[-1])
 
 
-def _clean_teacher(teacher_logprobs: Tensor, mask: Tensor) -> Tensor:
-    keep = mask.unsqueeze(-1) > 0
-    clean = torch.where(keep, teacher_logprobs, torch.zeros_like(teacher_logprobs))
-    return clean.nan_to_num(nan=LOGP_FLOOR, neginf=LOGP_FLOOR).clamp_min(LOGP_FLOOR).detach()
+def _floor(logprobs: Tensor) -> Tensor:
+    return logprobs.nan_to_num(nan=LOGP_FLOOR, neginf=LOGP_FLOOR).clamp_min(LOGP_FLOOR)
+
+
+def _clean_teacher(teacher: Teacher, mask: Tensor, dtype: torch.dtype) -> Teacher:
+    keep = mask > 0
+    if isinstance(teacher, TopKLogprobs):
+        lp = torch.where(keep.unsqueeze(-1), teacher.logprobs.to(dtype), torch.zeros((), dtype=dtype))
+        tail = torch.where(keep, teacher.tail.to(dtype), torch.zeros((), dtype=dtype))
+        ids = torch.where(keep.unsqueeze(-1), teacher.ids, torch.zeros_like(teacher.ids)).long()
+        return TopKLogprobs(ids, _floor(lp).detach(), _floor(tail).detach())
+    clean = torch.where(keep.unsqueeze(-1), teacher.to(dtype), torch.zeros((), dtype=dtype))
+    return _floor(clean).detach()
 
 
 def _safe_tokens(tokens: Tensor, mask: Tensor) -> Tensor:
@@ -50,9 +70,22 @@ def _token_logprob(logprobs: Tensor, tokens: Tensor) -> Tensor:
     return logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def _exact_reverse_kl(logq: Tensor, logp: Tensor) -> Tensor:
-    # sum_v q (log q - log p); q = 0 entries give 0 * finite = 0 because logp is floored
+def _kl_terms(logq: Tensor, logp: Tensor) -> Tensor:
+    # sum q (log q - log p); q = 0 entries give 0 * finite = 0 because logp is floored
     return (logq.exp() * (logq - logp)).sum(-1)
+
+
+def single_step_kl(logq: Tensor, teacher: Teacher) -> Tensor:
+    """KL[q || p] per position from the student's log-probs [..., V] (with grad) and a cleaned teacher.
+
+    Dense: exact over the vocabulary. Top-k: the KL of both distributions coarsened to the teacher's top-k tokens
+    plus one tail bucket (student tail = 1 - sum of its top-k mass, from a log-sum-exp): a lower bound of the
+    full KL (log-sum inequality), exact when the tail distributions are proportional."""
+    if not isinstance(teacher, TopKLogprobs):
+        return _kl_terms(logq, teacher)
+    head = _kl_terms(logq.gather(-1, teacher.ids), teacher.logprobs)
+    logq_tail = tail_logprob(logq, teacher.ids).clamp_min(LOGP_FLOOR)  # exp(floor) = 0: an empty tail adds 0
+    return head + logq_tail.exp() * (logq_tail - teacher.tail)
 
 
 def sequence_future_reward(r: Tensor, mask: Tensor, length_norm: bool = True) -> Tensor:
@@ -83,42 +116,63 @@ def mixture_logprob(teacher_token_logprobs: Tensor, old_logprobs: Tensor, alpha:
     return torch.logaddexp(teacher_token_logprobs + math.log(alpha), old_logprobs + math.log1p(-alpha))
 
 
+class MiniLLMTerms(NamedTuple):
+    """Per-token terms, each shaped like `mask` and exactly 0 where it is 0."""
+
+    single: Tensor  # w_t * KL[q_theta || p] (with grad through q_theta)
+    long: Tensor  # PPO-clipped -R_{t+1} rho_t (with grad through rho_t)
+    kl: Tensor  # the single-step KL itself, detached (a metric: the reverse KL per token)
+    rho: Tensor  # q_theta(y_t) / p~(y_t), detached
+
+
 def minillm_token_losses(
     student_logits: Tensor,
-    teacher_logprobs: Tensor,
+    teacher: Teacher,
     tokens: Tensor,
     mask: Tensor,
     old_logprobs: Tensor,
     alpha: float,
     clip_eps: float | None,
     length_norm: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """MiniLLM's per-token (single, long) terms, each [B, T], exactly 0 where mask is 0.
+    *,
+    teacher_token_logprobs: Tensor | None = None,
+    future_reward: Tensor | None = None,
+) -> MiniLLMTerms:
+    """MiniLLM's per-token (single, long) terms, with the KL and rho they used.
 
-    student_logits [B, T, V] (with grad); teacher_logprobs [B, T, V] log-softmaxed; tokens [B, T] the
-    sampled responses; old_logprobs [B, T] the student's log-prob of each token when it was sampled.
+    student_logits [..., V] (with grad); teacher: log-softmaxed dense [..., V] or TopKLogprobs; tokens [...] the
+    sampled responses; old_logprobs [...] the student's log-prob of each token when it was sampled;
+    teacher_token_logprobs [...] the teacher's exact log p(y_t) (required for top-k; gathered from dense when None).
 
-    r_t = log p(y_t) - log q_old(y_t) (no gradient); R_{t+1} = sequence_future_reward(r) (later tokens);
-    rho_t = q_theta(y_t) / p~(y_t) with p~ = alpha p + (1 - alpha) q_old; w_t = rho_t detached.
-    single_t = w_t * KL[q_theta(.|t) || p(.|t)] over the whole vocabulary (exact, through q_theta);
-    long_t = max(-R_{t+1} rho_t, -R_{t+1} clip(rho_t, 1 - eps, 1 + eps)); clip_eps None (or <= 0) disables
-    the clipping.
+    r_t = log p(y_t) - log q_old(y_t) (no gradient); R_{t+1} = sequence_future_reward(r) over the last dim, or
+    `future_reward` when given (the learner computes it per sequence, then evaluates the rest in chunks of tokens);
+    rho_t = q_theta(y_t) / p~(y_t) with p~ = alpha p + (1 - alpha) q_old; w_t = rho_t detached;
+    single_t = w_t * single_step_kl(q_theta, p); long_t = max(-R_{t+1} rho_t, -R_{t+1} clip(rho_t, 1 - eps, 1 + eps));
+    clip_eps None (or <= 0) disables the clipping.
     """
     mask = mask.to(student_logits.dtype)
     real = mask > 0
     tokens = _safe_tokens(tokens, mask)
     logq = _masked_log_softmax(student_logits, mask)
-    logp = _clean_teacher(teacher_logprobs.to(logq.dtype), mask)
+    clean = _clean_teacher(teacher, mask, logq.dtype)
+    if teacher_token_logprobs is None:
+        if isinstance(clean, TopKLogprobs):
+            raise ValueError("top-k teacher log-probs need teacher_token_logprobs (the exact log p of each token)")
+        logp_y = _token_logprob(clean, tokens)
+    else:
+        logp_y = _floor(torch.where(real, teacher_token_logprobs.to(logq.dtype), torch.zeros_like(mask))).detach()
     old = torch.where(real, old_logprobs.to(logq.dtype), torch.zeros_like(mask)).detach()
 
-    logq_y = _token_logprob(logq, tokens)
-    logp_y = _token_logprob(logp, tokens)
-    reward = torch.where(real, logp_y - old, torch.zeros_like(old))  # logp is detached already
-    future = sequence_future_reward(reward, mask, length_norm)
+    if future_reward is None:
+        reward = torch.where(real, logp_y - old, torch.zeros_like(old))
+        future_reward = sequence_future_reward(reward, mask, length_norm)
+    future = torch.where(real, future_reward.to(logq.dtype), torch.zeros_like(mask)).detach()
 
+    logq_y = _token_logprob(logq, tokens)
     log_rho = logq_y - mixture_logprob(logp_y, old, alpha)
     rho = torch.exp(torch.where(real, log_rho, torch.zeros_like(log_rho)))
-    single = rho.detach() * _exact_reverse_kl(logq, logp) * mask
+    kl = single_step_kl(logq, clean) * mask
+    single = rho.detach() * kl
 
     # PPO's pessimistic bound: the max of the two losses, so the ratio cannot profit from leaving [1-e, 1+e]
     unclipped = -future * rho
@@ -126,11 +180,11 @@ def minillm_token_losses(
         long = unclipped
     else:
         long = torch.maximum(unclipped, -future * rho.clamp(1.0 - clip_eps, 1.0 + clip_eps))
-    return single, long * mask
+    return MiniLLMTerms(single, long * mask, kl.detach(), rho.detach() * mask)
 
 
 def token_nll(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-    """-log q(target) per position, [B, T]; 0 on padding. logits[:, t] predict targets[:, t]; log-probs
+    """-log q(target) per position, [...]; 0 on padding. logits[..., t, :] predict targets[..., t]; log-probs
     are accepted too (log_softmax is idempotent)."""
     mask = mask.to(logits.dtype)
     logq = _masked_log_softmax(logits, mask)
@@ -138,8 +192,8 @@ def token_nll(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
 
 
 def word_kd_token_losses(student_logits: Tensor, teacher_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """Forward KL[p || q_theta] per position, [B, T]: sum_v p (log p - log q); 0 on padding. Tokens the
-    teacher gives probability 0 (-inf, or underflow) contribute 0, the limit of p log p."""
+    """Forward KL[p || q_theta] per position, [...]; 0 on padding. Tokens the teacher gives probability 0 (-inf,
+    or underflow) contribute 0, the limit of p log p."""
     mask = mask.to(student_logits.dtype)
     logq = _masked_log_softmax(student_logits, mask)
     keep = mask.unsqueeze(-1) > 0
@@ -149,40 +203,38 @@ def word_kd_token_losses(student_logits: Tensor, teacher_logprobs: Tensor, mask:
     return term.sum(-1) * mask
 
 
-def reverse_kl_per_token(student_logits: Tensor, teacher_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """Exact KL[q || p] per position over the vocabulary, [B, T]; 0 on padding."""
+def reverse_kl_per_token(student_logits: Tensor, teacher: Teacher, mask: Tensor) -> Tensor:
+    """KL[q || p] per position, [...]; 0 on padding (exact for a dense teacher, coarsened for top-k)."""
     mask = mask.to(student_logits.dtype)
     logq = _masked_log_softmax(student_logits, mask)
-    logp = _clean_teacher(teacher_logprobs.to(logq.dtype), mask)
-    return _exact_reverse_kl(logq, logp) * mask
+    return single_step_kl(logq, _clean_teacher(teacher, mask, logq.dtype)) * mask
 
 
-def reduce_losses(per_token: Tensor, mask: Tensor, mode: str = "seq") -> Tensor:
-    """Per-token losses [B, T] -> scalar.
+def token_weights(mask: Tensor, mode: str = "token", total_tokens: float | None = None,
+                  total_sequences: float | None = None) -> Tensor:
+    """The weight of each token's loss in a reduction, [B, T] (0 on padding); the loss is sum(weights * per_token).
 
-    "seq" (the default, as in Algorithm 1): each sequence's sum over its real tokens divided by its number
-    of real tokens, then the mean over the sequences that have any. Every response counts equally whatever
-    its length (the paper's code normalises each response's loss by its length), so long responses do not
-    dominate the update.
-    "token": the sum over all real tokens / their total number (long responses weigh more).
-    An all-masked batch gives 0, still differentiable when per_token requires grad, never NaN.
+    "token" (the default; Algorithm 1 and the reference code): 1 / (number of real tokens in the mini-batch).
+    "seq": 1 / (T_i * number of sequences with any token): each response's mean, averaged over responses, so every
+    response counts equally whatever its length.
+    `total_tokens` / `total_sequences` are the mini-batch's totals when `mask` is only part of it (one worker's
+    slice, one micro-batch): with them the parts' weighted sums add up to the whole mini-batch's loss exactly.
     """
-    mask = mask.to(per_token.dtype)
+    mask = mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32)
+    if mode == "token":
+        n = mask.sum() if total_tokens is None else torch.tensor(float(total_tokens), dtype=mask.dtype)
+        return mask / n.clamp_min(1.0)
+    if mode != "seq":
+        raise ValueError(f"unknown reduction {mode!r} (use 'token' or 'seq')")
+    counts = mask.sum(-1, keepdim=True)
+    seqs = (counts > 0).sum() if total_sequences is None else torch.tensor(float(total_sequences))
+    return mask / counts.clamp_min(1.0) / seqs.to(mask.dtype).clamp_min(1.0)
+
+
+def reduce_losses(per_token: Tensor, mask: Tensor, mode: str = "token") -> Tensor:
+    """Per-token losses [B, T] -> scalar, weighted by `token_weights` (see there for the modes).
+    An all-masked batch gives 0, still differentiable when per_token requires grad, never NaN."""
+    weights = token_weights(mask, mode).to(per_token.dtype)
     # where, not multiply: a NaN/inf on padding must not leak (0 * inf = NaN)
     per_token = torch.where(mask > 0, per_token, torch.zeros_like(per_token))
-    if mode == "token":
-        return per_token.sum() / mask.sum().clamp_min(1.0)
-    if mode != "seq":
-        raise ValueError(f"unknown reduction {mode!r} (use 'seq' or 'token')")
-    counts = mask.sum(-1)
-    per_seq = per_token.sum(-1) / counts.clamp_min(1.0)
-    present = (counts > 0).to(per_token.dtype)
-    return (per_seq * present).sum() / present.sum().clamp_min(1.0)
-
-
-def truncate_vocab(logits_or_logprobs: Tensor, vocab_size: int) -> Tensor:
-    """Slice the last dim to the tokenizer's vocabulary, dropping padded embedding rows (callers then
-    re-normalise with log_softmax)."""
-    if vocab_size > logits_or_logprobs.shape[-1]:
-        raise ValueError(f"vocab_size {vocab_size} exceeds the last dim {logits_or_logprobs.shape[-1]}")
-    return logits_or_logprobs[..., :vocab_size]
+    return (per_token * weights).sum()

@@ -1,15 +1,21 @@
-"""One learner worker: the student under FSDP2 in a torch.distributed group, its optimiser, and the
-update steps of every method (SFT, word-level KD, MiniLLM). Plain class: Ray wraps it in learner/group.py.
+"""One learner worker: the student under FSDP2 in a torch.distributed group, its optimiser, and the update steps
+of every method (SFT, word-level KD, MiniLLM). Plain class: Ray wraps it in learner/group.py.
 
-Every worker gets an equal slice of each batch; FSDP averages gradients across workers, so N workers on
-a batch give the same step as one worker on the whole batch (the per-sequence reduction makes each
-worker's loss a mean over its slice).
+Only what a loss needs is computed: one forward gives the final hidden states, and the LM head, the log-softmax
+and every vocabulary-wide term run only at the positions that predict a target, in chunks of
+`learner.logit_chunk_tokens` positions. With more than one chunk each chunk is recomputed in the backward pass
+(activation checkpointing), so no [tokens, V] tensor larger than one chunk is ever alive: memory is flat in the
+response length. Metrics come from the same chunks (no second pass).
+
+Normalisation: every loss is a weighted sum of per-token terms whose weights use the whole mini-batch's totals
+(tokens, sequences), summed over ranks first; FSDP averages gradients over the N ranks, so each rank scales its
+sum by N. The update is then the same for any number of workers, whatever the response lengths.
 """
 
 from __future__ import annotations
 
-import os
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -17,48 +23,36 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 from common.config import LearnerConfig, ObjectiveConfig
 from common.data import LMBatch
-from common.models import load_model
-from common.rollout import PackedRollouts, gather_positions
+from common.logprobs import TopKLogprobs
+from common.models import final_hidden_states, load_model
+from common.rollout import ScoredShard, gather_positions
 from learner.objectives import (
     minillm_token_losses,
-    mixture_logprob,
-    reduce_losses,
     reverse_kl_per_token,
+    sequence_future_reward,
     token_nll,
+    token_weights,
     word_kd_token_losses,
 )
 
-
-def _log_softmax_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    # padded embedding rows beyond the tokenizer are not real tokens: drop them before normalising
-    return torch.log_softmax(logits[..., :vocab_size].float(), dim=-1)
+# per chunk: (loss to differentiate, detached per-token values to keep as metrics)
+ChunkFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class LearnerWorker:
-    def __init__(
-        self,
-        student_dir: str,
-        learner: LearnerConfig,
-        objective: ObjectiveConfig,
-        vocab_size: int,
-        rank: int,
-        world_size: int,
-        init_method: str,
-        dtype: str = "float32",
-        seed: int = 0,
-        lr: float | None = None,
-    ):
+    def __init__(self, student_dir: str, learner: LearnerConfig, objective: ObjectiveConfig, vocab_size: int,
+                 rank: int, world_size: int, init_method: str, dtype: str = "float32", seed: int = 0):
         backend = learner.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu")
         if not dist.is_initialized():
-            dist.init_process_group(
-                backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(minutes=10)
-            )
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                    timeout=timedelta(minutes=10))
         self.rank, self.world_size = rank, world_size
         self.cfg, self.obj, self.vocab_size = learner, objective, vocab_size
         torch.manual_seed(seed)
@@ -71,37 +65,68 @@ class LearnerWorker:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         self.model = model
+        self.head = model.get_output_embeddings()
         self.weight_sender = None  # set by init_weight_sender on rank 0 (learner.weight_sync=collective)
-        self.set_optimizer(lr or learner.lr)
+        self.set_optimizer(learner.lr)
         self.steps = 0
 
     # ----- set-up ------------------------------------------------------------------------------------
     def set_optimizer(self, lr: float) -> None:
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.95)
-        )
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay,
+                                           betas=(0.9, 0.95))
 
     def load_state(self, student_dir: str) -> None:
         """Reload weights from an HF folder (e.g. the best SFT checkpoint) and reset the optimiser."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         full = load_model(student_dir).state_dict()
-        # a forward without backward (evaluation) leaves the root's parameters unsharded (plain tensors), and
-        # loading full tensors into that mix fails for tied embeddings: reshard everything first
-        for module in self.model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
+        self._reshard()
         set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
         self.set_optimizer(self.optimizer.param_groups[0]["lr"])
 
-    # ----- steps -------------------------------------------------------------------------------------
-    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
-        return out.logits
+    def _reshard(self) -> None:
+        # a forward without backward (evaluation) leaves the root's parameters unsharded (plain tensors), and
+        # loading or gathering full tensors from that mix fails for tied embeddings: reshard everything first
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    # ----- the shared machinery ----------------------------------------------------------------------
+    def _global_sum(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return final_hidden_states(self.model, input_ids.to(self.device), attention_mask.to(self.device))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)[..., : self.vocab_size]
+
+    def _chunked(self, hidden: torch.Tensor, fn: ChunkFn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Sum fn's loss over chunks of `hidden` [N, H] rows and concatenate its metrics. Several chunks are each
+        recomputed in backward (checkpointed), so at most one chunk's logits are alive at a time."""
+        n, size = hidden.shape[0], self.cfg.logit_chunk_tokens
+        if n <= size:
+            return fn(hidden, slice(0, n))
+        total = hidden.new_zeros((), dtype=torch.float32)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, n, size):
+            sl = slice(start, min(start + size, n))
+            if torch.is_grad_enabled():
+                loss, metrics = checkpoint(fn, hidden[sl], sl, use_reentrant=False)
+            else:
+                loss, metrics = fn(hidden[sl], sl)
+            total = total + loss
+            for k, v in metrics.items():
+                parts.setdefault(k, []).append(v)
+        return total, {k: torch.cat(v) for k, v in parts.items()}
 
     def _step(self, loss: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * self.world_size).backward()  # FSDP averages gradients over ranks; the loss is already global
         norm = 0.0
         if self.cfg.grad_clip is not None:
             total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -110,112 +135,131 @@ class LearnerWorker:
         self.steps += 1
         return norm
 
-    def _lm_loss(self, batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self._logits(batch.input_ids, batch.attention_mask)[:, :-1]
-        logp = _log_softmax_vocab(logits, self.vocab_size)
-        mask = batch.loss_mask.to(self.device)
-        nll = token_nll(logp, batch.input_ids[:, 1:].to(self.device), mask)
-        return reduce_losses(nll, mask, self.obj.reduction), (nll * mask).sum()
+    def _weights(self, mask: torch.Tensor, mode: str) -> torch.Tensor:
+        """Per-token weights [B, T] of this rank's part, normalised by the whole mini-batch (all ranks)."""
+        tokens = self._global_sum(float(mask.sum()))
+        seqs = self._global_sum(float((mask.sum(-1) > 0).sum()))
+        return token_weights(mask.float(), mode, tokens, seqs).to(self.device)
+
+    def _lm_terms(self, batch: LMBatch, mode: str, teacher: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted NLL (and, with a KD teacher [N, V], the weighted forward KL) at the target positions."""
+        mask = batch.loss_mask
+        where = mask.to(self.device) > 0
+        hidden = self._hidden(batch.input_ids, batch.attention_mask)[:, :-1][where]
+        targets = batch.input_ids[:, 1:].to(self.device)[where]
+        weights = self._weights(mask, mode)[where]
+        kd_teacher = teacher.to(self.device) if teacher is not None else None
+        r = self.obj.kd_ratio
+
+        def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            logits = self._logits(h)
+            ones = torch.ones(h.shape[0], device=self.device)
+            nll = token_nll(logits, targets[sl], ones)
+            if kd_teacher is None:
+                return (weights[sl] * nll).sum(), {"nll": nll.detach()}
+            kd = word_kd_token_losses(logits, kd_teacher[sl], ones)
+            return (weights[sl] * (r * kd + (1 - r) * nll)).sum(), {"nll": nll.detach(), "kd": kd.detach()}
+
+        return self._chunked(hidden, fn)
+
+    # ----- steps -------------------------------------------------------------------------------------
+    def sft_step(self, batch: LMBatch) -> dict[str, float]:
+        """NLL on ground-truth (or teacher-sampled, for SeqKD) responses. Returns this rank's share of the global
+        loss (ranks' shares add up) and its token count."""
+        t0 = time.perf_counter()
+        loss, m = self._lm_terms(batch, self.obj.reduction)
+        norm = self._step(loss)
+        return {"loss": loss.item(), "grad_norm": norm, "tokens": float(m["nll"].numel()),
+                "step_seconds": time.perf_counter() - t0}
+
+    def kd_step(self, batch: LMBatch, teacher_logprobs: torch.Tensor) -> dict[str, float]:
+        """Word-level KD: kd_ratio * forward KL[p || q] + (1 - kd_ratio) * NLL on ground-truth responses.
+        `teacher_logprobs` is [N, V] at this rank's target positions (row-major over `batch.loss_mask`)."""
+        t0 = time.perf_counter()
+        loss, m = self._lm_terms(batch, self.obj.reduction, teacher_logprobs)
+        norm = self._step(loss)
+        return {"loss": loss.item(), "kd_sum": m["kd"].sum().item(), "nll_sum": m["nll"].sum().item(),
+                "tokens": float(m["nll"].numel()), "grad_norm": norm, "step_seconds": time.perf_counter() - t0}
+
+    @torch.no_grad()
+    def eval_nll(self, batch: LMBatch) -> tuple[float, float]:
+        """Sum of token NLL and token count on this worker's slice (the caller adds across workers)."""
+        _, m = self._lm_terms(batch, "token")
+        return m["nll"].sum().item(), float(m["nll"].numel())
 
     def _pt_loss(self, pt_ids: torch.Tensor | None) -> torch.Tensor:
         if pt_ids is None or self.obj.pt_weight == 0:
             return torch.zeros((), device=self.device)
         ones = torch.ones_like(pt_ids)
-        batch = LMBatch(pt_ids, ones, ones[:, 1:].float())
-        return self._lm_loss(batch)[0]
+        return self._lm_terms(LMBatch(pt_ids, ones, ones[:, 1:].float()), "token")[0]
 
-    def sft_step(self, batch: LMBatch) -> dict[str, float]:
+    def minillm_step(self, shard: ScoredShard, alpha: float, pt_ids: torch.Tensor | None = None) -> dict[str, float]:
+        """One MiniLLM update: single-step (reverse KL, importance-weighted) + PPO-clipped long-term + pre-training
+        LM loss, on this rank's shard of the scored batch."""
         t0 = time.perf_counter()
-        loss, _ = self._lm_loss(batch)
-        norm = self._step(loss)
-        return {"loss": loss.item(), "grad_norm": norm, "step_seconds": time.perf_counter() - t0}
+        p, dev = shard.packed, self.device
+        where = p.mask.to(dev) > 0
+        old = p.old_logprobs.to(dev)
+        teacher_y = shard.teacher_token_logprobs.to(dev)
+        # R_{t+1} needs whole sequences; it uses no logits, so it is computed up front and the rest goes by chunks
+        reward = torch.where(where, teacher_y - old, torch.zeros_like(old))
+        future = sequence_future_reward(reward, where.float(), self.obj.length_norm)[where]
+        weights = self._weights(p.mask, self.obj.reduction)[where]
+        tokens, old, teacher_y = p.tokens.to(dev)[where], old[where], teacher_y[where]
+        teacher = shard.teacher
+        teacher = teacher.to(dev) if isinstance(teacher, torch.Tensor) else TopKLogprobs(
+            teacher.ids.to(dev), teacher.logprobs.to(dev), teacher.tail.to(dev))
+        hidden = gather_positions(self._hidden(p.input_ids, p.attention_mask), p.predict_pos.to(dev))[where]
+        o = self.obj
 
-    @torch.no_grad()
-    def eval_nll(self, batch: LMBatch) -> tuple[float, float]:
-        """Sum of token NLL and token count on this worker's slice (the caller adds across workers)."""
-        _, total = self._lm_loss(batch)
-        return total.item(), batch.loss_mask.sum().item()
+        def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            ones = torch.ones(h.shape[0], device=dev)
+            terms = minillm_token_losses(
+                self._logits(h), teacher[sl], tokens[sl], ones, old[sl], alpha, o.clip_eps,
+                teacher_token_logprobs=teacher_y[sl], future_reward=future[sl])
+            w = weights[sl]
+            loss = o.single_weight * (w * terms.single).sum() + o.long_weight * (w * terms.long).sum()
+            return loss, {"single": (w * terms.single).detach(), "long": (w * terms.long).detach(),
+                          "kl": terms.kl, "rho": terms.rho}
 
-    def kd_step(self, batch: LMBatch, teacher_logprobs: torch.Tensor) -> dict[str, float]:
-        """Word-level KD: kd_ratio * forward KL[p || q] + (1 - kd_ratio) * NLL on ground-truth responses.
-        `teacher_logprobs` is [B, L-1, V] at the same (shifted) positions as `batch.loss_mask`."""
-        t0 = time.perf_counter()
-        logits = self._logits(batch.input_ids, batch.attention_mask)[:, :-1]
-        logp = _log_softmax_vocab(logits, self.vocab_size)
-        mask = batch.loss_mask.to(self.device)
-        kd = word_kd_token_losses(logp, teacher_logprobs.to(self.device), mask)
-        nll = token_nll(logp, batch.input_ids[:, 1:].to(self.device), mask)
-        r = self.obj.kd_ratio
-        loss = reduce_losses(r * kd + (1 - r) * nll, mask, self.obj.reduction)
-        norm = self._step(loss)
-        return {
-            "loss": loss.item(),
-            "kd": reduce_losses(kd, mask, self.obj.reduction).item(),
-            "nll": reduce_losses(nll, mask, self.obj.reduction).item(),
-            "grad_norm": norm,
-            "step_seconds": time.perf_counter() - t0,
-        }
-
-    def minillm_step(
-        self, packed: PackedRollouts, teacher_logprobs: torch.Tensor, alpha: float, pt_ids: torch.Tensor | None = None
-    ) -> dict[str, float]:
-        """One MiniLLM update: single-step (exact reverse KL, importance-weighted) + PPO-clipped long-term
-        + pre-training LM loss. `teacher_logprobs` is [B, T, V] at the response positions."""
-        t0 = time.perf_counter()
-        logits = self._logits(packed.input_ids, packed.attention_mask)
-        student = gather_positions(logits, packed.predict_pos.to(self.device))[..., : self.vocab_size]
-        mask = packed.mask.to(self.device)
-        teacher = teacher_logprobs.to(self.device)
-        single, long = minillm_token_losses(
-            student.float(),
-            teacher,
-            packed.tokens.to(self.device),
-            mask,
-            packed.old_logprobs.to(self.device),
-            alpha,
-            self.obj.clip_eps,
-            length_norm=self.obj.length_norm,
-        )
-        l_single = reduce_losses(single, mask, self.obj.reduction)
-        l_long = reduce_losses(long, mask, self.obj.reduction)
+        loss, m = self._chunked(hidden, fn)
         l_pt = self._pt_loss(pt_ids)
-        loss = self.obj.single_weight * l_single + self.obj.long_weight * l_long + self.obj.pt_weight * l_pt
-        with torch.no_grad():
-            logq = torch.log_softmax(student.float(), -1)
-            logq_y = logq.gather(-1, packed.tokens.to(self.device).unsqueeze(-1)).squeeze(-1)
-            logp_y = teacher.gather(-1, packed.tokens.to(self.device).unsqueeze(-1)).squeeze(-1)
-            old = packed.old_logprobs.to(self.device)
-            rho = torch.exp(logq_y - mixture_logprob(logp_y, old, alpha))[mask > 0]
-            rkl = reduce_losses(reverse_kl_per_token(student.float(), teacher, mask), mask, "token")
-        norm = self._step(loss)
-        n_tok = mask.sum().item()
+        total = loss + o.pt_weight * l_pt
+        norm = self._step(total)
+        n_tok = int(where.sum().item())
+        rho = m["rho"] if n_tok else torch.ones(1)
         return {
-            "loss": loss.item(),
-            "loss_single": l_single.item(),
-            "loss_long": l_long.item(),
+            "loss": total.item(), "loss_single": m["single"].sum().item(), "loss_long": m["long"].sum().item(),
             "loss_pt": l_pt.item(),
-            "reverse_kl": rkl.item(),
-            "rho_min": rho.min().item() if n_tok else 1.0,
-            "rho_max": rho.max().item() if n_tok else 1.0,
-            "rho_mean": rho.mean().item() if n_tok else 1.0,
-            "response_tokens": n_tok,
-            "grad_norm": norm,
+            "kl_sum": m["kl"].sum().item(), "rho_min": rho.min().item(), "rho_max": rho.max().item(),
+            "rho_sum": m["rho"].sum().item(), "tokens": float(n_tok), "grad_norm": norm,
             "step_seconds": time.perf_counter() - t0,
         }
 
     @torch.no_grad()
-    def reverse_kl(self, packed: PackedRollouts, teacher_logprobs: torch.Tensor) -> tuple[float, float, int]:
-        """Exact per-position KL[q || p] summed over this slice's response tokens (a Rao-Blackwellised
-        estimate of the sequence-level reverse KL when the responses were sampled from q): (sum, tokens, seqs)."""
-        logits = self._logits(packed.input_ids, packed.attention_mask)
-        student = gather_positions(logits, packed.predict_pos.to(self.device))[..., : self.vocab_size]
-        mask = packed.mask.to(self.device)
-        kl = reverse_kl_per_token(student.float(), teacher_logprobs.to(self.device), mask)
-        return kl.sum().item(), mask.sum().item(), int((mask.sum(-1) > 0).sum().item())
+    def reverse_kl(self, shard: ScoredShard) -> tuple[float, float, int]:
+        """Per-position KL[q || p] (exact with a dense teacher) summed over this shard's response tokens: a
+        Rao-Blackwellised estimate of the sequence-level reverse KL when the responses were sampled from q.
+        Returns (sum, tokens, sequences)."""
+        p, dev = shard.packed, self.device
+        where = p.mask.to(dev) > 0
+        teacher = shard.teacher
+        teacher = teacher.to(dev) if isinstance(teacher, torch.Tensor) else TopKLogprobs(
+            teacher.ids.to(dev), teacher.logprobs.to(dev), teacher.tail.to(dev))
+        hidden = gather_positions(self._hidden(p.input_ids, p.attention_mask), p.predict_pos.to(dev))[where]
+
+        def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            kl = reverse_kl_per_token(self._logits(h), teacher[sl], torch.ones(h.shape[0], device=dev))
+            return kl.sum(), {}
+
+        total, _ = self._chunked(hidden, fn)
+        return total.item(), float(where.sum().item()), int((p.mask.sum(-1) > 0).sum().item())
 
     # ----- weights -----------------------------------------------------------------------------------
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Collective: every worker must call it; rank 0 gets the full CPU state dict, the others None."""
+        self._reshard()
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd if self.rank == 0 else None
 
@@ -229,9 +273,11 @@ class LearnerWorker:
     def push_weights(self, version: int) -> bool:
         """Collective over the learner workers (they gather the full state dict); rank 0 broadcasts it packed to
         the samplers on a background thread, so the next update can start while it transfers."""
+        self._reshard()
         options = StateDictOptions(full_state_dict=True, cpu_offload=self.device.type == "cpu")
         sd = get_model_state_dict(self.model, options=options)
         if self.rank == 0:
+            assert self.weight_sender is not None, "init_weight_sender first"
             self.weight_sender.send(sd.items(), version, background=True)
         return True
 
@@ -242,17 +288,15 @@ class LearnerWorker:
 
     def save(self, out_dir: str, tokenizer_dir: str | None = None) -> str | None:
         """Collective. Rank 0 writes an HF folder (atomically) that transformers and vLLM load as they are."""
+        from transformers import AutoModelForCausalLM
+
         from common.models import load_tokenizer, save_hf
 
         sd = self.full_state_dict()
         if self.rank != 0 or sd is None:
             return None
-        inner = self.model
-        config = inner.config
-        from transformers import AutoModelForCausalLM
-
         with torch.device("meta"):
-            fresh = AutoModelForCausalLM.from_config(config)
+            fresh = AutoModelForCausalLM.from_config(self.model.config)
         fresh = fresh.to_empty(device="cpu")
         fresh.load_state_dict(sd, assign=True)
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
@@ -264,14 +308,3 @@ class LearnerWorker:
             self.weight_sender.group.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def local_init_method() -> str:
-    """A TCP rendezvous on this host (a free port picked by the OS)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    host = os.environ.get("MINILLM_MASTER_ADDR", "127.0.0.1")
-    return f"tcp://{host}:{port}"

@@ -57,3 +57,18 @@ def random_rollout_batch(vocab: int, eos: int, seed: int = 0):
     teacher = torch.log_softmax(torch.randn(4, packed.tokens.shape[1], vocab, generator=g) * 2, -1)
     pt = torch.randint(3, vocab, (4, 8), generator=g)
     return packed, teacher, pt
+
+
+def to_shards(packed, teacher: torch.Tensor, parts: int = 1, top_k: int | None = None):
+    """What a teacher actor sends the learner ranks, from dense teacher log-probs [B, T, V] at response positions."""
+    from common.logprobs import topk_logprobs
+    from common.rollout import ScoredShard, shard_rows, slice_packed
+
+    real = packed.mask > 0
+    token_lp = torch.where(real, teacher.gather(-1, packed.tokens.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0.0)
+    shards = []
+    for sl in shard_rows(packed.tokens.shape[0], parts):
+        flat = teacher[sl][real[sl]]
+        shards.append(ScoredShard(slice_packed(packed, sl), token_lp[sl], flat if top_k is None else
+                                  topk_logprobs(flat, top_k)))
+    return shards

@@ -8,7 +8,7 @@ from actors.remote import make_sampler
 from actors.sampler import SamplerSpec
 from common.config import LearnerConfig, ObjectiveConfig
 from learner.group import LearnerGroup
-from tests.toy_models import build_llama_dir, random_rollout_batch
+from tests.toy_models import build_llama_dir, random_rollout_batch, to_shards
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ def _state_after_one_step(n_workers: int, student_dir, lcfg, ocfg):
     group = LearnerGroup(n_workers, 0.5, 0.0, str(student_dir), lcfg, ocfg, VOCAB, "float32", seed=0)
     try:
         packed, teacher, pt = _batch()
-        metrics = group.minillm_step(packed, teacher, 0.2, pt)
+        metrics = group.minillm_step(to_shards(packed, teacher, n_workers), 0.2, pt)
         state = ray.get(group.state_dict_ref())
     finally:
         group.shutdown()
@@ -48,7 +48,10 @@ def test_two_workers_equal_one_worker(ray_session, student_dir):
     assert moved > 1e-4  # the step changed the weights
     worst = max((s1[k] - s2[k]).abs().max().item() for k in s1)
     print(f"max |param(1 worker) - param(2 workers)| = {worst:.2e} (step moved weights by up to {moved:.2e})")
-    assert worst < 1e-5
+    # Adam's first step is about lr * sign(g): float noise in near-zero gradients shows up at ~1e-5 of a 1e-2 step.
+    # The ranks hold 6 and 9 response tokens, so a per-rank mean would weigh the tokens differently.
+    assert worst < 5e-5
+    assert m1["tokens"] == m2["tokens"] == 15
     assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5, abs=1e-6)
 
 
@@ -72,7 +75,7 @@ def test_weight_push_reaches_sampler(ray_session, student_dir, tmp_path):
         seq, start = [1, 5, 9, 11, 20, 33, 4, 7], 3
         before = ray.get(sampler.student_logprobs.remote([seq], [start]))[0]
         packed, teacher, pt = _batch()
-        group.minillm_step(packed, teacher, 0.2, pt)
+        group.minillm_step(to_shards(packed, teacher), 0.2, pt)
         state = group.state_dict_ref()
         assert ray.get(sampler.load_weights.remote(state, 1)) == 1
         after = ray.get(sampler.student_logprobs.remote([seq], [start]))[0]
@@ -128,7 +131,7 @@ def test_collective_weight_push_reaches_every_sampler(ray_session, student_dir, 
         before = ray.get(samplers[0].student_logprobs.remote([seq], [start]))[0]
         for version in (1, 2):
             packed, teacher, pt = _batch(version)
-            group.minillm_step(packed, teacher, 0.2, pt)
+            group.minillm_step(to_shards(packed, teacher), 0.2, pt)
             refs = [s.receive_weights.remote() for s in samplers]
             group.push_weights(version)
             assert ray.get(refs) == [version, version]
@@ -162,9 +165,9 @@ def test_reload_of_a_tied_embedding_student(ray_session, tmp_path):
     try:
         before = ray.get(group.state_dict_ref())
         packed, teacher, pt = _batch()
-        group.minillm_step(packed, teacher, 0.2, pt)
+        group.minillm_step(to_shards(packed, teacher), 0.2, pt)
         assert max((ray.get(group.state_dict_ref())[k] - before[k]).abs().max().item() for k in before) > 1e-4
-        group.reverse_kl(packed, teacher)  # an evaluation forward leaves the root unsharded: reload must cope
+        group.reverse_kl(to_shards(packed, teacher))  # an evaluation forward leaves the root unsharded: reload must cope
         group.load_state(str(tied))
         after = ray.get(group.state_dict_ref())
         assert all(torch.equal(after[k], before[k]) for k in before)

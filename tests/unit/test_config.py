@@ -11,9 +11,9 @@ def test_default_config_loads():
 
 
 def test_overrides_apply_and_parse_types():
-    cfg = load_config(overrides=["learner.lr=1e-4", "eval.seeds=[1,2]", "objective.clip_eps=null"])
+    cfg = load_config(overrides=["learner.lr=1e-4", "data.max_prompt_tokens=64", "objective.clip_eps=null"])
     assert cfg.learner.lr == 1e-4
-    assert cfg.eval.seeds == [1, 2]
+    assert cfg.data.max_prompt_tokens == 64
     assert cfg.objective.clip_eps is None
 
 

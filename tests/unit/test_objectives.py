@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 
+from common.logprobs import topk_logprobs, vocab_log_softmax
 from learner.objectives import (
     minillm_token_losses,
     reduce_losses,
+    token_weights,
     reverse_kl_per_token,
     sequence_future_reward,
     token_nll,
-    truncate_vocab,
     word_kd_token_losses,
 )
 
@@ -68,7 +69,7 @@ def _brute_force(logits, teacher, tokens, mask, old, alpha, eps, length_norm):
 def test_terms_and_gradients_match_brute_force(alpha, eps, length_norm):
     logits, teacher, tokens, mask, old = _random_case()
     a = logits.clone().requires_grad_(True)
-    single, long = minillm_token_losses(a, teacher, tokens, mask, old, alpha, eps, length_norm)
+    single, long, *_ = minillm_token_losses(a, teacher, tokens, mask, old, alpha, eps, length_norm)
     b = logits.clone().requires_grad_(True)
     ref_single, ref_long = _brute_force(b, teacher, tokens, mask, old, alpha, eps, length_norm)
     torch.testing.assert_close(single, ref_single, atol=1e-10, rtol=1e-9)
@@ -88,8 +89,8 @@ def test_terms_and_gradients_match_brute_force(alpha, eps, length_norm):
 def test_clipping_is_active_for_some_tokens_and_not_others(alpha, eps):
     """The brute-force cases above exercise both branches of the clipped max."""
     logits, teacher, tokens, mask, old = _random_case()
-    _, long_clip = minillm_token_losses(logits, teacher, tokens, mask, old, alpha, eps)
-    _, long_free = minillm_token_losses(logits, teacher, tokens, mask, old, alpha, None)
+    _, long_clip, *_ = minillm_token_losses(logits, teacher, tokens, mask, old, alpha, eps)
+    _, long_free, *_ = minillm_token_losses(logits, teacher, tokens, mask, old, alpha, None)
     differs = (long_clip - long_free).abs() > 1e-12
     assert 0 < differs[mask > 0].sum() < (mask > 0).sum() - 1
 
@@ -122,10 +123,10 @@ def _pad(x, left, right, value=0.0):
 def test_padding_does_not_change_results(left, right):
     logits, teacher, tokens, mask, old = _random_case()
     x = logits.clone().requires_grad_(True)
-    single, long = minillm_token_losses(x, teacher, tokens, mask, old, 0.2, 0.2)
+    single, long, *_ = minillm_token_losses(x, teacher, tokens, mask, old, 0.2, 0.2)
     # garbage on padding must not leak: NaN logits, -inf teacher entries, out-of-range token ids
     xp = _pad(logits, left, right, float("nan")).requires_grad_(True)
-    p_single, p_long = minillm_token_losses(
+    p_single, p_long, *_ = minillm_token_losses(
         xp,
         _pad(teacher, left, right, float("-inf")),
         _pad(tokens, left, right, -100),
@@ -150,15 +151,15 @@ def test_padding_does_not_change_results(left, right):
 
 def test_batch_composition_does_not_change_a_sequence():
     logits, teacher, tokens, mask, old = _random_case()
-    single, long = minillm_token_losses(logits, teacher, tokens, mask, old, 0.2, 0.2)
+    single, long, *_ = minillm_token_losses(logits, teacher, tokens, mask, old, 0.2, 0.2)
     for i in range(logits.shape[0]):
         sl = slice(i, i + 1)
-        s1, l1 = minillm_token_losses(logits[sl], teacher[sl], tokens[sl], mask[sl], old[sl], 0.2, 0.2)
+        s1, l1, *_ = minillm_token_losses(logits[sl], teacher[sl], tokens[sl], mask[sl], old[sl], 0.2, 0.2)
         torch.testing.assert_close(s1[0], single[i])
         torch.testing.assert_close(l1[0], long[i])
     # in a batch with other sequences: the same rows, duplicated and reordered
     order = torch.tensor([3, 0, 3, 1, 2])
-    s2, l2 = minillm_token_losses(logits[order], teacher[order], tokens[order], mask[order], old[order], 0.2, 0.2)
+    s2, l2, *_ = minillm_token_losses(logits[order], teacher[order], tokens[order], mask[order], old[order], 0.2, 0.2)
     torch.testing.assert_close(s2, single[order])
     torch.testing.assert_close(l2, long[order])
 
@@ -168,7 +169,7 @@ def test_all_masked_gives_zero_not_nan():
     mask = torch.zeros(tokens.shape, dtype=DT)
     logits[0, 0, 0], teacher[0, 1, 2], old[1, 1] = float("nan"), float("-inf"), float("nan")
     x = logits.clone().requires_grad_(True)
-    single, long = minillm_token_losses(x, teacher, tokens, mask, old, 0.2, 0.2)
+    single, long, *_ = minillm_token_losses(x, teacher, tokens, mask, old, 0.2, 0.2)
     assert (single == 0).all() and (long == 0).all()
     per_token_fns = (
         single + long,
@@ -192,7 +193,7 @@ def test_very_negative_teacher_logprobs_stay_finite():
     teacher[0, 1, 1] = float("-inf")
     teacher[0, 1, tokens[0, 1]] = float("-inf")  # the sampled token itself: r_t = -inf must not produce NaN
     x = logits.clone().requires_grad_(True)
-    single, long = minillm_token_losses(x, teacher, tokens, mask, old, 0.2, 0.2)
+    single, long, *_ = minillm_token_losses(x, teacher, tokens, mask, old, 0.2, 0.2)
     loss = reduce_losses(single + long, mask) + reduce_losses(reverse_kl_per_token(x, teacher, mask), mask)
     (g,) = torch.autograd.grad(loss, x)
     assert torch.isfinite(single).all() and torch.isfinite(long).all() and torch.isfinite(g).all()
@@ -202,7 +203,7 @@ def test_reductions_by_hand():
     per_token = torch.tensor([[1.0, 3.0, 100.0], [4.0, 0.0, 0.0], [7.0, 7.0, 7.0], [float("nan"), 2.0, 6.0]], dtype=DT)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0]], dtype=DT)
     # per sequence: means 2, 4, (none), 4 -> 10 / 3; per token: (1 + 3 + 4 + 2 + 6) / 5
-    assert reduce_losses(per_token, mask).item() == pytest.approx(10.0 / 3)
+    assert reduce_losses(per_token, mask).item() == pytest.approx(16.0 / 5)  # token mean: the default
     assert reduce_losses(per_token, mask, "seq").item() == pytest.approx(10.0 / 3)
     assert reduce_losses(per_token, mask, "token").item() == pytest.approx(16.0 / 5)
     with pytest.raises(ValueError, match="reduction"):
@@ -247,13 +248,13 @@ def test_word_kd_gradient_is_q_minus_p():
     torch.testing.assert_close(g, expected, atol=1e-12, rtol=1e-10)
 
 
-def test_truncate_vocab_drops_padded_rows():
+def test_vocab_log_softmax_drops_padded_rows():
     logits = torch.randn(2, 3, 10, dtype=DT)
-    cut = truncate_vocab(logits, 7)
+    cut = vocab_log_softmax(logits, 7)
     assert cut.shape == (2, 3, 7)
-    torch.testing.assert_close(cut, logits[..., :7])
+    torch.testing.assert_close(cut, torch.log_softmax(logits[..., :7], -1))
     with pytest.raises(ValueError):
-        truncate_vocab(logits, 11)
+        vocab_log_softmax(logits, 11)
 
 
 # ---- the key test: on an enumerable toy, E_{y~q}[grad(single + long)] equals grad KL[q || p] exactly ----
@@ -288,7 +289,7 @@ def test_expected_gradient_equals_exact_reverse_kl_gradient(v, t, seed):
     student_logits = theta[rows]  # [N, T, V]
     mask = torch.ones(len(sequences), t, dtype=DT)
     old = torch.log_softmax(student_logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).detach()
-    single, long = minillm_token_losses(
+    single, long, *_ = minillm_token_losses(
         student_logits, teacher[rows], tokens, mask, old, alpha=0.0, clip_eps=None, length_norm=False
     )
     q_y = old.sum(-1).exp()  # q(y) of each enumerated sequence: the exact expectation's weights
@@ -303,3 +304,83 @@ def test_expected_gradient_equals_exact_reverse_kl_gradient(v, t, seed):
     rho = torch.exp(torch.log_softmax(student_logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - old)
     (wrong_grad,) = torch.autograd.grad(surrogate - (q_y.unsqueeze(-1) * r * rho).sum(), theta)
     assert (wrong_grad - exact_grad).abs().max() > 1e-3
+
+
+# ---- top-k teacher transport: exact token log-probs, coarsened single-step KL, never a uniform fill ----
+
+
+def _topk_case(k, seed=0):
+    logits, teacher, tokens, mask, old = _random_case(v=9, seed=seed)
+    top = topk_logprobs(teacher, k)
+    exact_token = teacher.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return logits, teacher, top, tokens, mask, old, exact_token
+
+
+def test_topk_tail_is_exact_mass_outside():
+    _, teacher, top, *_ = _topk_case(3)
+    inside = top.logprobs.exp().sum(-1)
+    torch.testing.assert_close(top.tail.exp(), 1 - inside, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])  # V = 9: the tail always holds >= 2 tokens
+def test_topk_single_step_kl_is_the_coarsened_kl_and_a_lower_bound(k):
+    logits, teacher, top, tokens, mask, old, exact_token = _topk_case(k)
+    coarse = reverse_kl_per_token(logits, top, mask)
+    full = reverse_kl_per_token(logits, teacher, mask)
+    # brute force: bucket the vocabulary into the top-k tokens + one tail bucket, KL of the bucketed distributions
+    q = torch.softmax(logits, -1)
+    p = teacher.exp()
+    in_top = torch.zeros_like(q, dtype=torch.bool).scatter(-1, top.ids, True)
+    q_tail, p_tail = (q * ~in_top).sum(-1), (p * ~in_top).sum(-1)
+    q_k, p_k = q.gather(-1, top.ids), p.gather(-1, top.ids)
+    expected = (q_k * (q_k / p_k).log()).sum(-1) + q_tail * (q_tail / p_tail).log()
+    torch.testing.assert_close(coarse, expected * mask, atol=1e-10, rtol=1e-8)
+    assert (coarse <= full + 1e-12).all() and (full - coarse)[mask > 0].max() > 1e-4
+
+
+def test_topk_uses_exact_token_logprobs_for_rewards_and_rho():
+    """Tokens outside the top-k (every teacher-sampled tail token) get the teacher's exact log p(y_t): the long-term
+    term and rho equal the dense computation's. A uniform fill of the tail would not."""
+    logits, teacher, top, tokens, mask, old, exact_token = _topk_case(2, seed=3)
+    outside = ~(top.ids == tokens.unsqueeze(-1)).any(-1) & (mask > 0)
+    assert outside.sum() >= 3  # the case exercises tail tokens
+    dense = minillm_token_losses(logits, teacher, tokens, mask, old, 0.2, 0.2)
+    sparse = minillm_token_losses(logits, top, tokens, mask, old, 0.2, 0.2, teacher_token_logprobs=exact_token)
+    torch.testing.assert_close(sparse.long, dense.long, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(sparse.rho, dense.rho, atol=1e-12, rtol=1e-10)
+    # today's reconstruction (tail mass spread evenly) gives other rewards on tail tokens
+    v = teacher.shape[-1]
+    fill = (top.tail - math.log(v - 2)).unsqueeze(-1).expand(*top.tail.shape, v).clone()
+    uniform = fill.scatter(-1, top.ids, top.logprobs)
+    wrong = minillm_token_losses(logits, uniform, tokens, mask, old, 0.2, 0.2)
+    assert not torch.allclose(wrong.rho[outside], dense.rho[outside])
+    with pytest.raises(ValueError, match="teacher_token_logprobs"):
+        minillm_token_losses(logits, top, tokens, mask, old, 0.2, 0.2)
+
+
+def test_topk_with_full_vocabulary_equals_dense():
+    logits, teacher, top, tokens, mask, old, exact_token = _topk_case(9)
+    x = logits.clone().requires_grad_(True)
+    dense = minillm_token_losses(x, teacher, tokens, mask, old, 0.2, 0.2)
+    sparse = minillm_token_losses(x, top, tokens, mask, old, 0.2, 0.2, teacher_token_logprobs=exact_token)
+    torch.testing.assert_close(sparse.single, dense.single, atol=1e-10, rtol=1e-8)
+    (g1,) = torch.autograd.grad(dense.single.sum(), x, retain_graph=True)
+    (g2,) = torch.autograd.grad(sparse.single.sum(), x)
+    torch.testing.assert_close(g1, g2, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("mode", ["token", "seq"])
+def test_token_weights_of_parts_add_up_to_the_whole(mode):
+    """Split a mini-batch with unequal response lengths into parts (workers, micro-batches): each part weighted with
+    the whole's totals sums to the whole's loss exactly."""
+    per_token = torch.randn(6, 5, dtype=DT)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 0, 0],
+                         [1, 1, 1, 1, 0]], dtype=DT)
+    whole = reduce_losses(per_token, mask, mode)
+    tokens, seqs = mask.sum().item(), (mask.sum(-1) > 0).sum().item()
+    parts = sum((per_token[sl] * token_weights(mask[sl], mode, tokens, seqs)).sum()
+                for sl in (slice(0, 2), slice(2, 3), slice(3, 6)))
+    torch.testing.assert_close(parts, whole)
+    # a plain mean of the parts' own reductions is what the old per-worker mean did: not the same
+    means = torch.stack([reduce_losses(per_token[sl], mask[sl], mode) for sl in (slice(0, 3), slice(3, 6))]).mean()
+    assert not torch.allclose(means, whole)
