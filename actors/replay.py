@@ -1,4 +1,5 @@
-"""Replay queue: bounded (back-pressure on producers), versioned, refusing items older than a lag.
+"""Replay queue: bounded (back-pressure on producers), versioned, refusing items older than a lag. It holds
+references to scored batches, never their tensors.
 
 `ReplayBuffer` is the plain asyncio logic; Ray makes it an async actor (methods interleave while waiting),
 so a blocked `put` does not stop `get` from draining the queue.
@@ -36,9 +37,10 @@ class ReplayBuffer:
             self.put_total += 1
             cond.notify_all()
 
-    async def put_scored(self, rollouts: Any, scores: Any, timeout: float | None = None) -> None:
-        """Producer-side convenience: the item is (rollouts, scores), versioned by the rollouts."""
-        await self.put((rollouts, scores), rollouts.weight_version, timeout)
+    async def put_batch(self, info: Any, shards: list[Any], timeout: float | None = None) -> None:
+        """A scored batch: its `BatchInfo` (Ray resolves it: a few numbers) and the learner shards' ObjectRefs,
+        which stay references (nested in a list, Ray does not fetch them). Versioned by the rollouts."""
+        await self.put((info, shards), info.weight_version, timeout)
 
     async def get(self, timeout: float | None = None) -> tuple[int, Any]:
         """Oldest item whose version is within `max_version_lag` of the learner; staler ones are dropped."""
@@ -51,6 +53,13 @@ class ReplayBuffer:
                 if self.learner_version - version <= self.max_lag:
                     return version, item
                 self.dropped_stale += 1
+
+    async def take(self, learner_version: int, timeout: float | None = None) -> dict[str, Any]:
+        """The learner's side in one call: adopt its weight version, take the oldest fresh batch, and report the
+        queue's state with it: {"info", "shards", "depth", "dropped_stale"}."""
+        self.learner_version = learner_version
+        _, (info, shards) = await self.get(timeout)
+        return {"info": info, "shards": shards, "depth": len(self.items), "dropped_stale": self.dropped_stale}
 
     async def set_learner_version(self, version: int) -> None:
         self.learner_version = version

@@ -18,8 +18,17 @@ from common.rollout import BatchInfo, Rollouts, ScoredShard, gather_positions, p
 
 
 class Teacher:
-    def __init__(self, teacher_dir: str, vocab_size: int, pad_id: int, batch_size: int = 16,
-                 transport: str = "dense", top_k: int = 64, dtype: str = "float32", chunk_tokens: int = 1024):
+    def __init__(
+        self,
+        teacher_dir: str,
+        vocab_size: int,
+        pad_id: int,
+        batch_size: int = 16,
+        transport: str = "dense",
+        top_k: int = 64,
+        dtype: str = "float32",
+        chunk_tokens: int = 1024,
+    ):
         if transport not in ("dense", "topk"):
             raise ValueError(f"unknown teacher transport {transport!r} (use 'dense' or 'topk')")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -32,13 +41,18 @@ class Teacher:
         self.stats = {"scored_tokens": 0, "score_seconds": 0.0}
 
     @torch.no_grad()
-    def _flat_logprobs(self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
-                       where: torch.Tensor) -> torch.Tensor:
+    def _flat_logprobs(
+        self, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, where: torch.Tensor
+    ) -> torch.Tensor:
         """float32 log-probs [N, V] of the positions that predict real targets (`where` [B, T] picks them)."""
         hidden = final_hidden_states(self.model, input_ids.to(self.device), attention.to(self.device))
         flat = gather_positions(hidden, positions.to(self.device))[where.to(self.device) > 0]
-        return torch.cat([vocab_log_softmax(self.head(flat[i : i + self.chunk_tokens]), self.vocab_size)
-                          for i in range(0, max(flat.shape[0], 1), self.chunk_tokens)])
+        return torch.cat(
+            [
+                vocab_log_softmax(self.head(flat[i : i + self.chunk_tokens]), self.vocab_size)
+                for i in range(0, max(flat.shape[0], 1), self.chunk_tokens)
+            ]
+        )
 
     def _pack_teacher(self, logp: torch.Tensor) -> torch.Tensor | TopKLogprobs:
         if self.transport == "topk":
@@ -61,10 +75,10 @@ class Teacher:
             pieces = []
             for start in range(0, len(part.tokens), self.batch_size):
                 b = slice(start, start + self.batch_size)
-                logp = self._flat_logprobs(part.input_ids[b], part.attention_mask[b], part.predict_pos[b],
-                                           part.mask[b])
+                logp = self._flat_logprobs(part.input_ids[b], part.attention_mask[b], part.predict_pos[b], part.mask[b])
                 real = part.mask[b] > 0
-                token_lp[b][real] = logp.gather(-1, part.tokens[b][real].to(logp.device).unsqueeze(-1)).squeeze(-1).cpu()
+                sampled = part.tokens[b][real].to(logp.device).unsqueeze(-1)
+                token_lp[b][real] = logp.gather(-1, sampled).squeeze(-1).cpu()
                 pieces.append(logp)
             logp = torch.cat(pieces) if pieces else torch.zeros(0, self.vocab_size)
             shards.append(ScoredShard(part, token_lp, self._pack_teacher(logp)))
@@ -73,9 +87,14 @@ class Teacher:
         self.stats["scored_tokens"] += n_tok
         self.stats["score_seconds"] += elapsed
         info = BatchInfo(
-            weight_version=rollouts.weight_version, sequences=len(rollouts), response_tokens=n_tok,
-            teacher_tokens=sum(sum(o) for o in rollouts.owners), finished=sum(rollouts.finished),
-            sample_seconds=rollouts.seconds, score_seconds=elapsed, teacher_bytes=sum(s.teacher_bytes for s in shards),
+            weight_version=rollouts.weight_version,
+            sequences=len(rollouts),
+            response_tokens=n_tok,
+            teacher_tokens=sum(sum(o) for o in rollouts.owners),
+            finished=sum(rollouts.finished),
+            sample_seconds=rollouts.seconds,
+            score_seconds=elapsed,
+            teacher_bytes=sum(s.teacher_bytes for s in shards),
         )
         return [info, *shards]
 
@@ -88,8 +107,10 @@ class Teacher:
         for batch in batches:
             n, length = batch.input_ids.shape
             positions = torch.arange(length - 1).expand(n, -1)
-            pieces = [self._flat_logprobs(batch.input_ids[b], batch.attention_mask[b], positions[b], batch.loss_mask[b])
-                      for b in (slice(s, s + self.batch_size) for s in range(0, n, self.batch_size))]
+            pieces = [
+                self._flat_logprobs(batch.input_ids[b], batch.attention_mask[b], positions[b], batch.loss_mask[b])
+                for b in (slice(s, s + self.batch_size) for s in range(0, n, self.batch_size))
+            ]
             out.append(torch.cat(pieces).to(self.wire_dtype).cpu())
         return out if len(out) > 1 else out[0]  # type: ignore[return-value]
 

@@ -133,9 +133,12 @@ class LearnerConfig(_Section):
     sft_steps: int = Field(200, ge=0)
     sft_batch_size: int = Field(16, gt=0)
     sft_eval_every: int = Field(50, gt=0)
-    # how sft / kd / seqkd (and MiniLLM's SFT phase) pick their checkpoint: lowest validation loss, or highest
-    # validation ROUGE-L of samples (the paper's rule; also logs the reverse KL at each evaluation, costs sampling)
-    select_by: Literal["valid_loss", "rouge_l"] = "valid_loss"
+    # checkpoint selection, the paper's rules by default: MiniLLM's Phase 1 (its SFT init) keeps the lowest
+    # validation loss; the SFT / KD / SeqKD baselines keep the highest validation ROUGE-L of their samples (costs
+    # sampling at every evaluation); MiniLLM's best/ is the highest validation ROUGE-L (or the lowest reverse KL)
+    sft_init_select_by: Literal["valid_loss", "rouge_l"] = "valid_loss"
+    baseline_select_by: Literal["valid_loss", "rouge_l"] = "rouge_l"
+    minillm_select_by: Literal["rouge_l", "reverse_kl"] = "rouge_l"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     # how weights reach the samplers: rank 0's full state dict through the Ray object store, or a packed broadcast
     # over a process group of rank 0 and the samplers (NCCL when both sides have GPUs, else gloo)
@@ -147,6 +150,8 @@ class EvalConfig(_Section):
     num_prompts: int = Field(64, gt=0)  # validation prompts for ROUGE-L during training
     max_new_tokens: int = Field(64, gt=0)
     kl_prompts: int = Field(32, gt=0)  # held-out prompts for the reverse-KL estimate
+    at_start: bool = True  # validate before MiniLLM's first step (the reference point of its curve)
+    at_end: bool = True  # validate after MiniLLM's last step even when it is not a multiple of every_steps
 
 
 class ClusterConfig(_Section):

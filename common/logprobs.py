@@ -1,9 +1,9 @@
 """Vocabulary log-probabilities and the teacher's wire formats (pure torch, no Ray).
 
-    vocab_log_softmax   the one place logits become log-probs: padded embedding rows dropped, float32
-    TopKLogprobs        top-k ids and log-probs + the exact log of the mass outside them (a teacher transport)
-    topk_logprobs       full log-probs -> TopKLogprobs, exactly (the tail is a log-sum-exp, not 1 - sum)
-    tail_logprob        log of the mass outside given ids, for any distribution (student side of top-k)
+vocab_log_softmax   the one place logits become log-probs: padded embedding rows dropped, float32
+TopKLogprobs        top-k ids and log-probs + the exact log of the mass outside them (a teacher transport)
+topk_logprobs       full log-probs -> TopKLogprobs, exactly (the tail is a log-sum-exp, not 1 - sum)
+tail_logprob        log of the mass outside given ids, for any distribution (student side of top-k)
 """
 
 from __future__ import annotations

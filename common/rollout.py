@@ -153,5 +153,11 @@ def gather_positions(states: torch.Tensor, predict_pos: torch.Tensor) -> torch.T
 
 
 def slice_packed(p: PackedRollouts, rows: slice) -> PackedRollouts:
-    return PackedRollouts(p.input_ids[rows], p.attention_mask[rows], p.predict_pos[rows], p.tokens[rows],
-                          p.mask[rows], p.old_logprobs[rows])
+    return PackedRollouts(
+        p.input_ids[rows],
+        p.attention_mask[rows],
+        p.predict_pos[rows],
+        p.tokens[rows],
+        p.mask[rows],
+        p.old_logprobs[rows],
+    )

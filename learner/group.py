@@ -74,9 +74,20 @@ def combine(results: list[dict[str, float]]) -> dict[str, float]:
 class LearnerGroup:
     """Driver-side handle on the learner ranks."""
 
-    def __init__(self, num_workers: int, cpus: float, gpus: float, student_dir: str, learner_cfg: LearnerConfig,
-                 objective_cfg: ObjectiveConfig, vocab_size: int, dtype: str, seed: int,
-                 placements: list[dict] | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        num_workers: int,
+        cpus: float,
+        gpus: float,
+        student_dir: str,
+        learner_cfg: LearnerConfig,
+        objective_cfg: ObjectiveConfig,
+        vocab_size: int,
+        dtype: str,
+        seed: int,
+        placements: list[dict] | None = None,
+        threads: int | None = None,
+    ):
         from actors.remote import thread_env
 
         placements = placements or [{}] * num_workers
@@ -84,10 +95,23 @@ class LearnerGroup:
         address = ray.remote(num_cpus=0)(free_address).options(**placements[0]).remote()
         cls = ray.remote(LearnerActor)
         self.actors = [
-            cls.options(name=f"learner-{r}", num_cpus=cpus, num_gpus=gpus,
-                        runtime_env={"env_vars": thread_env(cpus, threads)}, **placements[r])
-            .remote(address, student_dir, learner_cfg, objective_cfg, vocab_size, rank=r, world_size=num_workers,
-                    dtype=dtype, seed=seed)
+            cls.options(
+                name=f"learner-{r}",
+                num_cpus=cpus,
+                num_gpus=gpus,
+                runtime_env={"env_vars": thread_env(cpus, threads)},
+                **placements[r],
+            ).remote(
+                address,
+                student_dir,
+                learner_cfg,
+                objective_cfg,
+                vocab_size,
+                rank=r,
+                world_size=num_workers,
+                dtype=dtype,
+                seed=seed,
+            )
             for r in range(num_workers)
         ]
         self.n = num_workers
@@ -98,8 +122,10 @@ class LearnerGroup:
 
     def split(self, batch: LMBatch) -> list[LMBatch]:
         """One equal row slice of an LM batch per rank."""
-        return [LMBatch(batch.input_ids[s], batch.attention_mask[s], batch.loss_mask[s])
-                for s in shard_rows(len(batch), self.n)]
+        return [
+            LMBatch(batch.input_ids[s], batch.attention_mask[s], batch.loss_mask[s])
+            for s in shard_rows(len(batch), self.n)
+        ]
 
     # ----- steps: one input per rank -----------------------------------------------------------------
     def sft_step(self, parts: list[LMBatch | Ref]) -> dict[str, float]:
@@ -108,11 +134,13 @@ class LearnerGroup:
     def kd_step(self, parts: list[LMBatch | Ref], teacher: list[torch.Tensor | Ref]) -> dict[str, float]:
         return combine(ray.get([a.kd_step.remote(p, t) for a, p, t in zip(self.actors, parts, teacher, strict=True)]))
 
-    def minillm_step(self, shards: list[ScoredShard | Ref], alpha: float, pt_ids: torch.Tensor | None
-                     ) -> dict[str, float]:
+    def minillm_step(
+        self, shards: list[ScoredShard | Ref], alpha: float, pt_ids: torch.Tensor | None
+    ) -> dict[str, float]:
         pts: list[Any] = [None] * self.n if pt_ids is None else [pt_ids[s] for s in shard_rows(len(pt_ids), self.n)]
-        return combine(ray.get([a.minillm_step.remote(s, alpha, pt)
-                                for a, s, pt in zip(self.actors, shards, pts, strict=True)]))
+        return combine(
+            ray.get([a.minillm_step.remote(s, alpha, pt) for a, s, pt in zip(self.actors, shards, pts, strict=True)])
+        )
 
     def eval_nll(self, batch: LMBatch) -> tuple[float, float]:
         """(sum of token NLL, tokens) over the batch, added across ranks."""

@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
 def run(cfg: DistillConfig) -> Path:
     import ray
 
-    from learner.phases import Service
+    from learner.recipe import Recipe
     from learner.run_log import RunLogger, prepare_run_dir
 
     t_start = time.time()
@@ -122,14 +122,14 @@ def run(cfg: DistillConfig) -> Path:
     run_dir = prepare_run_dir(resolve_path(cfg.output_dir, Path.cwd()))
     logger = RunLogger(run_dir, cfg)
     print(f"[run] writing to {run_dir}", flush=True)
-    service = Service(cfg, assets, tokenizer, vocab.tokenizer_size, train, valid, logger, run_dir)
+    recipe = Recipe(cfg, assets, tokenizer, vocab.tokenizer_size, train, valid, logger, run_dir)
     try:
-        summary = service.run()
+        summary = recipe.run()
         summary["wall_seconds"] = round(time.time() - t_start, 1)
         logger.write_json("summary.json", summary)
         print(f"[run] done in {summary['wall_seconds']:.0f}s: {run_dir}", flush=True)
     finally:
-        service.shutdown()
+        recipe.cleanup()
         logger.close()
         if ray.is_initialized():
             ray.shutdown()

@@ -210,8 +210,9 @@ def reverse_kl_per_token(student_logits: Tensor, teacher: Teacher, mask: Tensor)
     return single_step_kl(logq, _clean_teacher(teacher, mask, logq.dtype)) * mask
 
 
-def token_weights(mask: Tensor, mode: str = "token", total_tokens: float | None = None,
-                  total_sequences: float | None = None) -> Tensor:
+def token_weights(
+    mask: Tensor, mode: str = "token", total_tokens: float | None = None, total_sequences: float | None = None
+) -> Tensor:
     """The weight of each token's loss in a reduction, [B, T] (0 on padding); the loss is sum(weights * per_token).
 
     "token" (the default; Algorithm 1 and the reference code): 1 / (number of real tokens in the mini-batch).

@@ -44,15 +44,26 @@ ChunkFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, torch.Te
 
 
 class LearnerWorker:
-    def __init__(self, student_dir: str, learner: LearnerConfig, objective: ObjectiveConfig, vocab_size: int,
-                 rank: int, world_size: int, init_method: str, dtype: str = "float32", seed: int = 0):
+    def __init__(
+        self,
+        student_dir: str,
+        learner: LearnerConfig,
+        objective: ObjectiveConfig,
+        vocab_size: int,
+        rank: int,
+        world_size: int,
+        init_method: str,
+        dtype: str = "float32",
+        seed: int = 0,
+    ):
         backend = learner.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu")
         if not dist.is_initialized():
-            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                    timeout=timedelta(minutes=10))
+            dist.init_process_group(
+                backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(minutes=10)
+            )
         self.rank, self.world_size = rank, world_size
         self.cfg, self.obj, self.vocab_size = learner, objective, vocab_size
         torch.manual_seed(seed)
@@ -72,8 +83,9 @@ class LearnerWorker:
 
     # ----- set-up ------------------------------------------------------------------------------------
     def set_optimizer(self, lr: float) -> None:
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay,
-                                           betas=(0.9, 0.95))
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.95)
+        )
 
     def load_state(self, student_dir: str) -> None:
         """Reload weights from an HF folder (e.g. the best SFT checkpoint) and reset the optimiser."""
@@ -141,8 +153,9 @@ class LearnerWorker:
         seqs = self._global_sum(float((mask.sum(-1) > 0).sum()))
         return token_weights(mask.float(), mode, tokens, seqs).to(self.device)
 
-    def _lm_terms(self, batch: LMBatch, mode: str, teacher: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _lm_terms(
+        self, batch: LMBatch, mode: str, teacher: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted NLL (and, with a KD teacher [N, V], the weighted forward KL) at the target positions."""
         mask = batch.loss_mask
         where = mask.to(self.device) > 0
@@ -170,8 +183,12 @@ class LearnerWorker:
         t0 = time.perf_counter()
         loss, m = self._lm_terms(batch, self.obj.reduction)
         norm = self._step(loss)
-        return {"loss": loss.item(), "grad_norm": norm, "tokens": float(m["nll"].numel()),
-                "step_seconds": time.perf_counter() - t0}
+        return {
+            "loss": loss.item(),
+            "grad_norm": norm,
+            "tokens": float(m["nll"].numel()),
+            "step_seconds": time.perf_counter() - t0,
+        }
 
     def kd_step(self, batch: LMBatch, teacher_logprobs: torch.Tensor) -> dict[str, float]:
         """Word-level KD: kd_ratio * forward KL[p || q] + (1 - kd_ratio) * NLL on ground-truth responses.
@@ -179,8 +196,14 @@ class LearnerWorker:
         t0 = time.perf_counter()
         loss, m = self._lm_terms(batch, self.obj.reduction, teacher_logprobs)
         norm = self._step(loss)
-        return {"loss": loss.item(), "kd_sum": m["kd"].sum().item(), "nll_sum": m["nll"].sum().item(),
-                "tokens": float(m["nll"].numel()), "grad_norm": norm, "step_seconds": time.perf_counter() - t0}
+        return {
+            "loss": loss.item(),
+            "kd_sum": m["kd"].sum().item(),
+            "nll_sum": m["nll"].sum().item(),
+            "tokens": float(m["nll"].numel()),
+            "grad_norm": norm,
+            "step_seconds": time.perf_counter() - t0,
+        }
 
     @torch.no_grad()
     def eval_nll(self, batch: LMBatch) -> tuple[float, float]:
@@ -208,20 +231,35 @@ class LearnerWorker:
         weights = self._weights(p.mask, self.obj.reduction)[where]
         tokens, old, teacher_y = p.tokens.to(dev)[where], old[where], teacher_y[where]
         teacher = shard.teacher
-        teacher = teacher.to(dev) if isinstance(teacher, torch.Tensor) else TopKLogprobs(
-            teacher.ids.to(dev), teacher.logprobs.to(dev), teacher.tail.to(dev))
+        teacher = (
+            teacher.to(dev)
+            if isinstance(teacher, torch.Tensor)
+            else TopKLogprobs(teacher.ids.to(dev), teacher.logprobs.to(dev), teacher.tail.to(dev))
+        )
         hidden = gather_positions(self._hidden(p.input_ids, p.attention_mask), p.predict_pos.to(dev))[where]
         o = self.obj
 
         def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             ones = torch.ones(h.shape[0], device=dev)
             terms = minillm_token_losses(
-                self._logits(h), teacher[sl], tokens[sl], ones, old[sl], alpha, o.clip_eps,
-                teacher_token_logprobs=teacher_y[sl], future_reward=future[sl])
+                self._logits(h),
+                teacher[sl],
+                tokens[sl],
+                ones,
+                old[sl],
+                alpha,
+                o.clip_eps,
+                teacher_token_logprobs=teacher_y[sl],
+                future_reward=future[sl],
+            )
             w = weights[sl]
             loss = o.single_weight * (w * terms.single).sum() + o.long_weight * (w * terms.long).sum()
-            return loss, {"single": (w * terms.single).detach(), "long": (w * terms.long).detach(),
-                          "kl": terms.kl, "rho": terms.rho}
+            return loss, {
+                "single": (w * terms.single).detach(),
+                "long": (w * terms.long).detach(),
+                "kl": terms.kl,
+                "rho": terms.rho,
+            }
 
         loss, m = self._chunked(hidden, fn)
         l_pt = self._pt_loss(pt_ids)
@@ -230,10 +268,16 @@ class LearnerWorker:
         n_tok = int(where.sum().item())
         rho = m["rho"] if n_tok else torch.ones(1)
         return {
-            "loss": total.item(), "loss_single": m["single"].sum().item(), "loss_long": m["long"].sum().item(),
+            "loss": total.item(),
+            "loss_single": m["single"].sum().item(),
+            "loss_long": m["long"].sum().item(),
             "loss_pt": l_pt.item(),
-            "kl_sum": m["kl"].sum().item(), "rho_min": rho.min().item(), "rho_max": rho.max().item(),
-            "rho_sum": m["rho"].sum().item(), "tokens": float(n_tok), "grad_norm": norm,
+            "kl_sum": m["kl"].sum().item(),
+            "rho_min": rho.min().item(),
+            "rho_max": rho.max().item(),
+            "rho_sum": m["rho"].sum().item(),
+            "tokens": float(n_tok),
+            "grad_norm": norm,
             "step_seconds": time.perf_counter() - t0,
         }
 
@@ -245,8 +289,11 @@ class LearnerWorker:
         p, dev = shard.packed, self.device
         where = p.mask.to(dev) > 0
         teacher = shard.teacher
-        teacher = teacher.to(dev) if isinstance(teacher, torch.Tensor) else TopKLogprobs(
-            teacher.ids.to(dev), teacher.logprobs.to(dev), teacher.tail.to(dev))
+        teacher = (
+            teacher.to(dev)
+            if isinstance(teacher, torch.Tensor)
+            else TopKLogprobs(teacher.ids.to(dev), teacher.logprobs.to(dev), teacher.tail.to(dev))
+        )
         hidden = gather_positions(self._hidden(p.input_ids, p.attention_mask), p.predict_pos.to(dev))[where]
 
         def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -69,6 +69,7 @@ def to_shards(packed, teacher: torch.Tensor, parts: int = 1, top_k: int | None =
     shards = []
     for sl in shard_rows(packed.tokens.shape[0], parts):
         flat = teacher[sl][real[sl]]
-        shards.append(ScoredShard(slice_packed(packed, sl), token_lp[sl], flat if top_k is None else
-                                  topk_logprobs(flat, top_k)))
+        shards.append(
+            ScoredShard(slice_packed(packed, sl), token_lp[sl], flat if top_k is None else topk_logprobs(flat, top_k))
+        )
     return shards

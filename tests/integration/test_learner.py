@@ -167,7 +167,7 @@ def test_reload_of_a_tied_embedding_student(ray_session, tmp_path):
         packed, teacher, pt = _batch()
         group.minillm_step(to_shards(packed, teacher), 0.2, pt)
         assert max((ray.get(group.state_dict_ref())[k] - before[k]).abs().max().item() for k in before) > 1e-4
-        group.reverse_kl(to_shards(packed, teacher))  # an evaluation forward leaves the root unsharded: reload must cope
+        group.reverse_kl(to_shards(packed, teacher))  # an evaluation forward leaves the root unsharded
         group.load_state(str(tied))
         after = ray.get(group.state_dict_ref())
         assert all(torch.equal(after[k], before[k]) for k in before)

@@ -38,7 +38,7 @@ def test_baseline_method_runs(method, tmp_path, tiny_models):
             f"method={method}",
             f"output_dir={out}",
             *SHORT,
-            f"learner.select_by={SELECT[method]}",
+            f"learner.baseline_select_by={SELECT[method]}",
         ],
         cwd=ROOT,
         env={**env, "WANDB_MODE": "offline"},

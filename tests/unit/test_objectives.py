@@ -10,10 +10,10 @@ from common.logprobs import topk_logprobs, vocab_log_softmax
 from learner.objectives import (
     minillm_token_losses,
     reduce_losses,
-    token_weights,
     reverse_kl_per_token,
     sequence_future_reward,
     token_nll,
+    token_weights,
     word_kd_token_losses,
 )
 
@@ -374,12 +374,15 @@ def test_token_weights_of_parts_add_up_to_the_whole(mode):
     """Split a mini-batch with unequal response lengths into parts (workers, micro-batches): each part weighted with
     the whole's totals sums to the whole's loss exactly."""
     per_token = torch.randn(6, 5, dtype=DT)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 0, 0],
-                         [1, 1, 1, 1, 0]], dtype=DT)
+    mask = torch.tensor(
+        [[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=DT
+    )
     whole = reduce_losses(per_token, mask, mode)
     tokens, seqs = mask.sum().item(), (mask.sum(-1) > 0).sum().item()
-    parts = sum((per_token[sl] * token_weights(mask[sl], mode, tokens, seqs)).sum()
-                for sl in (slice(0, 2), slice(2, 3), slice(3, 6)))
+    parts = sum(
+        (per_token[sl] * token_weights(mask[sl], mode, tokens, seqs)).sum()
+        for sl in (slice(0, 2), slice(2, 3), slice(3, 6))
+    )
     torch.testing.assert_close(parts, whole)
     # a plain mean of the parts' own reductions is what the old per-worker mean did: not the same
     means = torch.stack([reduce_losses(per_token[sl], mask[sl], mode) for sl in (slice(0, 3), slice(3, 6))]).mean()

@@ -1,0 +1,478 @@
+"""The training recipe, top to bottom: set-up (every actor started here) -> the method (minillm, sft, kd, seqkd) ->
+clean-up. The driver schedules and logs; tensors go from actor to actor by reference (sampler -> teacher -> learner
+ranks, learner -> samplers), and only token ids, metrics and references come back here.
+
+One MiniLLM step:  sampler.sample -> teacher.score (one shard per learner rank) -> replay queue (references)
+                   -> learner ranks update on their shard -> weights pushed to the samplers (a new version).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.placement import Placement
+from actors.remote import make_replay, make_sampler, make_teacher
+from actors.sampler import SamplerSpec
+from common.config import DistillConfig, resolve_path, weight_sync_backend
+from common.data import (
+    Example,
+    LMBatch,
+    TokenizedExample,
+    collate_prompt_response,
+    iterate_batches,
+    iterate_pretrain,
+    load_pretrain_blocks,
+)
+from learner.group import LearnerGroup
+from learner.run_log import RunLogger, copy_checkpoint
+from learner.validation import ValidationResult, validate
+
+Split = tuple[list[Example], list[TokenizedExample]]
+
+
+class Sections:
+    """Named wall-time sections of a loop; `pop()` hands back `<name>_seconds` and starts over."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out = {f"{k}_seconds": round(v, 4) for k, v in self.seconds.items()}
+        self.seconds.clear()
+        return out
+
+
+class Recipe:
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        assets: Any,
+        tokenizer: Any,
+        vocab_size: int,
+        train: Split,
+        valid: Split,
+        logger: RunLogger,
+        run_dir: Path,
+    ):
+        self.cfg, self.assets, self.tok, self.vocab = cfg, assets, tokenizer, vocab_size
+        self.train_examples, self.train_items = train
+        self.valid_examples, self.valid_items = valid
+        self.log, self.ckpt = logger, run_dir / "checkpoints"
+        self.version = 0  # weight version the samplers hold (or are being sent)
+        self.global_step = 0
+        self.pending_pushes: list = []
+        held_out = list(self.valid_items)
+        random.Random(cfg.seed).shuffle(held_out)
+        self.eval_items = held_out[: cfg.eval.num_prompts]
+        n_kl = min(cfg.eval.kl_prompts, len(held_out))
+        n_kl -= n_kl % cfg.learner.num_workers  # every learner rank scores an equal share
+        self.kl_items = held_out[len(held_out) - n_kl :]
+        self.placement: Placement | None = None
+        self.learner: LearnerGroup | None = None
+        self.teachers: list = []
+        self.samplers: list = []
+        self.replay: Any = None
+
+    # ===== set-up ====================================================================================
+    def start_actors(self, student_dir: str) -> None:
+        """Every actor of the service, in one placement group: learner ranks, teachers, samplers (student engine,
+        plus a teacher engine when the method samples from the teacher), the replay queue."""
+        c = self.cfg
+        self.placement = Placement(c)
+        where = self.placement.of
+        t0 = time.time()
+        self.learner = LearnerGroup(
+            c.learner.num_workers,
+            c.cluster.learner_cpus,
+            c.cluster.learner_gpus,
+            student_dir,
+            c.learner,
+            c.objective,
+            self.vocab,
+            c.models.dtype,
+            c.seed,
+            placements=[where(f"learner-{r}") for r in range(c.learner.num_workers)],
+            threads=c.cluster.torch_threads,
+        )
+        self.teachers = [
+            make_teacher(
+                i,
+                c.cluster.teacher_cpus,
+                c.cluster.teacher_gpus,
+                self.assets.teacher_dir,
+                self.vocab,
+                self.tok.pad_token_id,
+                batch_size=c.teacher.batch_size,
+                transport=c.teacher.transport,
+                top_k=c.teacher.top_k,
+                dtype=c.models.dtype,
+                chunk_tokens=c.learner.logit_chunk_tokens,
+                placement=where(f"teacher-{i}"),
+                threads=c.cluster.torch_threads,
+            )
+            for i in range(c.teacher.num_teachers)
+        ]
+        alpha = {"minillm": c.objective.alpha, "seqkd": 1.0}.get(c.method, 0.0)
+        max_len = (
+            c.data.max_prompt_tokens
+            + max(c.sampler.max_new_tokens, c.eval.max_new_tokens, c.data.max_response_tokens)
+            + 8
+        )
+        self.samplers = [
+            make_sampler(
+                SamplerSpec(
+                    student_dir=student_dir,
+                    teacher_dir=self.assets.teacher_dir if alpha > 0 else None,
+                    eos_token_id=self.tok.eos_token_id,
+                    max_new_tokens=c.sampler.max_new_tokens,
+                    alpha=alpha,
+                    temperature=c.sampler.temperature,
+                    kv_cache_mb=c.sampler.kv_cache_mb,
+                    seed=c.seed + 1000 * i,
+                    gpu_memory_utilization=c.sampler.gpu_memory_utilization,
+                    tensor_parallel_size=c.sampler.tensor_parallel_size,
+                    max_model_len=max_len,
+                ),
+                i,
+                c.cluster.sampler_cpus,
+                c.cluster.sampler_gpus,
+                placement=where(f"sampler-{i}"),
+                threads=c.cluster.torch_threads,
+            )
+            for i in range(c.sampler.num_samplers)
+        ]
+        if c.method == "minillm":
+            self.replay = make_replay(
+                c.learner.replay_capacity, c.learner.max_version_lag, c.cluster.replay_cpus, placement=where("replay")
+            )
+        ray.get([s.get_version.remote() for s in self.samplers] + [t.get_stats.remote() for t in self.teachers])
+        print(
+            f"[setup] {c.learner.num_workers} learner rank(s), {len(self.teachers)} teacher(s), "
+            f"{len(self.samplers)} sampler(s) ready in {time.time() - t0:.1f}s",
+            flush=True,
+        )
+        if c.learner.weight_sync == "collective":
+            self._connect_weight_group()
+
+    def _connect_weight_group(self) -> None:
+        """The learner's rank 0 and the samplers form the weight group (all join at once: it is collective)."""
+        assert self.learner is not None
+        backend = weight_sync_backend(self.cfg.cluster)
+        host, port = self.learner.weight_sync_address()
+        world = 1 + len(self.samplers)
+        ray.get(
+            [
+                self.learner.init_weight_sender(host, port, world, backend),
+                *[s.join_weight_group.remote(host, port, 1 + i, world, backend) for i, s in enumerate(self.samplers)],
+            ]
+        )
+        print(
+            f"[weights] collective push over {backend}: learner rank 0 -> {len(self.samplers)} sampler(s)", flush=True
+        )
+
+    # ===== the methods ===============================================================================
+    def run(self) -> dict[str, Any]:
+        c = self.cfg
+        summary: dict[str, Any] = {"method": c.method}
+        if c.method == "minillm":
+            sft_dir = str(resolve_path(c.models.sft_checkpoint)) if c.models.sft_checkpoint else None
+            self.start_actors(sft_dir or self.assets.student_dir)
+            if sft_dir is None:
+                sft_dir = self.train_phase("sft", self.train_items, c.learner.sft_init_select_by)
+                self.push_weights()
+            summary["sft_checkpoint"] = sft_dir
+            summary.update(self.minillm_phase(sft_dir))
+            return summary
+        self.start_actors(self.assets.student_dir)
+        items = self.teacher_responses() if c.method == "seqkd" else self.train_items
+        best_dir = self.train_phase(c.method, items, c.learner.baseline_select_by)
+        self.push_weights()
+        res = self.validation(f"{c.method}-best")
+        copy_checkpoint(Path(best_dir), self.ckpt / "best")
+        copy_checkpoint(Path(best_dir), self.ckpt / "final")
+        summary.update({"start": res.as_dict(""), "final": res.as_dict(""), "best_valid_rouge_l": res.rouge_l})
+        return summary
+
+    def teacher_responses(self) -> list[TokenizedExample]:
+        """SeqKD data: the teacher's own samples (alpha = 1 through the samplers) for a shuffled draw of the
+        training prompts, as many as the phase consumes (every sampler works at once)."""
+        c = self.cfg
+        pool = list(self.train_items)
+        random.Random(c.seed + 7).shuffle(pool)
+        prompts = pool[: min(len(pool), c.learner.sft_steps * c.learner.sft_batch_size)]
+        chunk, t0 = 256, time.time()
+        parts = [prompts[i : i + chunk] for i in range(0, len(prompts), chunk)]
+        refs = [
+            self.samplers[k % len(self.samplers)].sample.remote(
+                [it.prompt_ids for it in part],
+                [it.index for it in part],
+                alpha=1.0,
+                max_new_tokens=c.data.max_response_tokens,
+            )
+            for k, part in enumerate(parts)
+        ]
+        out: list[TokenizedExample] = []
+        for k, (part, ref) in enumerate(zip(parts, refs, strict=True)):
+            responses = ray.get(ref).response_ids
+            out.extend(TokenizedExample(it.prompt_ids, r, it.index) for it, r in zip(part, responses, strict=True) if r)
+            print(
+                f"[seqkd] teacher responses {min((k + 1) * chunk, len(prompts))}/{len(prompts)} "
+                f"({time.time() - t0:.0f}s)",
+                flush=True,
+            )
+        return out
+
+    # ===== phases ====================================================================================
+    def train_phase(self, kind: str, items: list[TokenizedExample], select_by: str) -> str:
+        """Fine-tune the student (sft / seqkd: NLL on `items`; kd: word-level KD + NLL) for learner.sft_steps and
+        keep the checkpoint with the lowest validation loss or the highest validation ROUGE-L (`select_by`; the
+        initial student competes too with ROUGE-L). Returns the kept checkpoint, loaded back into the learner."""
+        c, learner = self.cfg, self.learner
+        assert learner is not None
+        learner.set_lr(c.learner.sft_lr)
+        best_dir, by_rouge = self.ckpt / f"{kind}_best", select_by == "rouge_l"
+        best = float("inf")  # lower is better: validation loss, or -ROUGE-L
+        if by_rouge:
+            best = -self.validation(f"{kind}-start").rouge_l
+            learner.save(str(best_dir), self.assets.tokenizer_dir)
+        batches = iterate_batches(items, c.learner.sft_batch_size, c.seed)
+        steps, time_in = c.learner.sft_steps, Sections()
+        print(
+            f"[{kind}] {steps} steps, batch {c.learner.sft_batch_size}, lr {c.learner.sft_lr}, select by {select_by}",
+            flush=True,
+        )
+        t0 = time.time()
+        for step in range(1, steps + 1):
+            with time_in("update"):
+                m = self.lm_update(kind, self._lm_batch(next(batches)), step)
+            self.global_step += 1
+            record: dict[str, Any] = {"phase": kind, "global_step": self.global_step, "step": step, **m}
+            if step % c.learner.sft_eval_every == 0 or step == steps:
+                with time_in("validation"):
+                    if by_rouge:
+                        self.push_weights()
+                        res = self.validation(f"{kind}-step-{step}")
+                        score, shown = -res.rouge_l, f"valid ROUGE-L {res.rouge_l:.2f}"
+                        record.update(res.as_dict())
+                    else:
+                        score = self.valid_loss()
+                        shown, record["valid_loss"] = f"valid {score:.3f}", score
+                if score < best:
+                    best, record["best"] = score, True
+                    learner.save(str(best_dir), self.assets.tokenizer_dir)
+                print(
+                    f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} {shown} "
+                    f"(best {abs(best):.3f}, {time.time() - t0:.0f}s)",
+                    flush=True,
+                )
+            elif step % c.logging.progress_every == 0:
+                print(f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+            self.log.log({**record, **time_in.pop()})
+        if not best_dir.exists():  # no steps: the initial student is the phase's result
+            learner.save(str(best_dir), self.assets.tokenizer_dir)
+        learner.load_state(str(best_dir))
+        return str(best_dir)
+
+    def lm_update(self, kind: str, batch: LMBatch, step: int) -> dict[str, float]:
+        """One SFT / SeqKD / KD update; for KD the teacher scores each rank's part and sends it to that rank."""
+        learner = self.learner
+        assert learner is not None
+        parts = [ray.put(p) for p in learner.split(batch)]
+        if kind != "kd":
+            return learner.sft_step(parts)
+        teacher = self.teachers[step % len(self.teachers)]
+        scored = teacher.score_lm.options(num_returns=len(parts)).remote(*parts)
+        return learner.kd_step(parts, scored if isinstance(scored, list) else [scored])
+
+    def minillm_phase(self, sft_dir: str) -> dict[str, Any]:
+        """Algorithm 1: sample (teacher-mixed) -> score -> replay -> update (single + long + L_PT) -> push, with
+        sampling up to `max_version_lag` batches ahead of the updates."""
+        c, learner = self.cfg, self.learner
+        assert learner is not None and self.replay is not None
+        learner.set_lr(c.learner.lr)
+        pretrain = self._pretrain_batches()
+        prompts = iterate_batches(self.train_items, c.learner.batch_size, c.seed + 1)
+        better = (lambda a, b: a > b) if c.learner.minillm_select_by == "rouge_l" else (lambda a, b: a < b)
+        score_of = (lambda r: r.rouge_l) if c.learner.minillm_select_by == "rouge_l" else (lambda r: r.reverse_kl_token)
+        start = last = self.validation("minillm-start") if c.eval.at_start else None
+        best = score_of(start) if start is not None else None
+        copy_checkpoint(Path(sft_dir), self.ckpt / "best")
+        n_ranks, ahead = learner.n, 1 + c.learner.max_version_lag  # sampling runs that far ahead of updates
+        inflight: deque = deque()
+        launched, steps, time_in = 0, c.learner.minillm_steps, Sections()
+        print(
+            f"[minillm] {steps} steps, batch {c.learner.batch_size}, alpha {c.objective.alpha}, lr {c.learner.lr}, "
+            f"lag <= {c.learner.max_version_lag}, teacher transport {c.teacher.transport}",
+            flush=True,
+        )
+        t0 = time.time()
+        for step in range(1, steps + 1):
+            while len(inflight) < ahead:  # launch: every hop below passes references, never values
+                batch = next(prompts)
+                rollouts = self.samplers[launched % len(self.samplers)].sample.remote(
+                    [it.prompt_ids for it in batch], [it.index for it in batch]
+                )
+                info, *shards = (
+                    self.teachers[launched % len(self.teachers)]
+                    .score.options(num_returns=1 + n_ranks)
+                    .remote(rollouts, n_ranks)
+                )
+                inflight.append(self.replay.put_batch.remote(info, shards))
+                launched += 1
+            with time_in("wait"):
+                taken = ray.get(self.replay.take.remote(self.version))
+                ray.get(inflight.popleft())
+            with time_in("update"):
+                m = learner.minillm_step(taken["shards"], c.objective.alpha, next(pretrain, None))
+            lag = self.version - taken["info"].weight_version
+            with time_in("push"):
+                self.push_weights(wait=False)
+            self.global_step += 1
+            record = {
+                "phase": "minillm",
+                "global_step": self.global_step,
+                "step": step,
+                **m,
+                **taken["info"].as_dict(),
+                "learner_tokens_per_s": m["tokens"] / max(m["step_seconds"], 1e-9),
+                "queue_depth": taken["depth"],
+                "dropped_stale": taken["dropped_stale"],
+                "weight_version": self.version,
+                "rollout_version": taken["info"].weight_version,
+                "version_lag": lag,
+            }
+            if step % c.eval.every_steps == 0 or (step == steps and c.eval.at_end):
+                with time_in("validation"):
+                    last = self.validation(f"minillm-step-{step}")
+                record.update(last.as_dict())
+                if best is None or better(score_of(last), best):
+                    best, record["best"] = score_of(last), True
+                    learner.save(str(self.ckpt / "best"), self.assets.tokenizer_dir)
+            self.log.log({**record, **time_in.pop()})
+            if step % c.logging.progress_every == 0 or step == steps:
+                print(
+                    f"[minillm] step {step}/{steps} loss {m['loss']:.3f} (single {m['loss_single']:.3f} "
+                    f"long {m['loss_long']:.3f} pt {m['loss_pt']:.3f}) rKL {m['reverse_kl']:.3f} "
+                    f"len {record['mean_response_tokens']:.1f} rho [{m['rho_min']:.2f}, {m['rho_max']:.2f}] "
+                    f"lag {lag} ({time.time() - t0:.0f}s)",
+                    flush=True,
+                )
+        self.wait_pushes()
+        for ref in inflight:  # producers that ran ahead: not needed any more
+            ray.cancel(ref)
+        learner.save(str(self.ckpt / "final"), self.assets.tokenizer_dir)
+        return {
+            "start": start.as_dict("") if start else None,
+            "final": last.as_dict("") if last else None,
+            "best_valid_rouge_l" if c.learner.minillm_select_by == "rouge_l" else "best_valid_reverse_kl": best,
+            "minillm_seconds": round(time.time() - t0, 1),
+            "weight_version": self.version,
+            "sampler_stats": ray.get(self.samplers[0].get_stats.remote()),
+            "teacher_stats": ray.get(self.teachers[0].get_stats.remote()),
+        }
+
+    # ===== helpers ===================================================================================
+    def _lm_batch(self, items: list[TokenizedExample]) -> LMBatch:
+        return collate_prompt_response([(it.prompt_ids, it.response_ids) for it in items], self.tok.pad_token_id)
+
+    def _pretrain_batches(self) -> Iterator[Any]:
+        c = self.cfg
+        if not c.data.pretrain or c.objective.pt_weight <= 0:
+            return iter(())
+        blocks = load_pretrain_blocks(
+            resolve_path(c.data.pretrain), self.tok, c.data.pretrain_block_size, max_blocks=4096
+        )
+        return iterate_pretrain(blocks, c.learner.pretrain_batch_size, c.seed)
+
+    def valid_loss(self) -> float:
+        """Token-mean NLL of the validation responses (the rows that split evenly over the learner ranks)."""
+        assert self.learner is not None
+        n, bs = self.learner.n, self.cfg.learner.sft_batch_size
+        total = tokens = 0.0
+        for start in range(0, len(self.valid_items), bs):
+            chunk = self.valid_items[start : start + bs]
+            chunk = chunk[: (len(chunk) // n) * n]
+            if chunk:
+                s, t = self.learner.eval_nll(self._lm_batch(chunk))
+                total, tokens = total + s, tokens + t
+        return total / max(tokens, 1.0)
+
+    def validation(self, label: str) -> ValidationResult:
+        assert self.learner is not None
+        self.wait_pushes()  # the samplers must hold the learner's weights
+        t0 = time.time()
+        res = validate(
+            self.samplers[0],
+            self.teachers[0],
+            self.learner,
+            self.tok,
+            self.eval_items,
+            self.valid_examples,
+            self.cfg.eval.max_new_tokens,
+            self.kl_items,
+        )
+        print(
+            f"[eval] {label}: valid ROUGE-L {res.rouge_l:.2f}, reverse KL {res.reverse_kl_seq:.3f}/seq "
+            f"({res.reverse_kl_token:.4f}/token), {res.mean_response_tokens:.1f} tokens "
+            f"({time.time() - t0:.1f}s)",
+            flush=True,
+        )
+        self.log.log(
+            {
+                "phase": "eval",
+                "label": label,
+                "global_step": self.global_step,
+                "weight_version": self.version,
+                **res.as_dict(),
+            }
+        )
+        return res
+
+    def push_weights(self, wait: bool = True) -> None:
+        """Send the learner's weights to every sampler as a new version. Samplers load it between batches; a push
+        that failed raises here (at the latest at the next validation or the end)."""
+        assert self.learner is not None
+        self.version += 1
+        if self.cfg.learner.weight_sync == "collective":
+            refs = [s.receive_weights.remote() for s in self.samplers]  # queued behind any batch being sampled
+            self.learner.push_weights(self.version)
+        else:
+            state = self.learner.state_dict_ref()
+            refs = [s.load_weights.remote(state, self.version) for s in self.samplers]
+        self.pending_pushes += refs
+        done, self.pending_pushes = ray.wait(self.pending_pushes, num_returns=len(self.pending_pushes), timeout=0)
+        ray.get(done)  # raises if a push failed
+        if wait:
+            self.wait_pushes()
+
+    def wait_pushes(self) -> None:
+        ray.get(self.pending_pushes)
+        self.pending_pushes = []
+
+    # ===== clean-up ==================================================================================
+    def cleanup(self) -> None:
+        if self.learner is not None:
+            try:
+                self.learner.shutdown()
+            except Exception as exc:  # noqa: BLE001 - best effort at exit
+                print(f"[run] learner shutdown: {exc}", flush=True)
+        for actor in [*self.samplers, *self.teachers, *([self.replay] if self.replay else [])]:
+            ray.kill(actor)
+        if self.placement is not None:
+            self.placement.release()
