@@ -62,6 +62,9 @@ def _parse_line(line: str, where: str) -> Example:
         raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for field in ("instruction", "response"):
+        if field not in obj:
+            raise DataError(f"{where}: missing field '{field}' (Dolly schema: instruction, context, response)")
     instruction = obj.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
         raise DataError(f"{where}: field 'instruction' must be a non-empty string")
@@ -85,15 +88,25 @@ def load_jsonl(path: str | Path, limit: int | None = None) -> list[Example]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    try:
+        fh = path.open("rb")  # bytes, decoded line by line, so a bad byte is reported with its line
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    with fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is harmless
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line)"
+                ) from None
             if not line.strip():
                 continue
             examples.append(_parse_line(line, f"{path}:{lineno}"))
             if limit is not None and len(examples) >= limit:
                 break
     if not examples:
-        raise DataError(f"{path}: no examples")
+        raise DataError(f"{path}: no examples (the file is empty or blank)")
     return examples
 
 
@@ -196,7 +209,10 @@ def load_pretrain_blocks(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"pre-training text not found: {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
     docs = [d.strip() for d in text.split("\n\n") if d.strip()]
     eos = tokenizer.eos_token_id
     stream: list[int] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -23,15 +25,45 @@ class ModelError(ValueError):
 
 def _require_dir(path: str | Path, what: str) -> Path:
     p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelError(f"{what} folder not found: {p}")
+    if not p.is_dir():
+        raise ModelError(f"{what} path {p} is a file, not a folder")
     if not (p / "config.json").is_file() and what != "tokenizer":
         raise ModelError(f"{what} folder {p} is not a Hugging Face model folder (no config.json)")
-    if not p.is_dir():
-        raise ModelError(f"{what} folder not found: {p}")
     return p
+
+
+def read_model_config(path: str | Path, what: str = "model") -> dict:
+    """The folder's config.json, after checking it is a loadable HF model folder (config and weights present),
+    so a bad path fails at start-up with its name instead of deep inside an actor."""
+    p = _require_dir(path, what)
+    try:
+        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise ModelError(f"{what} folder {p}: config.json is not readable JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{what} folder {p}: config.json is not a JSON object")
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        raise ModelError(f"{what} folder {p} has no weights (*.safetensors or *.bin)")
+    return cfg
+
+
+def max_positions(config: dict) -> int | None:
+    """The longest sequence the model's position embeddings cover (None when the config does not say)."""
+    for section in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "n_positions"):  # n_positions: GPT-2's name for it
+            value = section.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     p = _require_dir(path, "tokenizer")
+    if not any((p / name).is_file() for name in TOKENIZER_FILES):
+        # transformers' own message for this case is several lines about sentencepiece
+        raise ModelError(f"tokenizer folder {p} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types; report the folder
@@ -90,10 +122,8 @@ class VocabInfo:
     student_rows: int
 
 
-def model_vocab_rows(path: str | Path) -> int:
-    import json
-
-    cfg = json.loads((Path(path) / "config.json").read_text())
+def model_vocab_rows(path: str | Path, what: str = "model") -> int:
+    cfg = read_model_config(path, what)
     rows = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
     if not isinstance(rows, int):
         raise ModelError(f"{path}/config.json has no vocab_size")
@@ -104,7 +134,7 @@ def check_compatible(teacher_dir: str | Path, student_dir: str | Path, tokenizer
     """Teacher and student must share the tokenizer's vocabulary; padded rows beyond it are allowed
     (they are sliced off before any distribution is compared). Raises ModelError otherwise."""
     size = len(tokenizer)
-    t_rows, s_rows = model_vocab_rows(teacher_dir), model_vocab_rows(student_dir)
+    t_rows, s_rows = model_vocab_rows(teacher_dir, "teacher"), model_vocab_rows(student_dir, "student")
     for name, rows in (("teacher", t_rows), ("student", s_rows)):
         if rows < size:
             raise ModelError(

@@ -13,48 +13,12 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import ConfigError, DistillConfig, load_config, resolve_path
-from common.data import DataError, Example, TokenizedExample, load_jsonl, tokenize_examples
-from common.models import ModelError, check_compatible, load_tokenizer
-
-
-@dataclass
-class Assets:
-    teacher_dir: str
-    student_dir: str
-    tokenizer_dir: str
-
-
-def resolve_models(cfg: DistillConfig) -> Assets:
-    m = cfg.models
-    if m.source == "tiny":
-        from common.tiny import build_tiny_models
-
-        built = build_tiny_models(
-            m.tiny,
-            resolve_path(cfg.data.train),
-            cfg.data.max_prompt_tokens,
-            cfg.data.max_response_tokens,
-            seed=cfg.seed,
-        )
-        return Assets(str(built.teacher), str(built.student), str(built.tokenizer))
-    teacher, student = resolve_path(m.teacher), resolve_path(m.student)
-    tok = resolve_path(m.tokenizer) if m.tokenizer else student
-    return Assets(str(teacher), str(student), str(tok))
-
-
-def load_split(
-    path: str, tokenizer, cfg: DistillConfig, limit: int | None, name: str
-) -> tuple[list[Example], list[TokenizedExample]]:
-    examples = load_jsonl(resolve_path(path), limit=limit)
-    items, report = tokenize_examples(examples, tokenizer, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
-    print(f"[data] {name}: {report}", flush=True)
-    if not items:
-        raise DataError(f"{name}: every example exceeds the context budget (data.max_*_tokens)")
-    return examples, items
+from common.data import DataError
+from common.models import ModelError
+from common.preflight import one_line, preflight
 
 
 def connect_ray(cfg: DistillConfig) -> str:
@@ -106,16 +70,14 @@ def run(cfg: DistillConfig) -> Path:
     from learner.run_log import RunLogger, prepare_run_dir
 
     t_start = time.time()
-    assets = resolve_models(cfg)
-    tokenizer = load_tokenizer(assets.tokenizer_dir)
-    vocab = check_compatible(assets.teacher_dir, assets.student_dir, tokenizer)
+    # every check that needs no cluster, before Ray starts and before the run folder exists
+    ready = preflight(cfg)
+    assets, tokenizer, vocab, train, valid = ready.assets, ready.tokenizer, ready.vocab, ready.train, ready.valid
     print(
         f"[models] teacher {assets.teacher_dir}\n[models] student {assets.student_dir} "
         f"(vocabulary {vocab.tokenizer_size})",
         flush=True,
     )
-    train = load_split(cfg.data.train, tokenizer, cfg, cfg.data.max_train_examples, "train")
-    valid = load_split(cfg.data.valid, tokenizer, cfg, cfg.data.max_valid_examples, "valid")
 
     print(f"[ray] {connect_ray(cfg)}", flush=True)
     check_resources(cfg)
@@ -142,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config_path, overrides)
         run(cfg)
     except (ConfigError, DataError, ModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

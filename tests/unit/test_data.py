@@ -103,3 +103,13 @@ def test_pretrain_blocks(tmp_path):
     assert 0 in blocks.flatten().tolist()  # documents are joined with EOS
     with pytest.raises(DataError, match="fewer than"):
         load_pretrain_blocks(f, CharTokenizer(), block_size=1000)
+
+
+def test_non_utf8_line_and_byte_order_mark(tmp_path):
+    f = tmp_path / "d.jsonl"
+    good = json.dumps({"instruction": "a", "response": "b"}).encode()
+    f.write_bytes(good + b"\n" + good.replace(b'"b"', b'"caf\xe9"') + b"\n")  # latin-1 e-acute
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        load_jsonl(f)
+    f.write_bytes(b"\xef\xbb\xbf" + good + b"\n")  # what some editors write first: still one valid example
+    assert load_jsonl(f)[0].response == "b"

@@ -45,5 +45,8 @@ def test_save_round_trip_and_missing_folder(tmp_path):
     assert model(ids).logits.shape == (1, 3, len(tok))
     save_hf(model, tok, path)  # overwriting an existing folder keeps a loadable model
     assert load_model(path)(ids).logits.allclose(model(ids).logits)
-    with pytest.raises(ModelError, match="no config.json"):
+    with pytest.raises(ModelError, match="model folder not found: .*missing"):
         load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="not a Hugging Face model folder .no config.json"):
+        load_model(tmp_path / "empty")

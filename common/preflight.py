@@ -1,0 +1,232 @@
+"""Every check a run can make before it touches the cluster (pure: imports no Ray).
+
+Bad input then fails at start-up with one line naming the field, file or line, before any actor starts and
+before the run folder exists. Cheap checks go first: settings, then the data files (before the tiny default
+spends minutes building its models from the training file), then the model folders, then what needs the tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import ConfigError, DistillConfig, resolve_path
+from common.data import DataError, Example, TokenizedExample, load_jsonl, load_pretrain_blocks, tokenize_examples
+from common.models import ModelError, VocabInfo, check_compatible, load_tokenizer, max_positions, read_model_config
+
+Split = tuple[list[Example], list[TokenizedExample]]
+INPUT_ERRORS = (ConfigError, DataError, ModelError)
+
+
+@dataclass(frozen=True)
+class Assets:
+    teacher_dir: str
+    student_dir: str
+    tokenizer_dir: str
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What a run needs from its input, loaded and validated."""
+
+    assets: Assets
+    tokenizer: Any  # a transformers tokenizer
+    vocab: VocabInfo
+    train: Split
+    valid: Split
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line (validation and YAML errors come as several)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    head, rest = lines[0], lines[1:]
+    if not rest:
+        return head
+    return head + (" " if head.endswith(":") else "; ") + "; ".join(rest)
+
+
+@contextmanager
+def about(field: str) -> Iterator[None]:
+    """Prefix an input error raised inside with the config field it came from."""
+    try:
+        yield
+    except INPUT_ERRORS as exc:
+        raise type(exc)(f"{field}: {exc}") from None
+
+
+def preflight(cfg: DistillConfig, cwd: Path | None = None) -> Checked:
+    """Run every check that needs no cluster; raise ConfigError / DataError / ModelError on the first problem.
+    `cwd` is what a relative output_dir is relative to (the driver's working directory)."""
+    check_settings(cfg)
+    check_output_dir(resolve_path(cfg.output_dir, cwd or Path.cwd()))
+    train_examples = read_examples(cfg, "train", cfg.data.max_train_examples)
+    valid_examples = read_examples(cfg, "valid", cfg.data.max_valid_examples)
+    pretrain = pretrain_path(cfg)
+    if pretrain is not None and not pretrain.is_file():
+        raise DataError(f"data.pretrain: pre-training text not found: {pretrain}")
+
+    assets = resolve_models(cfg)
+    configs = check_model_folders(cfg, assets)
+    tokenizer_field = "models.tokenizer" if cfg.models.tokenizer or cfg.models.source == "tiny" else "models.student"
+    with about(tokenizer_field):  # unset, the tokenizer is the student folder's
+        tokenizer = load_tokenizer(assets.tokenizer_dir)
+    vocab = check_compatible(assets.teacher_dir, assets.student_dir, tokenizer)
+    if used_sft_checkpoint(cfg):
+        with about("models.sft_checkpoint"):
+            check_compatible(assets.teacher_dir, resolve_path(cfg.models.sft_checkpoint), tokenizer)
+    check_positions(cfg, configs)
+
+    train = tokenize_split(cfg, "train", train_examples, tokenizer)
+    valid = tokenize_split(cfg, "valid", valid_examples, tokenizer)
+    check_batches(cfg, train[1], valid[1])
+    if pretrain is not None:
+        check_pretrain(cfg, pretrain, tokenizer)
+    return Checked(assets, tokenizer, vocab, train, valid)
+
+
+# ----- settings and the run folder ---------------------------------------------------------------------------
+def check_settings(cfg: DistillConfig) -> None:
+    """Combinations of settings that pass the config's own validation but break a run."""
+    n = cfg.learner.num_workers
+    if cfg.eval.kl_prompts < n:
+        raise ConfigError(
+            f"eval.kl_prompts={cfg.eval.kl_prompts} is fewer than learner.num_workers={n}: every FSDP worker "
+            "scores an equal share of the reverse-KL prompts"
+        )
+
+
+def check_output_dir(path: Path) -> None:
+    """The run folder must be creatable (an earlier run there is moved aside, so its parent must be writable)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir: {path} exists and is not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir: cannot create {path}: {existing} is a file")
+    for folder in (existing, path.parent) if existing == path else (existing,):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"output_dir: {folder} is not writable")
+
+
+# ----- data --------------------------------------------------------------------------------------------------
+def read_examples(cfg: DistillConfig, split: str, limit: int | None) -> list[Example]:
+    with about(f"data.{split}"):
+        return load_jsonl(resolve_path(getattr(cfg.data, split)), limit=limit)
+
+
+def pretrain_path(cfg: DistillConfig) -> Path | None:
+    """The pre-training text, where the run uses it (MiniLLM's phase with objective.pt_weight > 0)."""
+    if cfg.method != "minillm" or not cfg.data.pretrain or cfg.objective.pt_weight <= 0:
+        return None
+    return resolve_path(cfg.data.pretrain)
+
+
+def tokenize_split(cfg: DistillConfig, split: str, examples: list[Example], tokenizer) -> Split:
+    d = cfg.data
+    items, report = tokenize_examples(examples, tokenizer, d.max_prompt_tokens, d.max_response_tokens)
+    print(f"[data] {split}: {report}", flush=True)
+    if not items:
+        raise DataError(
+            f"data.{split}: every example exceeds the context budget ({report}): raise data.max_prompt_tokens "
+            f"({d.max_prompt_tokens}) or data.max_response_tokens ({d.max_response_tokens})"
+        )
+    return examples, items
+
+
+def check_batches(cfg: DistillConfig, train: list[TokenizedExample], valid: list[TokenizedExample]) -> None:
+    """Every batch is split evenly over the learner's workers: too few examples would leave one empty-handed."""
+    n = cfg.learner.num_workers
+    if min(cfg.eval.kl_prompts, len(valid)) < n:
+        raise DataError(
+            f"data.valid: {len(valid)} example(s) fit the context budget, fewer than learner.num_workers={n} "
+            "(each worker scores an equal share of the reverse-KL prompts)"
+        )
+    sizes = [] if used_sft_checkpoint(cfg) else ["sft_batch_size"]
+    sizes += ["batch_size"] if cfg.method == "minillm" else []
+    for name in sizes:
+        size = getattr(cfg.learner, name)
+        if len(train) < size and len(train) % n:  # a set smaller than the batch is used whole
+            raise DataError(
+                f"data.train: {len(train)} example(s) fit the context budget, fewer than learner.{name}={size}, "
+                f"and {len(train)} cannot be split evenly over learner.num_workers={n}"
+            )
+
+
+def check_pretrain(cfg: DistillConfig, path: Path, tokenizer) -> None:
+    n, batch = cfg.learner.num_workers, cfg.learner.pretrain_batch_size
+    with about("data.pretrain"):
+        blocks = load_pretrain_blocks(path, tokenizer, cfg.data.pretrain_block_size, max_blocks=batch)
+    if blocks.shape[0] < batch and blocks.shape[0] % n:  # too short a text is used whole, like a small train set
+        raise DataError(
+            f"data.pretrain: {path} holds {blocks.shape[0]} blocks of data.pretrain_block_size="
+            f"{cfg.data.pretrain_block_size} tokens, which cannot be split evenly over learner.num_workers={n}"
+        )
+
+
+# ----- models ------------------------------------------------------------------------------------------------
+def resolve_models(cfg: DistillConfig) -> Assets:
+    m = cfg.models
+    if m.source == "tiny":
+        from common.tiny import build_tiny_models
+
+        built = build_tiny_models(
+            m.tiny,
+            resolve_path(cfg.data.train),
+            cfg.data.max_prompt_tokens,
+            cfg.data.max_response_tokens,
+            seed=cfg.seed,
+        )
+        return Assets(str(built.teacher), str(built.student), str(built.tokenizer))
+    teacher, student = resolve_path(m.teacher), resolve_path(m.student)
+    tok = resolve_path(m.tokenizer) if m.tokenizer else student
+    return Assets(str(teacher), str(student), str(tok))
+
+
+def used_sft_checkpoint(cfg: DistillConfig) -> bool:
+    return cfg.method == "minillm" and bool(cfg.models.sft_checkpoint)
+
+
+def check_model_folders(cfg: DistillConfig, assets: Assets) -> dict[str, tuple[str, dict]]:
+    """config.json of every model folder the run loads, by the field that names it: {field: (role, config)}."""
+    local = cfg.models.source == "local"
+    folders = {
+        "models.teacher" if local else "models.tiny (teacher)": ("teacher", assets.teacher_dir),
+        "models.student" if local else "models.tiny (student)": ("student", assets.student_dir),
+    }
+    if used_sft_checkpoint(cfg):
+        folders["models.sft_checkpoint"] = ("student", str(resolve_path(cfg.models.sft_checkpoint)))
+    configs = {}
+    for field, (role, folder) in folders.items():
+        with about(field):
+            configs[field] = (role, read_model_config(folder, role))
+    return configs
+
+
+def check_positions(cfg: DistillConfig, configs: dict[str, tuple[str, dict]]) -> None:
+    """Sequences must fit every model's position embeddings; vLLM would otherwise cap or refuse them mid-run."""
+    d, s, e = cfg.data, cfg.sampler, cfg.eval
+    new_field = "eval.max_new_tokens" if e.max_new_tokens > s.max_new_tokens else "sampler.max_new_tokens"
+    sampled = (f"data.max_prompt_tokens + {new_field}", d.max_prompt_tokens + max(s.max_new_tokens, e.max_new_tokens))
+    trained = ("data.max_prompt_tokens + data.max_response_tokens", d.max_prompt_tokens + d.max_response_tokens)
+    for field, (role, config) in configs.items():
+        limit = max_positions(config)
+        if limit is None:
+            continue
+        needs = [sampled]  # samples are drawn from and scored by both models
+        if role == "student" or cfg.method == "kd":  # the learner trains on these; KD's teacher scores them
+            needs.append(trained)
+        if role == "student" and pretrain_path(cfg) is not None:
+            needs.append(("data.pretrain_block_size", d.pretrain_block_size))
+        for what, need in needs:
+            if need > limit:
+                raise ConfigError(
+                    f"{what} = {need} exceeds the {role}'s max_position_embeddings = {limit} ({field}): "
+                    "lower them or use a model with more positions"
+                )
