@@ -41,20 +41,6 @@ def distinct_n(token_lists: Sequence[Sequence[int | str]], n: int = 4) -> float:
     return 100.0 * len(set(grams)) / len(grams) if grams else 0.0
 
 
-def sequence_kl_estimate(
-    student_logprobs: Sequence[Sequence[float]], teacher_logprobs: Sequence[Sequence[float]]
-) -> tuple[float, float]:
-    """Monte-Carlo reverse KL from responses sampled from the student: KL[q||p] = E_q[log q(y) - log p(y)].
-
-    Returns (per-sequence mean, per-token mean). Unbiased for the sequence-level KL when the responses
-    were sampled from q alone (alpha = 0)."""
-    seq = [sum(q) - sum(p) for q, p in zip(student_logprobs, teacher_logprobs, strict=True)]
-    tokens = sum(len(q) for q in student_logprobs)
-    if not seq:
-        return 0.0, 0.0
-    return mean(seq), sum(seq) / max(tokens, 1)
-
-
 def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
     """Mean and population standard deviation (the spread across evaluation seeds)."""
     if not values:

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from common.metrics import corpus_rouge_l, distinct_n, mean_and_spread, rouge_l, sequence_kl_estimate
+from common.metrics import corpus_rouge_l, distinct_n, mean_and_spread, rouge_l
 
 
 def test_rouge_l_hand_computed():
@@ -23,11 +23,6 @@ def test_distinct_4_hand_computed():
     # n-grams: (1,2,3,4) (2,3,4,1) (3,4,1,2) | (1,2,3,4) -> 3 unique of 4
     assert distinct_n([[1, 2, 3, 4, 1, 2], [1, 2, 3, 4]], 4) == pytest.approx(75.0)
     assert distinct_n([[1, 2]], 4) == 0.0
-
-
-def test_sequence_kl_estimate():
-    seq, tok = sequence_kl_estimate([[-1.0, -2.0], [-0.5]], [[-2.0, -2.5], [-1.5]])
-    assert seq == pytest.approx((1.5 + 1.0) / 2) and tok == pytest.approx(2.5 / 3)
 
 
 def test_mean_and_spread():
