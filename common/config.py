@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -304,6 +304,10 @@ def _installed_project_root() -> Path | None:
     return Path(url[len("file://") :]) if url.startswith("file://") else None
 
 
+@overload
+def resolve_path(path: str, base: Path = ...) -> Path: ...
+@overload
+def resolve_path(path: None, base: Path = ...) -> None: ...
 def resolve_path(path: str | None, base: Path = REPO_ROOT) -> Path | None:
     """Relative paths in a config are relative to the repository root (then to the installed project, for
     jobs that run from an uploaded copy), so jobs run from anywhere."""

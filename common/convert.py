@@ -53,7 +53,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise ModelError(f"GGUF conversion mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
-    model.to(torch.float32).eval()
+    model.float().eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     save_hf(model, tokenizer, out_dir)

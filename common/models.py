@@ -12,6 +12,7 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -75,7 +76,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_model(path: str | Path, dtype: str = "float32") -> torch.nn.Module:
+def load_model(path: str | Path, dtype: str = "float32") -> PreTrainedModel:
     p = _require_dir(path, "model")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(p), dtype=DTYPES[dtype], local_files_only=True)
@@ -106,7 +107,7 @@ def small_llama_config(
         eos_token_id=eos_id,
         pad_token_id=eos_id,
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        dtype="float32",
     )
 
 
@@ -151,7 +152,7 @@ def check_compatible(teacher_dir: str | Path, student_dir: str | Path, tokenizer
     return VocabInfo(size, t_rows, s_rows)
 
 
-def save_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:
+def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:
     """Save an HF folder atomically: write to a sibling temp folder, then rename over the target."""
     import shutil
 
@@ -180,7 +181,7 @@ def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attenti
 
     The model is called as a whole (not its base module) so that FSDP's root hooks run: they gather the root's
     parameters (embeddings, final norm, head), which stay gathered until the backward pass."""
-    base = model.base_model
+    base: torch.nn.Module = model.base_model  # type: ignore[assignment]
     captured: list[torch.Tensor] = []
 
     def keep(_module: torch.nn.Module, _args: object, output: object) -> None:

@@ -77,7 +77,7 @@ def preflight(cfg: DistillConfig, cwd: Path | None = None) -> Checked:
     with about(tokenizer_field):  # unset, the tokenizer is the student folder's
         tokenizer = load_tokenizer(assets.tokenizer_dir)
     vocab = check_compatible(assets.teacher_dir, assets.student_dir, tokenizer)
-    if used_sft_checkpoint(cfg):
+    if used_sft_checkpoint(cfg) and cfg.models.sft_checkpoint:
         with about("models.sft_checkpoint"):
             check_compatible(assets.teacher_dir, resolve_path(cfg.models.sft_checkpoint), tokenizer)
     check_positions(cfg, configs)

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -100,11 +101,13 @@ class WeightGroup:
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.device = torch.device(f"cuda:{torch.cuda.current_device()}") if backend == "nccl" else torch.device("cpu")
         timeout = timedelta(seconds=timeout_s)
+        store: Any
         try:
             store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - name the cause
             raise WeightSyncError(f"weight group rank {rank}: cannot reach the store at {host}:{port}: {exc}") from exc
         store = dist.PrefixStore("minillm-weights", store)
+        self.pg: Any  # ProcessGroupGloo or ProcessGroupNCCL (their stubs lack broadcast)
         if backend == "gloo":
             self.pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
         else:

@@ -77,8 +77,10 @@ def test_chunked_sft_and_kd_equal_unchunked(worker_factory):
     from common.data import collate_prompt_response
 
     g = torch.Generator().manual_seed(4)
-    pairs = [(torch.randint(3, VOCAB, (n,), generator=g).tolist(), torch.randint(3, VOCAB, (m,), generator=g).tolist())
-             for n, m in ((3, 5), (6, 2), (2, 7))]
+    pairs = [
+        (torch.randint(3, VOCAB, (n,), generator=g).tolist(), torch.randint(3, VOCAB, (m,), generator=g).tolist())
+        for n, m in ((3, 5), (6, 2), (2, 7))
+    ]
     batch = collate_prompt_response(pairs, EOS)
     n_targets = int(batch.loss_mask.sum())
     kd_teacher = torch.log_softmax(torch.randn(n_targets, VOCAB, generator=g) * 2, -1)

@@ -30,16 +30,36 @@ def _tensors_in(value, path="result"):
 
 
 def test_minillm_phase_never_brings_a_tensor_to_the_driver(ray_session, tiny_models, tmp_path, monkeypatch):
-    cfg = load_config(overrides=[
-        f"output_dir={tmp_path / 'run'}", f"models.sft_checkpoint={tiny_models.student}",
-        "learner.minillm_steps=3", "learner.batch_size=4", "eval.every_steps=100", "eval.at_start=false",
-        "eval.num_prompts=4", "eval.kl_prompts=4", "eval.max_new_tokens=8", "sampler.max_new_tokens=8",
-        "learner.pretrain_batch_size=2", "logging.wandb_mode=disabled", "data.max_valid_examples=40", "data.max_train_examples=200",
-    ])
+    cfg = load_config(
+        overrides=[
+            f"output_dir={tmp_path / 'run'}",
+            f"models.sft_checkpoint={tiny_models.student}",
+            "learner.minillm_steps=3",
+            "learner.batch_size=4",
+            "eval.every_steps=100",
+            "eval.at_start=false",
+            "eval.num_prompts=4",
+            "eval.kl_prompts=4",
+            "eval.max_new_tokens=8",
+            "sampler.max_new_tokens=8",
+            "learner.pretrain_batch_size=2",
+            "logging.wandb_mode=disabled",
+            "data.max_valid_examples=40",
+            "data.max_train_examples=200",
+        ]
+    )
     ready = preflight(cfg)
     run_dir = prepare_run_dir(Path(cfg.output_dir))
-    recipe = Recipe(cfg, ready.assets, ready.tokenizer, ready.vocab.tokenizer_size, ready.train, ready.valid,
-                    RunLogger(run_dir, cfg), run_dir)
+    recipe = Recipe(
+        cfg,
+        ready.assets,
+        ready.tokenizer,
+        ready.vocab.tokenizer_size,
+        ready.train,
+        ready.valid,
+        RunLogger(run_dir, cfg),
+        run_dir,
+    )
 
     received: list[str] = []
     real_get = ray.get
