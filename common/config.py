@@ -63,6 +63,8 @@ class ModelsConfig(_Section):
     student: str | None = None
     tokenizer: str | None = None  # defaults to the student's folder
     sft_checkpoint: str | None = None  # an SFT'd student: skips the SFT phase
+    # the compute dtype of learner, teacher and samplers; the learner keeps float32 master weights and optimizer
+    # state whatever it is (learner.master_weights), so small updates are not lost to bf16 rounding
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     tiny: TinyBuildConfig = TinyBuildConfig()
 
@@ -114,6 +116,10 @@ class ObjectiveConfig(_Section):
     # token: every real token of the mini-batch weighs the same (sum / token count, counted across ranks), as in
     # Algorithm 1 and the reference code; seq: each response's mean, averaged over responses
     reduction: Literal["token", "seq"] = "token"
+    # log q_old in rho and r_t: the sampler's log-probs as it sampled, or the learner's own forward before the first
+    # update of a collection (rho = 1 exactly there, as in the reference code and veRL); the gap between the two is
+    # logged either way (logprob_gap_mean / _max)
+    old_logprobs: Literal["sampler", "learner"] = "sampler"
 
 
 class LearnerConfig(_Section):
@@ -125,6 +131,18 @@ class LearnerConfig(_Section):
     # positions per chunk of the LM head / log-softmax / vocabulary-wide terms: bounds learner memory at
     # chunk x vocabulary floats whatever the batch and response length
     logit_chunk_tokens: int = Field(1024, gt=0)
+    # PPO schedule (Appendix B): collect rollouts_per_collection rollouts (in sampled batches of batch_size), then
+    # ppo_epochs passes over them in shuffled mini-batches of minibatch_size, one optimizer step each; every rank
+    # accumulates gradients over micro-batches of micro_batch_size sequences. None: rollouts_per_collection =
+    # batch_size, minibatch_size = rollouts_per_collection, micro_batch_size = the rank's whole mini-batch (one update
+    # per sampled batch). minillm_steps counts optimizer steps.
+    rollouts_per_collection: int | None = Field(None, gt=0)
+    ppo_epochs: int = Field(1, ge=1)
+    minibatch_size: int | None = Field(None, gt=0)
+    micro_batch_size: int | None = Field(None, gt=0)
+    # float32: fp32 master weights and optimizer state, compute in models.dtype (FSDP2 mixed precision, fp32 gradient
+    # reduction); compute: everything in models.dtype (pure bf16 training; small updates are lost to rounding)
+    master_weights: Literal["float32", "compute"] = "float32"
     pretrain_batch_size: int = Field(8, gt=0)
     minillm_steps: int = Field(40, ge=0)
     max_version_lag: int = Field(1, ge=0)  # rollouts older than this many weight versions are refused
@@ -172,6 +190,10 @@ class ClusterConfig(_Section):
     placement_timeout_s: float = Field(120.0, gt=0)  # then fail with a message instead of waiting forever
 
 
+class CheckpointConfig(_Section):
+    save_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # HF folders; None: the master weights' dtype
+
+
 class LoggingConfig(_Section):
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "minillm-service"
@@ -195,6 +217,7 @@ class DistillConfig(_Section):
     learner: LearnerConfig = LearnerConfig()
     eval: EvalConfig = EvalConfig()
     cluster: ClusterConfig = ClusterConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")
@@ -210,7 +233,37 @@ class DistillConfig(_Section):
                 "learner.weight_sync=collective needs sampler.tensor_parallel_size=1 (a tensor-parallel "
                 "engine's shards live in other processes): use object_store"
             )
+        if self.method == "minillm" and self.sampler.temperature != 1.0:
+            raise ValueError(
+                f"sampler.temperature={self.sampler.temperature}: MiniLLM needs temperature 1 (the "
+                "importance weights and q_old are those of the untempered student, as in the paper)"
+            )
         n = self.learner.num_workers
+        lc = self.learner
+        per_collection = lc.rollouts_per_collection or lc.batch_size
+        minibatch = lc.minibatch_size or per_collection
+        if per_collection % lc.batch_size:
+            raise ValueError(
+                f"learner.rollouts_per_collection={per_collection} must be a multiple of "
+                f"learner.batch_size={lc.batch_size} (a collection is whole sampled batches)"
+            )
+        if per_collection % minibatch:
+            raise ValueError(
+                f"learner.minibatch_size={minibatch} must divide learner.rollouts_per_collection={per_collection}"
+            )
+        updates = lc.ppo_epochs * per_collection // minibatch
+        if self.method == "minillm" and lc.minillm_steps % updates:
+            raise ValueError(
+                f"learner.minillm_steps={lc.minillm_steps} must be a multiple of the updates per "
+                f"collection (ppo_epochs x rollouts_per_collection / minibatch_size = {updates})"
+            )
+        if minibatch % n:
+            raise ValueError(f"learner.minibatch_size={minibatch} must be divisible by learner.num_workers ({n})")
+        if lc.micro_batch_size and (minibatch // n) % lc.micro_batch_size:
+            raise ValueError(
+                f"learner.micro_batch_size={lc.micro_batch_size} must divide each rank's share of a "
+                f"mini-batch ({minibatch // n} sequences)"
+            )
         for name in ("batch_size", "sft_batch_size", "pretrain_batch_size"):
             if getattr(self.learner, name) % n:
                 raise ValueError(

@@ -96,6 +96,20 @@ class BatchInfo:
         }
 
 
+def merge_infos(infos: list[BatchInfo]) -> BatchInfo:
+    """A collection's info: sums of its batches' counts and times, the oldest weight version."""
+    return BatchInfo(
+        weight_version=min(i.weight_version for i in infos),
+        sequences=sum(i.sequences for i in infos),
+        response_tokens=sum(i.response_tokens for i in infos),
+        teacher_tokens=sum(i.teacher_tokens for i in infos),
+        finished=sum(i.finished for i in infos),
+        sample_seconds=sum(i.sample_seconds for i in infos),
+        score_seconds=sum(i.score_seconds for i in infos),
+        teacher_bytes=sum(i.teacher_bytes for i in infos),
+    )
+
+
 def shard_rows(n: int, parts: int) -> list[slice]:
     """Equal contiguous row slices, one per learner rank (every rank takes an equal part of each batch)."""
     if n % parts:
@@ -161,3 +175,64 @@ def slice_packed(p: PackedRollouts, rows: slice) -> PackedRollouts:
         p.mask[rows],
         p.old_logprobs[rows],
     )
+
+
+def _pad_to(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    if t.shape[1] == width:
+        return t
+    pad = torch.full((t.shape[0], width - t.shape[1], *t.shape[2:]), value, dtype=t.dtype)
+    return torch.cat([t, pad], dim=1)
+
+
+def _flat_rows(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Indices into a shard's flat per-token teacher rows for the sequences `rows`, in order."""
+    counts = (mask > 0).sum(-1)
+    starts = counts.cumsum(0) - counts
+    return torch.cat(
+        [torch.arange(int(starts[r]), int(starts[r] + counts[r])) for r in rows.tolist()]
+        or [torch.zeros(0, dtype=torch.long)]
+    )
+
+
+def select_rows(shard: ScoredShard, rows: torch.Tensor) -> ScoredShard:
+    """The sequences `rows` of a shard (any order), with their teacher rows (a mini-batch of a collection)."""
+    p = shard.packed
+    rows = rows.long()
+    packed = PackedRollouts(
+        p.input_ids[rows],
+        p.attention_mask[rows],
+        p.predict_pos[rows],
+        p.tokens[rows],
+        p.mask[rows],
+        p.old_logprobs[rows],
+    )
+    flat = _flat_rows(p.mask, rows)
+    teacher = shard.teacher[flat]  # TopKLogprobs indexes all three fields
+    return ScoredShard(packed, shard.teacher_token_logprobs[rows], teacher)
+
+
+def concat_shards(shards: list[ScoredShard], pad_id: int = 0) -> ScoredShard:
+    """One shard holding every sequence of `shards` (a collection), right-padded to the widest."""
+    if len(shards) == 1:
+        return shards[0]
+    width = max(s.packed.input_ids.shape[1] for s in shards)
+    resp = max(s.packed.tokens.shape[1] for s in shards)
+    ps = [s.packed for s in shards]
+    packed = PackedRollouts(
+        torch.cat([_pad_to(p.input_ids, width, pad_id) for p in ps]),
+        torch.cat([_pad_to(p.attention_mask, width, 0) for p in ps]),
+        torch.cat([_pad_to(p.predict_pos, resp, 0) for p in ps]),
+        torch.cat([_pad_to(p.tokens, resp, pad_id) for p in ps]),
+        torch.cat([_pad_to(p.mask, resp, 0.0) for p in ps]),
+        torch.cat([_pad_to(p.old_logprobs, resp, 0.0) for p in ps]),
+    )
+    token_lp = torch.cat([_pad_to(s.teacher_token_logprobs, resp, 0.0) for s in shards])
+    teachers = [s.teacher for s in shards]
+    if isinstance(teachers[0], TopKLogprobs):
+        tops = [t for t in teachers if isinstance(t, TopKLogprobs)]
+        teacher: torch.Tensor | TopKLogprobs = TopKLogprobs(
+            torch.cat([t.ids for t in tops]), torch.cat([t.logprobs for t in tops]), torch.cat([t.tail for t in tops])
+        )
+    else:
+        teacher = torch.cat([t for t in teachers if isinstance(t, torch.Tensor)])
+    return ScoredShard(packed, token_lp, teacher)

@@ -21,7 +21,7 @@ from learner.worker import LearnerWorker
 Ref = Any  # a ray.ObjectRef, resolved by Ray into the value before the method runs
 
 _MIN = ("rho_min",)
-_MAX = ("rho_max", "step_seconds", "grad_norm")
+_MAX = ("rho_max", "step_seconds", "grad_norm", "gap_max")
 
 
 def free_address() -> str:
@@ -54,8 +54,11 @@ class LearnerActor(LearnerWorker):
     def kd_step(self, batch: LMBatch, teacher_logprobs: torch.Tensor) -> dict[str, float]:
         return self._record(super().kd_step(batch, teacher_logprobs))
 
-    def minillm_step(self, shard: ScoredShard, alpha: float, pt_ids: torch.Tensor | None = None) -> dict[str, float]:
-        return self._record(super().minillm_step(shard, alpha, pt_ids))
+    def minillm_collection(self, *args: Any) -> list[dict[str, float]]:
+        results = super().minillm_collection(*args)
+        for r in results:
+            self._record(r)
+        return results
 
 
 def combine(results: list[dict[str, float]]) -> dict[str, float]:
@@ -65,9 +68,18 @@ def combine(results: list[dict[str, float]]) -> dict[str, float]:
         values = [r[k] for r in results]
         out[k] = min(values) if k in _MIN else max(values) if k in _MAX else sum(values)
     tokens = max(out.get("tokens", 0.0), 1.0)
-    for total, mean in (("kl_sum", "reverse_kl"), ("rho_sum", "rho_mean"), ("kd_sum", "kd"), ("nll_sum", "nll")):
+    for total, mean in (
+        ("kl_sum", "reverse_kl"),
+        ("rho_sum", "rho_mean"),
+        ("kd_sum", "kd"),
+        ("nll_sum", "nll"),
+        ("clip_sum", "clip_fraction"),
+    ):
         if total in out:
             out[mean] = out.pop(total) / tokens
+    if "gap_sum" in out:  # sampler-vs-learner |log q(y_t)| gap (first update of a collection)
+        out["logprob_gap_mean"] = out.pop("gap_sum") / max(out.pop("gap_tokens"), 1.0)
+        out["logprob_gap_max"] = out.pop("gap_max")
     return out
 
 
@@ -133,6 +145,30 @@ class LearnerGroup:
 
     def kd_step(self, parts: list[LMBatch | Ref], teacher: list[torch.Tensor | Ref]) -> dict[str, float]:
         return combine(ray.get([a.kd_step.remote(p, t) for a, p, t in zip(self.actors, parts, teacher, strict=True)]))
+
+    def minillm_collection(
+        self,
+        shards: list[list[ScoredShard | Ref]],
+        alpha: float,
+        epochs: int,
+        minibatch_size: int,
+        micro_batch_size: int | None,
+        pt_batches: list[torch.Tensor | None],
+    ) -> list[dict[str, float]]:
+        """Every update of one collection (`shards[b][r]`: sampled batch b's shard for rank r): `epochs` passes in
+        mini-batches of `minibatch_size` sequences (split over the ranks), micro-batches of `micro_batch_size` per
+        rank. One metrics dict per update."""
+        rows = minibatch_size // self.n
+        micro = micro_batch_size or rows
+        pt_rows = shard_rows(len(pt_batches[0]), self.n) if pt_batches and pt_batches[0] is not None else None
+        pts = [[None if pt is None or pt_rows is None else pt[pt_rows[r]] for pt in pt_batches] for r in range(self.n)]
+        per_rank = ray.get(
+            [
+                a.minillm_collection.remote(alpha, epochs, rows, micro, pts[r], *[batch[r] for batch in shards])
+                for r, a in enumerate(self.actors)
+            ]
+        )
+        return [combine([updates[i] for updates in per_rank]) for i in range(len(per_rank[0]))]
 
     def minillm_step(
         self, shards: list[ScoredShard | Ref], alpha: float, pt_ids: torch.Tensor | None

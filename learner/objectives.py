@@ -123,6 +123,7 @@ class MiniLLMTerms(NamedTuple):
     long: Tensor  # PPO-clipped -R_{t+1} rho_t (with grad through rho_t)
     kl: Tensor  # the single-step KL itself, detached (a metric: the reverse KL per token)
     rho: Tensor  # q_theta(y_t) / p~(y_t), detached
+    logq: Tensor  # log q_theta(y_t), detached
 
 
 def minillm_token_losses(
@@ -180,7 +181,7 @@ def minillm_token_losses(
         long = unclipped
     else:
         long = torch.maximum(unclipped, -future * rho.clamp(1.0 - clip_eps, 1.0 + clip_eps))
-    return MiniLLMTerms(single, long * mask, kl.detach(), rho.detach() * mask)
+    return MiniLLMTerms(single, long * mask, kl.detach(), rho.detach() * mask, (logq_y * mask).detach())
 
 
 def token_nll(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:

@@ -31,11 +31,19 @@ from common.data import (
     iterate_pretrain,
     load_pretrain_blocks,
 )
+from common.rollout import merge_infos
 from learner.group import LearnerGroup
 from learner.run_log import RunLogger, copy_checkpoint
 from learner.validation import ValidationResult, validate
 
 Split = tuple[list[Example], list[TokenizedExample]]
+
+
+def _rss_mb() -> float:
+    """The driver's resident memory (it must stay flat: tensors never come through the driver)."""
+    import psutil
+
+    return round(psutil.Process().memory_info().rss / 2**20, 1)
 
 
 class Sections:
@@ -301,28 +309,34 @@ class Recipe:
         return learner.kd_step(parts, scored if isinstance(scored, list) else [scored])
 
     def minillm_phase(self, sft_dir: str) -> dict[str, Any]:
-        """Algorithm 1: sample (teacher-mixed) -> score -> replay -> update (single + long + L_PT) -> push, with
-        sampling up to `max_version_lag` batches ahead of the updates."""
+        """Algorithm 1 with the paper's PPO schedule: collect rollouts_per_collection rollouts (teacher-mixed samples,
+        scored) -> ppo_epochs passes of mini-batch updates (single + long + L_PT) -> push the weights. Sampling of the
+        next collections runs ahead, up to `max_version_lag` pushes behind the learner."""
         c, learner = self.cfg, self.learner
         assert learner is not None and self.replay is not None
-        learner.set_lr(c.learner.lr)
+        lc = c.learner
+        learner.set_lr(lc.lr)
         pretrain = self._pretrain_batches()
-        prompts = iterate_batches(self.train_items, c.learner.batch_size, c.seed + 1)
-        better = (lambda a, b: a > b) if c.learner.minillm_select_by == "rouge_l" else (lambda a, b: a < b)
-        score_of = (lambda r: r.rouge_l) if c.learner.minillm_select_by == "rouge_l" else (lambda r: r.reverse_kl_token)
+        prompts = iterate_batches(self.train_items, lc.batch_size, c.seed + 1)
+        per_collection = lc.rollouts_per_collection or lc.batch_size
+        batches_per, minibatch = per_collection // lc.batch_size, lc.minibatch_size or per_collection
+        updates_per = lc.ppo_epochs * per_collection // minibatch
+        better = (lambda a, b: a > b) if lc.minillm_select_by == "rouge_l" else (lambda a, b: a < b)
+        score_of = (lambda r: r.rouge_l) if lc.minillm_select_by == "rouge_l" else (lambda r: r.reverse_kl_token)
         start = last = self.validation("minillm-start") if c.eval.at_start else None
         best = score_of(start) if start is not None else None
         copy_checkpoint(Path(sft_dir), self.ckpt / "best")
-        n_ranks, ahead = learner.n, 1 + c.learner.max_version_lag  # sampling runs that far ahead of updates
+        n_ranks, ahead = learner.n, (1 + lc.max_version_lag) * batches_per
         inflight: deque = deque()
-        launched, steps, time_in = 0, c.learner.minillm_steps, Sections()
+        launched, steps, time_in = 0, lc.minillm_steps, Sections()
         print(
-            f"[minillm] {steps} steps, batch {c.learner.batch_size}, alpha {c.objective.alpha}, lr {c.learner.lr}, "
-            f"lag <= {c.learner.max_version_lag}, teacher transport {c.teacher.transport}",
+            f"[minillm] {steps} updates: collections of {per_collection} rollouts (batches of {lc.batch_size}), "
+            f"{lc.ppo_epochs} epoch(s) of mini-batches of {minibatch}; alpha {c.objective.alpha}, lr {lc.lr}, "
+            f"lag <= {lc.max_version_lag}, teacher transport {c.teacher.transport}",
             flush=True,
         )
-        t0 = time.time()
-        for step in range(1, steps + 1):
+        t0, step = time.time(), 0
+        while step < steps:
             while len(inflight) < ahead:  # launch: every hop below passes references, never values
                 batch = next(prompts)
                 rollouts = self.samplers[launched % len(self.samplers)].sample.remote(
@@ -336,43 +350,59 @@ class Recipe:
                 inflight.append(self.replay.put_batch.remote(info, shards))
                 launched += 1
             with time_in("wait"):
-                taken = ray.get(self.replay.take.remote(self.version))
-                ray.get(inflight.popleft())
+                taken = []
+                for _ in range(batches_per):
+                    taken.append(ray.get(self.replay.take.remote(self.version)))
+                    ray.get(inflight.popleft())
+            info = merge_infos([t["info"] for t in taken])
             with time_in("update"):
-                m = learner.minillm_step(taken["shards"], c.objective.alpha, next(pretrain, None))
-            lag = self.version - taken["info"].weight_version
+                updates = learner.minillm_collection(
+                    [t["shards"] for t in taken],
+                    c.objective.alpha,
+                    lc.ppo_epochs,
+                    minibatch,
+                    lc.micro_batch_size,
+                    [next(pretrain, None) for _ in range(updates_per)],
+                )
+            lag = self.version - info.weight_version
             with time_in("push"):
                 self.push_weights(wait=False)
-            self.global_step += 1
-            record = {
-                "phase": "minillm",
-                "global_step": self.global_step,
-                "step": step,
-                **m,
-                **taken["info"].as_dict(),
-                "learner_tokens_per_s": m["tokens"] / max(m["step_seconds"], 1e-9),
-                "queue_depth": taken["depth"],
-                "dropped_stale": taken["dropped_stale"],
-                "weight_version": self.version,
-                "rollout_version": taken["info"].weight_version,
-                "version_lag": lag,
-            }
-            if step % c.eval.every_steps == 0 or (step == steps and c.eval.at_end):
-                with time_in("validation"):
-                    last = self.validation(f"minillm-step-{step}")
-                record.update(last.as_dict())
-                if best is None or better(score_of(last), best):
-                    best, record["best"] = score_of(last), True
-                    learner.save(str(self.ckpt / "best"), self.assets.tokenizer_dir)
-            self.log.log({**record, **time_in.pop()})
-            if step % c.logging.progress_every == 0 or step == steps:
-                print(
-                    f"[minillm] step {step}/{steps} loss {m['loss']:.3f} (single {m['loss_single']:.3f} "
-                    f"long {m['loss_long']:.3f} pt {m['loss_pt']:.3f}) rKL {m['reverse_kl']:.3f} "
-                    f"len {record['mean_response_tokens']:.1f} rho [{m['rho_min']:.2f}, {m['rho_max']:.2f}] "
-                    f"lag {lag} ({time.time() - t0:.0f}s)",
-                    flush=True,
-                )
+            sections = time_in.pop()
+            for i, m in enumerate(updates):
+                step += 1
+                self.global_step += 1
+                record = {
+                    "phase": "minillm",
+                    "global_step": self.global_step,
+                    "step": step,
+                    "inner_step": i,
+                    **m,
+                    **info.as_dict(),
+                    "learner_tokens_per_s": m["tokens"] / max(m["step_seconds"], 1e-9),
+                    "queue_depth": taken[-1]["depth"],
+                    "dropped_stale": taken[-1]["dropped_stale"],
+                    "weight_version": self.version,
+                    "rollout_version": info.weight_version,
+                    "version_lag": lag,
+                    **({**sections, "driver_rss_mb": _rss_mb()} if i == len(updates) - 1 else {}),
+                }
+                if step % c.eval.every_steps == 0 or (step == steps and c.eval.at_end):
+                    with time_in("validation"):
+                        last = self.validation(f"minillm-step-{step}")
+                    record.update(last.as_dict())
+                    record.update(time_in.pop())
+                    if best is None or better(score_of(last), best):
+                        best, record["best"] = score_of(last), True
+                        learner.save(str(self.ckpt / "best"), self.assets.tokenizer_dir)
+                self.log.log(record)
+                if step % c.logging.progress_every == 0 or step == steps:
+                    print(
+                        f"[minillm] step {step}/{steps} loss {m['loss']:.3f} (single {m['loss_single']:.3f} "
+                        f"long {m['loss_long']:.3f} pt {m['loss_pt']:.3f}) rKL {m['reverse_kl']:.3f} "
+                        f"len {record['mean_response_tokens']:.1f} rho [{m['rho_min']:.2f}, {m['rho_max']:.2f}] "
+                        f"clip {m['clip_fraction']:.2f} lag {lag} ({time.time() - t0:.0f}s)",
+                        flush=True,
+                    )
         self.wait_pushes()
         for ref in inflight:  # producers that ran ahead: not needed any more
             ray.cancel(ref)
@@ -380,7 +410,7 @@ class Recipe:
         return {
             "start": start.as_dict("") if start else None,
             "final": last.as_dict("") if last else None,
-            "best_valid_rouge_l" if c.learner.minillm_select_by == "rouge_l" else "best_valid_reverse_kl": best,
+            "best_valid_rouge_l" if lc.minillm_select_by == "rouge_l" else "best_valid_reverse_kl": best,
             "minillm_seconds": round(time.time() - t0, 1),
             "weight_version": self.version,
             "sampler_stats": ray.get(self.samplers[0].get_stats.remote()),

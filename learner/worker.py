@@ -15,6 +15,7 @@ sum by N. The update is then the same for any number of workers, whatever the re
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -22,14 +23,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from common.config import LearnerConfig, ObjectiveConfig
 from common.data import LMBatch
 from common.logprobs import TopKLogprobs
-from common.models import final_hidden_states, load_model
-from common.rollout import ScoredShard, gather_positions
+from common.models import DTYPES, final_hidden_states, load_model
+from common.rollout import ScoredShard, concat_shards, gather_positions, select_rows
 from learner.objectives import (
     minillm_token_losses,
     reverse_kl_per_token,
@@ -67,15 +68,22 @@ class LearnerWorker:
         self.rank, self.world_size = rank, world_size
         self.cfg, self.obj, self.vocab_size = learner, objective, vocab_size
         torch.manual_seed(seed)
-        model = load_model(student_dir, dtype).to(self.device)
+        self.seed = seed
+        compute = DTYPES[dtype]
+        # fp32 master weights and optimizer state, compute in `dtype`, gradients reduced in fp32 (FSDP2 mixed
+        # precision); master_weights=compute is plain low-precision training
+        master = torch.float32 if learner.master_weights == "float32" else compute
+        mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute != master else None
+        model = load_model(student_dir, "float32").to(device=self.device, dtype=master)
         # a CPU learner on a GPU node needs an explicit CPU mesh: FSDP2's default mesh moves shards to CUDA whenever
         # a GPU is visible. Elsewhere the default mesh is the same one.
         cpu_on_gpu_node = self.device.type == "cpu" and torch.cuda.is_available()
         mesh = init_device_mesh("cpu", (world_size,)) if cpu_on_gpu_node else None
         for layer in getattr(getattr(model, "model", model), "layers", []):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
+        fully_shard(model, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
         self.model = model
+        self.master_dtype = master
         self.head = model.get_output_embeddings()
         self.weight_sender = None  # set by init_weight_sender on rank 0 (learner.weight_sync=collective)
         self.set_optimizer(learner.lr)
@@ -136,9 +144,14 @@ class LearnerWorker:
                 parts.setdefault(k, []).append(v)
         return total, {k: torch.cat(v) for k, v in parts.items()}
 
-    def _step(self, loss: torch.Tensor) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
+    def _backward(self, loss: torch.Tensor) -> None:
         (loss * self.world_size).backward()  # FSDP averages gradients over ranks; the loss is already global
+
+    def _step(self, loss: torch.Tensor | None = None) -> float:
+        """Optimizer step on the accumulated gradients (after backward of `loss` when given); returns the norm."""
+        if loss is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._backward(loss)
         norm = 0.0
         if self.cfg.grad_clip is not None:
             total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -147,10 +160,14 @@ class LearnerWorker:
         self.steps += 1
         return norm
 
-    def _weights(self, mask: torch.Tensor, mode: str) -> torch.Tensor:
-        """Per-token weights [B, T] of this rank's part, normalised by the whole mini-batch (all ranks)."""
-        tokens = self._global_sum(float(mask.sum()))
-        seqs = self._global_sum(float((mask.sum(-1) > 0).sum()))
+    def _totals(self, mask: torch.Tensor) -> tuple[float, float]:
+        """(tokens, sequences with any token) of a mini-batch over all ranks (collective)."""
+        return self._global_sum(float(mask.sum())), self._global_sum(float((mask.sum(-1) > 0).sum()))
+
+    def _weights(self, mask: torch.Tensor, mode: str, totals: tuple[float, float] | None = None) -> torch.Tensor:
+        """Per-token weights [B, T] of this rank's part, normalised by the whole mini-batch (all ranks and
+        micro-batches: `totals`, else this call's mask counted across ranks)."""
+        tokens, seqs = totals or self._totals(mask)
         return token_weights(mask.float(), mode, tokens, seqs).to(self.device)
 
     def _lm_terms(
@@ -181,6 +198,7 @@ class LearnerWorker:
         """NLL on ground-truth (or teacher-sampled, for SeqKD) responses. Returns this rank's share of the global
         loss (ranks' shares add up) and its token count."""
         t0 = time.perf_counter()
+        self.model.train()
         loss, m = self._lm_terms(batch, self.obj.reduction)
         norm = self._step(loss)
         return {
@@ -194,6 +212,7 @@ class LearnerWorker:
         """Word-level KD: kd_ratio * forward KL[p || q] + (1 - kd_ratio) * NLL on ground-truth responses.
         `teacher_logprobs` is [N, V] at this rank's target positions (row-major over `batch.loss_mask`)."""
         t0 = time.perf_counter()
+        self.model.train()
         loss, m = self._lm_terms(batch, self.obj.reduction, teacher_logprobs)
         norm = self._step(loss)
         return {
@@ -208,6 +227,7 @@ class LearnerWorker:
     @torch.no_grad()
     def eval_nll(self, batch: LMBatch) -> tuple[float, float]:
         """Sum of token NLL and token count on this worker's slice (the caller adds across workers)."""
+        self.model.eval()
         _, m = self._lm_terms(batch, "token")
         return m["nll"].sum().item(), float(m["nll"].numel())
 
@@ -217,27 +237,51 @@ class LearnerWorker:
         ones = torch.ones_like(pt_ids)
         return self._lm_terms(LMBatch(pt_ids, ones, ones[:, 1:].float()), "token")[0]
 
-    def minillm_step(self, shard: ScoredShard, alpha: float, pt_ids: torch.Tensor | None = None) -> dict[str, float]:
-        """One MiniLLM update: single-step (reverse KL, importance-weighted) + PPO-clipped long-term + pre-training
-        LM loss, on this rank's shard of the scored batch."""
-        t0 = time.perf_counter()
-        p, dev = shard.packed, self.device
+    def _device_teacher(self, shard: ScoredShard) -> torch.Tensor | TopKLogprobs:
+        t = shard.teacher
+        if isinstance(t, torch.Tensor):
+            return t.to(self.device)
+        return TopKLogprobs(t.ids.to(self.device), t.logprobs.to(self.device), t.tail.to(self.device))
+
+    def _response_hidden(self, shard: ScoredShard) -> torch.Tensor:
+        """Final hidden states [N, H] at the positions predicting the shard's real response tokens (row-major)."""
+        p = shard.packed
+        hidden = self._hidden(p.input_ids, p.attention_mask)
+        return gather_positions(hidden, p.predict_pos.to(self.device))[p.mask.to(self.device) > 0]
+
+    @torch.no_grad()
+    def _learner_logprobs(self, shard: ScoredShard) -> torch.Tensor:
+        """The learner's log q(y_t) of every response token [b, T] (0 on padding), in eval mode, by chunks."""
+        self.model.eval()
+        p = shard.packed
+        where = p.mask > 0
+        tokens = p.tokens.to(self.device)[where.to(self.device)]
+
+        def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            lp = -token_nll(self._logits(h), tokens[sl], torch.ones(h.shape[0], device=self.device))
+            return lp.sum(), {"lp": lp}
+
+        _, m = self._chunked(self._response_hidden(shard), fn)
+        out = torch.zeros(p.mask.shape)
+        if "lp" in m:
+            out[where] = m["lp"].float().cpu()
+        return out
+
+    def _minillm_loss(
+        self, shard: ScoredShard, alpha: float, totals: tuple[float, float]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This micro-batch's share of single + long (weights normalised by the mini-batch's `totals`)."""
+        p, dev, o = shard.packed, self.device, self.obj
         where = p.mask.to(dev) > 0
         old = p.old_logprobs.to(dev)
         teacher_y = shard.teacher_token_logprobs.to(dev)
         # R_{t+1} needs whole sequences; it uses no logits, so it is computed up front and the rest goes by chunks
         reward = torch.where(where, teacher_y - old, torch.zeros_like(old))
-        future = sequence_future_reward(reward, where.float(), self.obj.length_norm)[where]
-        weights = self._weights(p.mask, self.obj.reduction)[where]
+        future = sequence_future_reward(reward, where.float(), o.length_norm)[where]
+        weights = self._weights(p.mask, o.reduction, totals)[where]
         tokens, old, teacher_y = p.tokens.to(dev)[where], old[where], teacher_y[where]
-        teacher = shard.teacher
-        teacher = (
-            teacher.to(dev)
-            if isinstance(teacher, torch.Tensor)
-            else TopKLogprobs(teacher.ids.to(dev), teacher.logprobs.to(dev), teacher.tail.to(dev))
-        )
-        hidden = gather_positions(self._hidden(p.input_ids, p.attention_mask), p.predict_pos.to(dev))[where]
-        o = self.obj
+        teacher = self._device_teacher(shard)
+        eps = o.clip_eps or 0.0
 
         def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             ones = torch.ones(h.shape[0], device=dev)
@@ -254,32 +298,126 @@ class LearnerWorker:
             )
             w = weights[sl]
             loss = o.single_weight * (w * terms.single).sum() + o.long_weight * (w * terms.long).sum()
+            clipped = ((terms.rho - 1).abs() > eps).float() if eps > 0 else torch.zeros_like(terms.rho)
             return loss, {
                 "single": (w * terms.single).detach(),
                 "long": (w * terms.long).detach(),
                 "kl": terms.kl,
                 "rho": terms.rho,
+                "clipped": clipped,
+                "gap": (terms.logq - old[sl]).abs(),
             }
 
-        loss, m = self._chunked(hidden, fn)
-        l_pt = self._pt_loss(pt_ids)
-        total = loss + o.pt_weight * l_pt
-        norm = self._step(total)
-        n_tok = int(where.sum().item())
-        rho = m["rho"] if n_tok else torch.ones(1)
+        return self._chunked(self._response_hidden(shard), fn)
+
+    def minillm_collection(
+        self,
+        alpha: float,
+        epochs: int,
+        minibatch_rows: int,
+        micro_rows: int,
+        pt_batches: list[torch.Tensor | None],
+        *shards: ScoredShard,
+    ) -> list[dict[str, float]]:
+        """MiniLLM's Phase 2 on one collection (this rank's rows of every sampled batch in it): `epochs` passes in
+        shuffled mini-batches of `minibatch_rows` sequences (the same on every rank), one optimizer step each,
+        gradients accumulated over micro-batches of `micro_rows`. Returns each update's metrics (this rank's shares).
+
+        log q_old is the sampler's, or (objective.old_logprobs = learner) this learner's own before the first update,
+        so rho = 1 there. The first update reports the sampler-vs-learner log-prob gap (numeric only at lag 0)."""
+        collection = concat_shards(list(shards))
+        n_rows = len(collection)
+        if minibatch_rows <= 0 or n_rows % minibatch_rows or minibatch_rows % micro_rows:
+            raise ValueError(
+                f"{n_rows} rows cannot be cut into mini-batches of {minibatch_rows} and micro-batches of {micro_rows}"
+            )
+        gap: dict[str, float] = {}
+        if self.obj.old_logprobs == "learner":
+            mine = self._learner_logprobs(collection)
+            mask = collection.packed.mask > 0
+            diff = (mine - collection.packed.old_logprobs).abs()[mask]
+            gap = {
+                "gap_sum": diff.sum().item(),
+                "gap_max": diff.max().item() if diff.numel() else 0.0,
+                "gap_tokens": float(diff.numel()),
+            }
+            collection.packed.old_logprobs = mine
+        results = []
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps)  # same order on every rank
+        pts = iter(pt_batches)
+        for _ in range(epochs):
+            order = torch.randperm(n_rows, generator=gen) if n_rows > minibatch_rows else torch.arange(n_rows)
+            for start in range(0, n_rows, minibatch_rows):
+                rows = order[start : start + minibatch_rows]
+                m = self._minillm_update(
+                    [select_rows(collection, rows[i : i + micro_rows]) for i in range(0, len(rows), micro_rows)],
+                    alpha,
+                    next(pts, None),
+                )
+                if not results:  # the first update: weights = the sampling weights when the batch has lag 0
+                    m.update(
+                        gap
+                        or {
+                            "gap_sum": m.pop("gap_sum_first"),
+                            "gap_max": m.pop("gap_max_first"),
+                            "gap_tokens": m["tokens"],
+                        }
+                    )
+                m.pop("gap_sum_first", None)
+                m.pop("gap_max_first", None)
+                results.append(m)
+        return results
+
+    def _minillm_update(self, micro: list[ScoredShard], alpha: float, pt_ids: torch.Tensor | None) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        mask = torch.cat([s.packed.mask.sum(-1) for s in micro])
+        totals = self._global_sum(float(mask.sum())), self._global_sum(float((mask > 0).sum()))
+        sums: dict[str, float] = defaultdict(float)
+        rho_min, rho_max, gap_max = float("inf"), float("-inf"), 0.0
+        many = len(micro) > 1
+        for i, shard in enumerate(micro):
+            if many:  # reduce gradients across ranks once, after the last micro-batch
+                self.model.set_requires_gradient_sync(i == len(micro) - 1)
+            loss, m = self._minillm_loss(shard, alpha, totals)
+            if i == len(micro) - 1 and pt_ids is not None and self.obj.pt_weight > 0:
+                l_pt = self._pt_loss(pt_ids)
+                loss = loss + self.obj.pt_weight * l_pt
+                sums["loss_pt"] += l_pt.item()
+            self._backward(loss)
+            sums["loss"] += loss.item()
+            for key in ("single", "long", "kl", "rho", "clipped", "gap"):
+                sums[key] += m[key].sum().item() if key in m else 0.0
+            sums["tokens"] += float(m["rho"].numel()) if "rho" in m else 0.0
+            if "rho" in m and m["rho"].numel():
+                rho_min, rho_max = min(rho_min, m["rho"].min().item()), max(rho_max, m["rho"].max().item())
+                gap_max = max(gap_max, m["gap"].max().item())
+        if many:
+            self.model.set_requires_gradient_sync(True)
+        norm = self._step()
+        has = sums["tokens"] > 0
         return {
-            "loss": total.item(),
-            "loss_single": m["single"].sum().item(),
-            "loss_long": m["long"].sum().item(),
-            "loss_pt": l_pt.item(),
-            "kl_sum": m["kl"].sum().item(),
-            "rho_min": rho.min().item(),
-            "rho_max": rho.max().item(),
-            "rho_sum": m["rho"].sum().item(),
-            "tokens": float(n_tok),
+            "loss": sums["loss"],
+            "loss_single": sums["single"],
+            "loss_long": sums["long"],
+            "loss_pt": sums["loss_pt"],
+            "kl_sum": sums["kl"],
+            "rho_sum": sums["rho"],
+            "clip_sum": sums["clipped"],
+            "rho_min": rho_min if has else 1.0,
+            "rho_max": rho_max if has else 1.0,
+            "tokens": sums["tokens"],
+            "gap_sum_first": sums["gap"],
+            "gap_max_first": gap_max,
             "grad_norm": norm,
             "step_seconds": time.perf_counter() - t0,
         }
+
+    def minillm_step(self, shard: ScoredShard, alpha: float, pt_ids: torch.Tensor | None = None) -> dict[str, float]:
+        """One MiniLLM update on this rank's shard: single-step (reverse KL, importance-weighted) + PPO-clipped
+        long-term + pre-training LM loss (a collection of one batch, one epoch, one mini-batch)."""
+        return self.minillm_collection(alpha, 1, len(shard), len(shard), [pt_ids], shard)[0]
 
     @torch.no_grad()
     def reverse_kl(self, shard: ScoredShard) -> tuple[float, float, int]:
