@@ -77,6 +77,7 @@ def preflight(cfg: DistillConfig, cwd: Path | None = None) -> Checked:
     with about(tokenizer_field):  # unset, the tokenizer is the student folder's
         tokenizer = load_tokenizer(assets.tokenizer_dir)
     vocab = check_compatible(assets.teacher_dir, assets.student_dir, tokenizer)
+    check_padded_rows(cfg, vocab)
     if used_sft_checkpoint(cfg) and cfg.models.sft_checkpoint:
         with about("models.sft_checkpoint"):
             check_compatible(assets.teacher_dir, resolve_path(cfg.models.sft_checkpoint), tokenizer)
@@ -207,6 +208,23 @@ def check_model_folders(cfg: DistillConfig, assets: Assets) -> dict[str, tuple[s
         with about(field):
             configs[field] = (role, read_model_config(folder, role))
     return configs
+
+
+def check_padded_rows(cfg: DistillConfig, vocab: VocabInfo) -> None:
+    """vLLM samples over every embedding row; rows past the tokenizer (OPT: 50,272 rows for 50,265 tokens) are not
+    tokens, have no teacher log-prob, and would make the sampling distribution differ from the learner's."""
+    samples = cfg.method in ("minillm", "seqkd")
+    for name, rows in (("teacher", vocab.teacher_rows), ("student", vocab.student_rows)):
+        if (
+            samples
+            and rows != vocab.tokenizer_size
+            and (name == "student" or cfg.method == "seqkd" or cfg.objective.alpha > 0)
+        ):
+            raise ModelError(
+                f"models.{name}: {rows} embedding rows but the tokenizer has {vocab.tokenizer_size} tokens; method "
+                f"{cfg.method} samples with vLLM, which could draw the {rows - vocab.tokenizer_size} padded rows: "
+                "resize the model's embeddings to the tokenizer (model.resize_token_embeddings) first"
+            )
 
 
 def check_positions(cfg: DistillConfig, configs: dict[str, tuple[str, dict]]) -> None:

@@ -212,8 +212,8 @@ class LearnerGroup:
     def wait_push(self) -> None:
         ray.get(self.actors[0].wait_push.remote())
 
-    def save(self, out_dir: str, tokenizer_dir: str | None) -> None:
-        self._each("save", out_dir, tokenizer_dir)
+    def save(self, out_dir: str, tokenizer_dir: str | None, dtype: str | None = None) -> None:
+        self._each("save", out_dir, tokenizer_dir, dtype)
 
     def load_state(self, student_dir: str) -> None:
         self._each("load_state", student_dir)

@@ -209,11 +209,12 @@ class Recipe:
             return summary
         self.start_actors(self.assets.student_dir)
         items = self.teacher_responses() if c.method == "seqkd" else self.train_items
-        best_dir = self.train_phase(c.method, items, c.learner.baseline_select_by)
+        self.train_phase(c.method, items, c.learner.baseline_select_by)
         self.push_weights()
         res = self.validation(f"{c.method}-best")
-        copy_checkpoint(Path(best_dir), self.ckpt / "best")
-        copy_checkpoint(Path(best_dir), self.ckpt / "final")
+        for name in ("best", "final"):  # the learner holds the kept weights (reloaded by train_phase)
+            assert self.learner is not None
+            self.learner.save(str(self.ckpt / name), self.assets.tokenizer_dir, c.checkpoint.save_dtype)
         summary.update({"start": res.as_dict(""), "final": res.as_dict(""), "best_valid_rouge_l": res.rouge_l})
         return summary
 
@@ -393,7 +394,7 @@ class Recipe:
                     record.update(time_in.pop())
                     if best is None or better(score_of(last), best):
                         best, record["best"] = score_of(last), True
-                        learner.save(str(self.ckpt / "best"), self.assets.tokenizer_dir)
+                        learner.save(str(self.ckpt / "best"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
                 self.log.log(record)
                 if step % c.logging.progress_every == 0 or step == steps:
                     print(
@@ -406,7 +407,7 @@ class Recipe:
         self.wait_pushes()
         for ref in inflight:  # producers that ran ahead: not needed any more
             ray.cancel(ref)
-        learner.save(str(self.ckpt / "final"), self.assets.tokenizer_dir)
+        learner.save(str(self.ckpt / "final"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
         return {
             "start": start.as_dict("") if start else None,
             "final": last.as_dict("") if last else None,

@@ -471,8 +471,9 @@ class LearnerWorker:
             self.weight_sender.wait()
         return True
 
-    def save(self, out_dir: str, tokenizer_dir: str | None = None) -> str | None:
-        """Collective. Rank 0 writes an HF folder (atomically) that transformers and vLLM load as they are."""
+    def save(self, out_dir: str, tokenizer_dir: str | None = None, dtype: str | None = None) -> str | None:
+        """Collective. Rank 0 writes an HF folder (atomically) that transformers and vLLM load as they are: the
+        master weights, or cast to `dtype` (checkpoint.save_dtype)."""
         from transformers import AutoModelForCausalLM
 
         from common.models import load_tokenizer, save_hf
@@ -484,6 +485,8 @@ class LearnerWorker:
             fresh = AutoModelForCausalLM.from_config(self.model.config)
         fresh = fresh.to_empty(device="cpu")
         fresh.load_state_dict(sd, assign=True)
+        if dtype is not None:
+            fresh = fresh.to(DTYPES[dtype])
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
         save_hf(fresh, tok, out_dir)
         return out_dir

@@ -176,6 +176,18 @@ def _output_under_file(s: Setup, tmp: Path):
     return [f"output_dir={f / 'run'}"], f"output_dir: cannot create {f / 'run'}: {f} is a file"
 
 
+def _padded_rows(s: Setup, tmp: Path):
+    from common.models import load_tokenizer
+
+    tok = load_tokenizer(s.tokenizer)
+    padded = _save_model(tmp / "padded", tok, len(tok) + 7, 3)
+    return [f"models.student={padded}"], f"models.student: {len(tok) + 7} embedding rows but the tokenizer has"
+
+
+def _sampling_temperature(s: Setup, tmp: Path):
+    return ["sampler.temperature=0.7"], "sampler.temperature=0.7: MiniLLM needs temperature 1"
+
+
 # id -> (error type, case). The unit test runs every row; the integration test a subset through the driver.
 CASES: dict[str, tuple[type[Exception], Make]] = {
     "config-file-missing": (
@@ -275,6 +287,8 @@ CASES: dict[str, tuple[type[Exception], Make]] = {
             f"models.sft_checkpoint: student folder not found: {t / 'sft'}",
         ),
     ),
+    "padded-vocabulary-rows": (ModelError, _padded_rows),
+    "temperature-not-one": (ConfigError, _sampling_temperature),
     "sampling-exceeds-positions": (
         ConfigError,
         lambda s, t: (
