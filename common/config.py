@@ -251,12 +251,6 @@ class DistillConfig(_Section):
             raise ValueError(
                 f"learner.minibatch_size={minibatch} must divide learner.rollouts_per_collection={per_collection}"
             )
-        updates = lc.ppo_epochs * per_collection // minibatch
-        if self.method == "minillm" and lc.minillm_steps % updates:
-            raise ValueError(
-                f"learner.minillm_steps={lc.minillm_steps} must be a multiple of the updates per "
-                f"collection (ppo_epochs x rollouts_per_collection / minibatch_size = {updates})"
-            )
         if minibatch % n:
             raise ValueError(f"learner.minibatch_size={minibatch} must be divisible by learner.num_workers ({n})")
         if lc.micro_batch_size and (minibatch // n) % lc.micro_batch_size:

@@ -363,7 +363,7 @@ class Recipe:
                     lc.ppo_epochs,
                     minibatch,
                     lc.micro_batch_size,
-                    [next(pretrain, None) for _ in range(updates_per)],
+                    [next(pretrain, None) for _ in range(min(updates_per, steps - step))],
                 )
             lag = self.version - info.weight_version
             with time_in("push"):

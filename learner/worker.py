@@ -321,7 +321,8 @@ class LearnerWorker:
     ) -> list[dict[str, float]]:
         """MiniLLM's Phase 2 on one collection (this rank's rows of every sampled batch in it): `epochs` passes in
         shuffled mini-batches of `minibatch_rows` sequences (the same on every rank), one optimizer step each,
-        gradients accumulated over micro-batches of `micro_rows`. Returns each update's metrics (this rank's shares).
+        gradients accumulated over micro-batches of `micro_rows`; as many updates as `pt_batches` has entries (one
+        pre-training batch or None per update). Returns each update's metrics (this rank's shares).
 
         log q_old is the sampler's, or (objective.old_logprobs = learner) this learner's own before the first update,
         so rho = 1 there. The first update reports the sampler-vs-learner log-prob gap (numeric only at lag 0)."""
@@ -366,6 +367,8 @@ class LearnerWorker:
                 m.pop("gap_sum_first", None)
                 m.pop("gap_max_first", None)
                 results.append(m)
+                if len(results) == len(pt_batches):  # the run's last updates may end inside a collection
+                    return results
         return results
 
     def _minillm_update(self, micro: list[ScoredShard], alpha: float, pt_ids: torch.Tensor | None) -> dict[str, float]:
