@@ -26,13 +26,13 @@ def _one_update(backend: str, student_dir: str, out: str) -> None:
     from common.config import LearnerConfig, ObjectiveConfig
     from common.data import collate_prompt_response
     from learner.worker import LearnerWorker
-    from tests.toy_models import random_rollout_batch
+    from tests.toy_models import random_rollout_batch, to_shards
 
     cfg = LearnerConfig(lr=1e-2, grad_clip=None, backend=backend)
     worker = LearnerWorker(student_dir, cfg, ObjectiveConfig(), VOCAB, 0, 1, f"tcp://127.0.0.1:{_port()}")
     assert worker.device.type == ("cuda" if backend == "nccl" else "cpu")
     packed, teacher, pt = random_rollout_batch(VOCAB, EOS)
-    m = worker.minillm_step(packed, teacher, 0.2, pt)
+    m = worker.minillm_step(to_shards(packed, teacher)[0], 0.2, pt)
     m_sft = worker.sft_step(collate_prompt_response([([1, 5, 9, 4], [7, 8, 2]), ([3, 6], [11, 12, 13, 2])], EOS))
     state = {k: v.detach().float().cpu() for k, v in worker.full_state_dict().items()}
     torch.save({"state": state, "loss": m["loss"], "sft_loss": m_sft["loss"]}, out)
@@ -57,6 +57,51 @@ def test_fsdp_learner_on_nccl_matches_cpu_gloo(tmp_path):
     )
     assert gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-4, abs=1e-5)
     assert worst < 1e-4
+
+
+def _three_small_steps(backend: str, dtype: str, student_dir: str, out: str) -> None:
+    """Spawned: 3 MiniLLM steps at lr 5e-6 (the paper's Phase 2 lr) with `dtype` compute and fp32 master weights."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    from common.config import LearnerConfig, ObjectiveConfig
+    from learner.worker import LearnerWorker
+    from tests.toy_models import random_rollout_batch, to_shards
+
+    cfg = LearnerConfig(lr=5e-6, grad_clip=None, backend=backend)
+    worker = LearnerWorker(student_dir, cfg, ObjectiveConfig(), VOCAB, 0, 1, f"tcp://127.0.0.1:{_port()}", dtype=dtype)
+    start = {k: v.detach().float().cpu().clone() for k, v in worker.full_state_dict().items()}
+    for step in range(3):
+        packed, teacher, pt = random_rollout_batch(VOCAB, EOS, seed=step)
+        worker.minillm_step(to_shards(packed, teacher)[0], 0.2, pt)
+    state = {k: v.detach().float().cpu() for k, v in worker.full_state_dict().items()}
+    torch.save({"start": start, "state": state}, out)
+    worker.close()
+
+
+def test_mixed_precision_learner_on_cuda_matches_cpu_fp32(tmp_path):
+    """bf16 compute with fp32 master weights on CUDA (NCCL) against the fp32 learner on CPU (gloo): after 3 steps at
+    lr 5e-6 every weight moved, and the update points where the fp32 one does (bf16 noise aside)."""
+    from tests.toy_models import build_llama_dir
+
+    build_llama_dir(tmp_path / "student", VOCAB, seed=0)
+    ctx = mp.get_context("spawn")
+    for backend, dtype in (("nccl", "bfloat16"), ("gloo", "float32")):
+        out = str(tmp_path / f"{backend}-{dtype}")
+        p = ctx.Process(target=_three_small_steps, args=(backend, dtype, str(tmp_path / "student"), out))
+        p.start()
+        p.join(timeout=300)
+        assert p.exitcode == 0, backend
+    gpu, cpu = torch.load(tmp_path / "nccl-bfloat16"), torch.load(tmp_path / "gloo-float32")
+    keys = list(cpu["state"])
+    d_gpu = torch.cat([(gpu["state"][k] - gpu["start"][k]).flatten() for k in keys])
+    d_cpu = torch.cat([(cpu["state"][k] - cpu["start"][k]).flatten() for k in keys])
+    moved = ((d_gpu != 0) & (d_cpu != 0)).sum().item() / max((d_cpu != 0).sum().item(), 1)
+    cos = torch.nn.functional.cosine_similarity(d_gpu, d_cpu, dim=0).item()
+    print(
+        f"CUDA bf16+fp32 master vs CPU fp32, 3 steps at lr 5e-6: {moved:.4f} of the weights fp32 moved also moved; "
+        f"update cosine {cos:.4f}; max |update diff| {(d_gpu - d_cpu).abs().max().item():.2e} "
+        f"(fp32 update max {d_cpu.abs().max().item():.2e})"
+    )
+    assert moved >= 0.99 and cos > 0.9
 
 
 def _state(device: str) -> list[tuple[str, torch.Tensor]]:
