@@ -12,6 +12,7 @@ from ray.util import metrics
 COUNTERS = {
     "distill_sampled_tokens": "response tokens sampled by the samplers",
     "distill_teacher_scored_tokens": "response tokens scored by the teachers",
+    "distill_skipped_steps": "updates skipped for a non-finite loss or gradient norm",
 }
 GAUGES = {
     "distill_learner_step_seconds": "wall time of the last learner update",
@@ -38,6 +39,8 @@ def gauge(name: str) -> metrics.Gauge:
 
 def record_update(result: dict[str, float]) -> None:
     """Learner metrics from an update's result dict (keys missing for a phase are skipped)."""
+    if result.get("skipped"):
+        counter("distill_skipped_steps").inc(result["skipped"])
     for key, name in (
         ("step_seconds", "distill_learner_step_seconds"),
         ("loss", "distill_loss"),

@@ -143,6 +143,9 @@ class LearnerConfig(_Section):
     # float32: fp32 master weights and optimizer state, compute in models.dtype (FSDP2 mixed precision, fp32 gradient
     # reduction); compute: everything in models.dtype (pure bf16 training; small updates are lost to rounding)
     master_weights: Literal["float32", "compute"] = "float32"
+    # a non-finite loss or gradient norm skips the update (no optimizer step, no push); this many in a row stop the
+    # run with a clear message (the weights are those of the last good update)
+    max_bad_steps: int = Field(5, ge=1)
     pretrain_batch_size: int = Field(8, gt=0)
     minillm_steps: int = Field(40, ge=0)
     max_version_lag: int = Field(1, ge=0)  # rollouts older than this many weight versions are refused

@@ -21,7 +21,7 @@ from learner.worker import LearnerWorker
 Ref = Any  # a ray.ObjectRef, resolved by Ray into the value before the method runs
 
 _MIN = ("rho_min",)
-_MAX = ("rho_max", "step_seconds", "grad_norm", "gap_max")
+_MAX = ("rho_max", "step_seconds", "grad_norm", "gap_max", "skipped")  # skipped: the same on every rank
 
 
 def free_address() -> str:

@@ -19,6 +19,7 @@ from common.config import ConfigError, DistillConfig, load_config, resolve_path
 from common.data import DataError
 from common.models import ModelError
 from common.preflight import one_line, preflight
+from learner.run_log import RunStopped
 
 
 def connect_ray(cfg: DistillConfig) -> str:
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError) as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except RunStopped as exc:
+        print(f"error: run stopped: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

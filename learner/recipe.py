@@ -33,7 +33,7 @@ from common.data import (
 )
 from common.rollout import merge_infos
 from learner.group import LearnerGroup
-from learner.run_log import RunLogger, copy_checkpoint
+from learner.run_log import RunLogger, RunStopped, copy_checkpoint
 from learner.validation import ValidationResult, validate
 
 Split = tuple[list[Example], list[TokenizedExample]]
@@ -85,6 +85,7 @@ class Recipe:
         self.version = 0  # weight version the samplers hold (or are being sent)
         self.global_step = 0
         self.pending_pushes: list = []
+        self.bad_in_row = 0  # consecutive updates skipped for a non-finite loss or gradient
         held_out = list(self.valid_items)
         random.Random(cfg.seed).shuffle(held_out)
         self.eval_items = held_out[: cfg.eval.num_prompts]
@@ -293,6 +294,7 @@ class Recipe:
             elif step % c.logging.progress_every == 0:
                 print(f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} ({time.time() - t0:.0f}s)", flush=True)
             self.log.log({**record, **time_in.pop()})
+            self.count_bad(m, kind)
         if not best_dir.exists():  # no steps: the initial student is the phase's result
             learner.save(str(best_dir), self.assets.tokenizer_dir)
         learner.load_state(str(best_dir))
@@ -366,8 +368,9 @@ class Recipe:
                     [next(pretrain, None) for _ in range(min(updates_per, steps - step))],
                 )
             lag = self.version - info.weight_version
-            with time_in("push"):
-                self.push_weights(wait=False)
+            if any(not u.get("skipped") for u in updates):  # the weights changed: a new version for the samplers
+                with time_in("push"):
+                    self.push_weights(wait=False)
             sections = time_in.pop()
             for i, m in enumerate(updates):
                 step += 1
@@ -396,6 +399,7 @@ class Recipe:
                         best, record["best"] = score_of(last), True
                         learner.save(str(self.ckpt / "best"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
                 self.log.log(record)
+                self.count_bad(m, "minillm")
                 if step % c.logging.progress_every == 0 or step == steps:
                     print(
                         f"[minillm] step {step}/{steps} loss {m['loss']:.3f} (single {m['loss_single']:.3f} "
@@ -419,6 +423,27 @@ class Recipe:
         }
 
     # ===== helpers ===================================================================================
+    def count_bad(self, m: dict[str, float], phase: str) -> None:
+        """Updates skipped for a non-finite loss/gradient: learner.max_bad_steps in a row stop the run, with the
+        weights of the last good update saved as final/."""
+        if not m.get("skipped"):
+            self.bad_in_row = 0
+            return
+        self.bad_in_row += 1
+        print(
+            f"[{phase}] update skipped: non-finite loss {m.get('loss')} or gradient norm {m.get('grad_norm')} "
+            f"({self.bad_in_row} in a row)",
+            flush=True,
+        )
+        if self.bad_in_row >= self.cfg.learner.max_bad_steps:
+            assert self.learner is not None
+            self.learner.save(str(self.ckpt / "final"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
+            raise RunStopped(
+                f"{self.bad_in_row} updates in a row had a non-finite loss or gradient norm "
+                f"(learner.max_bad_steps={self.cfg.learner.max_bad_steps}) in the {phase} phase at global "
+                f"step {self.global_step}; the last good weights are in {self.ckpt / 'final'}"
+            )
+
     def _lm_batch(self, items: list[TokenizedExample]) -> LMBatch:
         return collate_prompt_response([(it.prompt_ids, it.response_ids) for it in items], self.tok.pad_token_id)
 

@@ -13,6 +13,10 @@ from typing import Any
 from common.config import DistillConfig, dump_config
 
 
+class RunStopped(RuntimeError):
+    """The run cannot go on (e.g. learner.max_bad_steps non-finite updates in a row); the message says why."""
+
+
 def prepare_run_dir(path: Path) -> Path:
     """Create the run folder. A previous run there is moved aside (never deleted or overwritten)."""
     if path.exists() and any(path.iterdir()):

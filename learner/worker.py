@@ -14,6 +14,7 @@ sum by N. The update is then the same for any number of workers, whatever the re
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -87,7 +88,8 @@ class LearnerWorker:
         self.head = model.get_output_embeddings()
         self.weight_sender = None  # set by init_weight_sender on rank 0 (learner.weight_sync=collective)
         self.set_optimizer(learner.lr)
-        self.steps = 0
+        self.steps = 0  # optimizer steps taken
+        self.skipped = 0  # steps skipped for a non-finite loss or gradient
 
     # ----- set-up ------------------------------------------------------------------------------------
     def set_optimizer(self, lr: float) -> None:
@@ -147,15 +149,22 @@ class LearnerWorker:
     def _backward(self, loss: torch.Tensor) -> None:
         (loss * self.world_size).backward()  # FSDP averages gradients over ranks; the loss is already global
 
-    def _step(self, loss: torch.Tensor | None = None) -> float:
-        """Optimizer step on the accumulated gradients (after backward of `loss` when given); returns the norm."""
+    def _step(self, loss: torch.Tensor | None = None, loss_value: float = 0.0) -> float:
+        """Optimizer step on the accumulated gradients (after backward of `loss` when given); returns the gradient
+        norm. A non-finite loss (any rank's `loss_value`) or norm skips the step: gradients dropped, weights and
+        optimizer state untouched, `self.skipped` counts it (the caller reports it and does not push)."""
         if loss is not None:
             self.optimizer.zero_grad(set_to_none=True)
             self._backward(loss)
-        norm = 0.0
-        if self.cfg.grad_clip is not None:
-            total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+            loss_value = loss.item()
+        clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
+        total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)  # global over ranks (DTensors)
+        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        finite = math.isfinite(norm) and math.isfinite(self._global_sum(loss_value))
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            return norm
         self.optimizer.step()
         self.steps += 1
         return norm
@@ -200,10 +209,12 @@ class LearnerWorker:
         t0 = time.perf_counter()
         self.model.train()
         loss, m = self._lm_terms(batch, self.obj.reduction)
+        before = self.skipped
         norm = self._step(loss)
         return {
             "loss": loss.item(),
             "grad_norm": norm,
+            "skipped": float(self.skipped - before),
             "tokens": float(m["nll"].numel()),
             "step_seconds": time.perf_counter() - t0,
         }
@@ -214,9 +225,11 @@ class LearnerWorker:
         t0 = time.perf_counter()
         self.model.train()
         loss, m = self._lm_terms(batch, self.obj.reduction, teacher_logprobs)
+        before = self.skipped
         norm = self._step(loss)
         return {
             "loss": loss.item(),
+            "skipped": float(self.skipped - before),
             "kd_sum": m["kd"].sum().item(),
             "nll_sum": m["nll"].sum().item(),
             "tokens": float(m["nll"].numel()),
@@ -398,7 +411,8 @@ class LearnerWorker:
                 gap_max = max(gap_max, m["gap"].max().item())
         if many:
             self.model.set_requires_gradient_sync(True)
-        norm = self._step()
+        skipped_before = self.skipped
+        norm = self._step(loss_value=sums["loss"])
         has = sums["tokens"] > 0
         return {
             "loss": sums["loss"],
@@ -414,6 +428,7 @@ class LearnerWorker:
             "gap_sum_first": sums["gap"],
             "gap_max_first": gap_max,
             "grad_norm": norm,
+            "skipped": float(self.skipped - skipped_before),
             "step_seconds": time.perf_counter() - t0,
         }
 

@@ -137,3 +137,20 @@ def test_bf16_compute_with_fp32_master_weights_keeps_small_updates(make_worker):
     cos_pure = torch.nn.functional.cosine_similarity(update("pure_bf16"), ref, dim=0).item()
     print(f"after 3 steps, cosine of the update with fp32's: mixed {cos_mixed:.4f}, pure bf16 {cos_pure:.4f}")
     assert cos_mixed > 0.9 and cos_pure < cos_mixed
+
+
+def test_non_finite_update_is_skipped_and_counted(make_worker):
+    """A poisoned batch (a NaN sampler log-prob makes the reward and the loss NaN) skips the optimizer step: the
+    weights and the optimizer state stay as they were, the update says so, and the next good batch trains."""
+    good, poisoned = _collection()
+    poisoned.packed.old_logprobs[0, 0] = float("nan")
+    w = make_worker()
+    before = _params(w)
+    m = w.minillm_step(poisoned, 0.2, None)
+    assert m["skipped"] == 1.0 and w.skipped == 1 and w.steps == 0
+    after = _params(w)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not w.optimizer.state  # AdamW never stepped: no moments from the NaN gradient
+    m = w.minillm_step(good, 0.2, None)
+    assert m["skipped"] == 0.0 and w.steps == 1
+    assert any(not torch.equal(_params(w)[k], before[k]) for k in before)
