@@ -38,8 +38,8 @@ class SamplerActor(Sampler):
 class TeacherActor(Teacher):
     """Teacher plus dashboard metrics."""
 
-    def score(self, rollouts: Rollouts, num_shards: int = 1, rows: list[int] | None = None) -> list:
-        out = super().score(rollouts, num_shards, rows)
+    def score(self, rollouts: Rollouts, num_shards: int = 1, rows: list[int] | None = None, batch_id: int = -1) -> list:
+        out = super().score(rollouts, num_shards, rows, batch_id)
         telemetry.counter("distill_teacher_scored_tokens").inc(out[0].response_tokens)
         return out
 
@@ -78,12 +78,18 @@ def _options(
 
 
 def make_sampler(
-    spec: SamplerSpec, index: int, cpus: float, gpus: float, placement: dict | None = None, threads: int | None = None
+    spec: SamplerSpec,
+    index: int,
+    cpus: float,
+    gpus: float,
+    placement: dict | None = None,
+    threads: int | None = None,
+    max_restarts: int = 0,
 ):
+    """A sampler actor; Ray restarts it (from `spec`: initial weights, version 0) up to `max_restarts` times."""
     cls = ray.remote(SamplerActor)
-    return cls.options(**_options(f"sampler-{index}", cpus, gpus, ENGINE_ENV, threads, **(placement or {}))).remote(
-        spec
-    )
+    opts = _options(f"sampler-{index}", cpus, gpus, ENGINE_ENV, threads, max_restarts=max_restarts, **(placement or {}))
+    return cls.options(**opts).remote(spec)
 
 
 def make_teacher(
@@ -93,12 +99,14 @@ def make_teacher(
     *args: Any,
     placement: dict | None = None,
     threads: int | None = None,
+    max_restarts: int = 0,
     **kwargs: Any,
 ):
+    """A teacher actor (args as `Teacher`; stateless, so Ray may restart it). Its `score` returns 1 + num_shards
+    objects: call it as `teacher.score.options(num_returns=1 + n).remote(rollouts_ref, n)`."""
     cls = ray.remote(TeacherActor)
-    return cls.options(**_options(f"teacher-{index}", cpus, gpus, {}, threads, **(placement or {}))).remote(
-        *args, **kwargs
-    )
+    opts = _options(f"teacher-{index}", cpus, gpus, {}, threads, max_restarts=max_restarts, **(placement or {}))
+    return cls.options(**opts).remote(*args, **kwargs)
 
 
 def make_replay(capacity: int, max_version_lag: int, cpus: float = 0.0, placement: dict | None = None):

@@ -61,7 +61,7 @@ class Teacher:
         return logp.to(self.wire_dtype).cpu()
 
     @torch.no_grad()
-    def score(self, rollouts: Rollouts, num_shards: int = 1, rows: list[int] | None = None) -> list:
+    def score(self, rollouts: Rollouts, num_shards: int = 1, rows: list[int] | None = None, batch_id: int = -1) -> list:
         """[BatchInfo, shard_0, ..., shard_{n-1}]: call with `.options(num_returns=1 + num_shards)` so the driver
         holds references only. `rows` scores a subset of the rollouts (the in-run evaluation's KL prompts)."""
         t0 = time.perf_counter()
@@ -87,6 +87,7 @@ class Teacher:
         self.stats["scored_tokens"] += n_tok
         self.stats["score_seconds"] += elapsed
         info = BatchInfo(
+            batch_id=batch_id,
             weight_version=rollouts.weight_version,
             sequences=len(rollouts),
             response_tokens=n_tok,

@@ -191,6 +191,13 @@ class ClusterConfig(_Section):
     learner_gpus: float = Field(0.0, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     placement_timeout_s: float = Field(120.0, gt=0)  # then fail with a message instead of waiting forever
+    # a sampler or teacher that dies is restarted by Ray up to max_actor_restarts times; the batches and weight
+    # pushes it lost (one death can lose several) are redone, the current weights pushed to it first; more lost
+    # tasks than max_failures in a run stop it with a one-line reason
+    max_actor_restarts: int = Field(3, ge=0)
+    max_failures: int = Field(10, ge=0)
+    # no single wait of the driver on a batch or the queue lasts longer: the run stops with a reason instead of hanging
+    task_timeout_s: float = Field(1800.0, gt=0)
 
 
 class CheckpointConfig(_Section):

@@ -75,6 +75,7 @@ class BatchInfo:
     """What the driver learns about a scored batch: numbers only, never tensors (the shards go to the learner by
     reference)."""
 
+    batch_id: int  # the driver's id of the sampled batch (the ledger: each is consumed once)
     weight_version: int
     sequences: int
     response_tokens: int
@@ -99,6 +100,7 @@ class BatchInfo:
 def merge_infos(infos: list[BatchInfo]) -> BatchInfo:
     """A collection's info: sums of its batches' counts and times, the oldest weight version."""
     return BatchInfo(
+        batch_id=infos[0].batch_id,
         weight_version=min(i.weight_version for i in infos),
         sequences=sum(i.sequences for i in infos),
         response_tokens=sum(i.response_tokens for i in infos),

@@ -110,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as exc:
         print(f"error: run stopped: {exc}", file=sys.stderr)
         return 3
+    except Exception as exc:  # an actor Ray could not restart (a learner rank, the replay queue): one line, not a trace
+        if not type(exc).__module__.startswith("ray."):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"error: run stopped: a Ray actor failed ({type(exc).__name__}: {first})", file=sys.stderr)
+        return 3
     return 0
 
 

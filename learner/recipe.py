@@ -39,6 +39,12 @@ from learner.validation import ValidationResult, validate
 Split = tuple[list[Example], list[TokenizedExample]]
 
 
+def one_line_error(exc: BaseException) -> str:
+    """The first line of an error's message (Ray's carry whole remote tracebacks)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
 def _rss_mb() -> float:
     """The driver's resident memory (it must stay flat: tensors never come through the driver)."""
     import psutil
@@ -86,6 +92,7 @@ class Recipe:
         self.global_step = 0
         self.pending_pushes: list = []
         self.bad_in_row = 0  # consecutive updates skipped for a non-finite loss or gradient
+        self.failures = 0  # sampler/teacher tasks lost to a dead actor or a timeout, batches sampled again
         held_out = list(self.valid_items)
         random.Random(cfg.seed).shuffle(held_out)
         self.eval_items = held_out[: cfg.eval.num_prompts]
@@ -134,6 +141,7 @@ class Recipe:
                 chunk_tokens=c.learner.logit_chunk_tokens,
                 placement=where(f"teacher-{i}"),
                 threads=c.cluster.torch_threads,
+                max_restarts=c.cluster.max_actor_restarts,
             )
             for i in range(c.teacher.num_teachers)
         ]
@@ -163,6 +171,8 @@ class Recipe:
                 c.cluster.sampler_gpus,
                 placement=where(f"sampler-{i}"),
                 threads=c.cluster.torch_threads,
+                # a collective weight group cannot take a restarted member back: restarts need object_store pushes
+                max_restarts=c.cluster.max_actor_restarts if c.learner.weight_sync == "object_store" else 0,
             )
             for i in range(c.sampler.num_samplers)
         ]
@@ -329,8 +339,9 @@ class Recipe:
         start = last = self.validation("minillm-start") if c.eval.at_start else None
         best = score_of(start) if start is not None else None
         copy_checkpoint(Path(sft_dir), self.ckpt / "best")
-        n_ranks, ahead = learner.n, (1 + lc.max_version_lag) * batches_per
+        ahead = (1 + lc.max_version_lag) * batches_per
         inflight: deque = deque()
+        consumed: list[int] = []  # the ledger: ids of the batches the updates used
         launched, steps, time_in = 0, lc.minillm_steps, Sections()
         print(
             f"[minillm] {steps} updates: collections of {per_collection} rollouts (batches of {lc.batch_size}), "
@@ -341,22 +352,14 @@ class Recipe:
         t0, step = time.time(), 0
         while step < steps:
             while len(inflight) < ahead:  # launch: every hop below passes references, never values
-                batch = next(prompts)
-                rollouts = self.samplers[launched % len(self.samplers)].sample.remote(
-                    [it.prompt_ids for it in batch], [it.index for it in batch]
-                )
-                info, *shards = (
-                    self.teachers[launched % len(self.teachers)]
-                    .score.options(num_returns=1 + n_ranks)
-                    .remote(rollouts, n_ranks)
-                )
-                inflight.append(self.replay.put_batch.remote(info, shards))
+                inflight.append(self.launch_batch(launched, next(prompts)))
                 launched += 1
             with time_in("wait"):
                 taken = []
                 for _ in range(batches_per):
-                    taken.append(ray.get(self.replay.take.remote(self.version)))
-                    ray.get(inflight.popleft())
+                    self.await_batch(inflight)
+                    taken.append(self.get_with_timeout(self.replay.take.remote(self.version), "the replay queue"))
+            consumed.extend(t["info"].batch_id for t in taken)
             info = merge_infos([t["info"] for t in taken])
             with time_in("update"):
                 updates = learner.minillm_collection(
@@ -388,6 +391,8 @@ class Recipe:
                     "weight_version": self.version,
                     "rollout_version": info.weight_version,
                     "version_lag": lag,
+                    "batch_ids": [t["info"].batch_id for t in taken],
+                    "failures": self.failures,
                     **({**sections, "driver_rss_mb": _rss_mb()} if i == len(updates) - 1 else {}),
                 }
                 if step % c.eval.every_steps == 0 or (step == steps and c.eval.at_end):
@@ -409,18 +414,104 @@ class Recipe:
                         flush=True,
                     )
         self.wait_pushes()
-        for ref in inflight:  # producers that ran ahead: not needed any more
-            ray.cancel(ref)
+        for launch in inflight:  # producers that ran ahead: not needed any more
+            ray.cancel(launch[2])
         learner.save(str(self.ckpt / "final"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
         return {
             "start": start.as_dict("") if start else None,
             "final": last.as_dict("") if last else None,
             "best_valid_rouge_l" if lc.minillm_select_by == "rouge_l" else "best_valid_reverse_kl": best,
             "minillm_seconds": round(time.time() - t0, 1),
+            "batches_consumed": consumed,
+            "failures": self.failures,
             "weight_version": self.version,
             "sampler_stats": ray.get(self.samplers[0].get_stats.remote()),
             "teacher_stats": ray.get(self.teachers[0].get_stats.remote()),
         }
+
+    # ===== batches and failures ========================================================================
+    def launch_batch(self, batch_id: int, batch: list[TokenizedExample]) -> tuple[int, list, Any]:
+        """Sample -> score -> queue one batch; returns (id, prompts, the producer's ref). Actors round-robin."""
+        n = self.learner.n if self.learner is not None else 1
+        rollouts = self.samplers[batch_id % len(self.samplers)].sample.remote(
+            [it.prompt_ids for it in batch], [it.index for it in batch]
+        )
+        info, *shards = (
+            self.teachers[batch_id % len(self.teachers)]
+            .score.options(num_returns=1 + n)
+            .remote(rollouts, n, None, batch_id)
+        )
+        return batch_id, batch, self.replay.put_batch.remote(info, shards)
+
+    def await_batch(self, inflight: deque) -> None:
+        """Wait until the oldest launched batch is in the queue. A sampler or teacher that died (Ray restarts it) or a
+        timeout loses it: the current weights go to any restarted sampler and the same prompts are sampled again, under
+        the same id, until cluster.max_failures is spent."""
+        batch_id, batch, ref = inflight.popleft()
+        try:
+            self.get_with_timeout(ref, f"batch {batch_id}")
+            return
+        except (ray.exceptions.RayError, RunStopped) as exc:
+            self.failures += 1
+            reason = one_line_error(exc)
+        if self.failures > self.cfg.cluster.max_failures:
+            raise RunStopped(
+                f"batch {batch_id} was lost ({reason}) and cluster.max_failures="
+                f"{self.cfg.cluster.max_failures} failures are spent"
+            )
+        print(f"[fault] batch {batch_id} lost ({reason}); sampling it again ({self.failures} failure(s))", flush=True)
+        self.resync_samplers()
+        inflight.appendleft(self.launch_batch(batch_id, batch))
+        self.await_batch(inflight)
+
+    def resync_samplers(self) -> None:
+        """Samplers that Ray restarted hold their initial weights (version 0): give them the current ones."""
+        assert self.learner is not None
+        pending, self.pending_pushes = self.pending_pushes, []
+        for ref in pending:  # pushes still in flight land first (or are lost with their sampler)
+            try:
+                ray.get(ref, timeout=self.cfg.cluster.task_timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                pass
+        for t in self.teachers:  # a restarting teacher refuses tasks until its model is loaded again
+            self._when_ready(t.get_stats)
+        versions = [self._when_ready(s.get_version) for s in self.samplers]
+        behind = [s for s, v in zip(self.samplers, versions, strict=True) if v < self.version]
+        if not behind:
+            return
+        state = self.learner.state_dict_ref()
+        ray.get([s.load_weights.remote(state, self.version) for s in behind])
+        print(f"[fault] {len(behind)} restarted sampler(s) now hold weight version {self.version}", flush=True)
+
+    def _when_ready(self, method: Any) -> Any:
+        """Call an actor's cheap method, waiting while Ray restarts the actor (bounded by cluster.task_timeout_s)."""
+        deadline = time.time() + self.cfg.cluster.task_timeout_s
+        while True:
+            try:
+                return ray.get(method.remote(), timeout=self.cfg.cluster.task_timeout_s)
+            except ray.exceptions.ActorUnavailableError:
+                if time.time() > deadline:
+                    raise RunStopped("a restarted actor did not come back within cluster.task_timeout_s") from None
+                time.sleep(1.0)
+
+    def _settle(self, refs: list) -> None:
+        """Wait for weight pushes; a sampler that died meanwhile is brought up to date once Ray has restarted it."""
+        lost = False
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=self.cfg.cluster.task_timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                lost = True
+        if lost:
+            self.failures += 1
+            print(f"[fault] a weight push was lost to a dead sampler ({self.failures} failure(s))", flush=True)
+            self.resync_samplers()
+
+    def get_with_timeout(self, ref: Any, what: str) -> Any:
+        try:
+            return ray.get(ref, timeout=self.cfg.cluster.task_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RunStopped(f"waited cluster.task_timeout_s={self.cfg.cluster.task_timeout_s:g}s for {what}") from None
 
     # ===== helpers ===================================================================================
     def count_bad(self, m: dict[str, float], phase: str) -> None:
@@ -513,13 +604,13 @@ class Recipe:
             refs = [s.load_weights.remote(state, self.version) for s in self.samplers]
         self.pending_pushes += refs
         done, self.pending_pushes = ray.wait(self.pending_pushes, num_returns=len(self.pending_pushes), timeout=0)
-        ray.get(done)  # raises if a push failed
+        self._settle(done)  # raises if a push failed for another reason than a dead sampler
         if wait:
             self.wait_pushes()
 
     def wait_pushes(self) -> None:
-        ray.get(self.pending_pushes)
-        self.pending_pushes = []
+        pending, self.pending_pushes = self.pending_pushes, []
+        self._settle(pending)
 
     # ===== clean-up ==================================================================================
     def cleanup(self) -> None:
