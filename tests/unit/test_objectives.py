@@ -387,3 +387,64 @@ def test_token_weights_of_parts_add_up_to_the_whole(mode):
     # a plain mean of the parts' own reductions is what the old per-worker mean did: not the same
     means = torch.stack([reduce_losses(per_token[sl], mask[sl], mode) for sl in (slice(0, 3), slice(3, 6))]).mean()
     assert not torch.allclose(means, whole)
+
+
+@pytest.mark.parametrize("alpha,seed", [(0.2, 5), (0.5, 6), (1.0, 7)])
+def test_expected_gradient_with_teacher_mixed_sampling(alpha, seed):
+    """alpha > 0: sequences come from p~ = alpha p + (1 - alpha) q_old token by token, and the token-level weight
+    rho_t = q_theta(y_t) / p~(y_t) corrects only the token it weighs. So, exactly, by enumeration of every sequence,
+    E_{y~p~}[grad (single + long)] = grad of  sum_t E_{prefix~p~} KL_t(prefix)
+                                             - sum_t E_{prefix~p~} sum_v q_theta(v | prefix) E_{y>t~p~}[R_{t+1} | prefix, v],
+    computed here prefix by prefix (an independent construction, not the per-token formulas)."""
+    v, t = 3, 3
+    g = torch.Generator().manual_seed(seed)
+    n_prefixes = sum(v**k for k in range(t))
+    theta = (torch.randn(n_prefixes, v, generator=g, dtype=DT) * 1.5).requires_grad_(True)
+    teacher = torch.log_softmax(torch.randn(n_prefixes, v, generator=g, dtype=DT) * 1.5, -1)
+    sequences = list(itertools.product(range(v), repeat=t))
+    rows = torch.tensor([[_prefix_index(y[:i], v) for i in range(t)] for y in sequences])
+    tokens = torch.tensor(sequences)
+    logq_old = torch.log_softmax(theta, -1).detach()
+    mix = alpha * teacher.exp() + (1 - alpha) * logq_old.exp()  # p~ per prefix row
+
+    # the estimator, weighted by the exact probability of each sequence under p~
+    seq_mix = mix[rows].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [N, T]
+    old = logq_old[rows].gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    terms = minillm_token_losses(
+        theta[rows],
+        teacher[rows],
+        tokens,
+        torch.ones(len(sequences), t, dtype=DT),
+        old,
+        alpha=alpha,
+        clip_eps=None,
+        length_norm=False,
+    )
+    surrogate = (seq_mix.prod(-1).unsqueeze(-1) * (terms.single + terms.long)).sum()
+    (estimated,) = torch.autograd.grad(surrogate, theta)
+
+    # independently: prefix probabilities under p~, conditional future rewards by enumerating completions
+    reward = {
+        y: [
+            teacher[_prefix_index(y[:i], v), y[i]].item() - logq_old[_prefix_index(y[:i], v), y[i]].item()
+            for i in range(t)
+        ]
+        for y in sequences
+    }
+    prob = {y: math.prod(mix[_prefix_index(y[:i], v), y[i]].item() for i in range(t)) for y in sequences}
+    logq = torch.log_softmax(theta, -1)
+    objective = theta.sum() * 0
+    for length in range(t):
+        for prefix in itertools.product(range(v), repeat=length):
+            row = _prefix_index(prefix, v)
+            p_prefix = math.prod(mix[_prefix_index(prefix[:i], v), prefix[i]].item() for i in range(length))
+            kl = (logq[row].exp() * (logq[row] - teacher[row])).sum()
+            objective = objective + p_prefix * kl
+            for tok in range(v):
+                done = [y for y in sequences if y[: length + 1] == (*prefix, tok)]
+                z = sum(prob[y] for y in done)
+                future = sum(prob[y] * sum(reward[y][length + 1 :]) for y in done) / z
+                objective = objective - p_prefix * logq[row, tok].exp() * future
+    (independent,) = torch.autograd.grad(objective, theta)
+    assert independent.abs().max() > 1e-2
+    torch.testing.assert_close(estimated, independent, atol=1e-10, rtol=1e-8)
