@@ -394,7 +394,7 @@ def test_expected_gradient_with_teacher_mixed_sampling(alpha, seed):
     """alpha > 0: sequences come from p~ = alpha p + (1 - alpha) q_old token by token, and the token-level weight
     rho_t = q_theta(y_t) / p~(y_t) corrects only the token it weighs. So, exactly, by enumeration of every sequence,
     E_{y~p~}[grad (single + long)] = grad of
-        sum_t E_{prefix~p~} KL_t(prefix) - sum_t E_{prefix~p~} sum_v q_theta(v | prefix) E_{y>t~p~}[R_{t+1} | prefix, v],
+      sum_t E_{prefix~p~} KL_t(prefix) - sum_t E_{prefix~p~} sum_v q_theta(v | prefix) E_{y>t~p~}[R_{t+1} | prefix, v]
     computed here prefix by prefix (an independent construction, not the per-token formulas)."""
     v, t = 3, 3
     g = torch.Generator().manual_seed(seed)
