@@ -85,8 +85,10 @@ def run(cfg: DistillConfig) -> Path:
     point = find_resume(cfg.resume, out_dir)  # a bad resume= path fails here, before Ray
     print(f"[ray] {connect_ray(cfg)}", flush=True)
     check_resources(cfg)
-    run_dir = prepare_run_dir(out_dir, resume=point is not None)
-    if point is not None:  # the same folder: metrics.jsonl continues after the checkpoint's last record
+    # resuming a checkpoint of this run folder writes on in it; one from elsewhere starts this folder afresh
+    same_folder = point is not None and out_dir.resolve() in point.path.resolve().parents
+    run_dir = prepare_run_dir(out_dir, resume=same_folder)
+    if point is not None and same_folder:  # metrics.jsonl continues after the checkpoint's last record
         truncate_metrics(run_dir, point.metrics_bytes)
         for name in ("sft_best", "best", "final"):
             recover_dir(run_dir / "checkpoints" / name)

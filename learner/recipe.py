@@ -349,6 +349,8 @@ class Recipe:
         else:
             start, last = (ValidationResult(**r) if r else None for r in (point.start, point.last))
             best = point.best
+            if not (self.ckpt / "best").exists():  # resumed into another folder: its best/ starts from SFT's
+                copy_checkpoint(Path(sft_dir), self.ckpt / "best")
         n_ranks, ahead = learner.n, (1 + lc.max_version_lag) * batches_per
         inflight: deque = deque()
         launched, steps, time_in = 0, lc.minillm_steps, Sections()
