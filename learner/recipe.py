@@ -306,7 +306,7 @@ class Recipe:
                 print(f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} ({time.time() - t0:.0f}s)", flush=True)
             self.log.log({**record, **time_in.pop()})
             self.count_bad(m, kind)
-            if self.ckpts.due(step - 1, step):
+            if step < steps and self.ckpts.due(step - 1, step):  # at the end MiniLLM's start (or the run's end) saves
                 self.save_state(kind, step, best, batches.drawn)
         if not best_dir.exists():  # no steps: the initial student is the phase's result
             learner.save(str(best_dir), self.assets.tokenizer_dir)

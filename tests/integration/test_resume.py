@@ -24,13 +24,16 @@ COMPARED = ["loss", "loss_single", "loss_long", "loss_pt", "reverse_kl", "rho_mi
 COMPARED += ["sampled_ids", "weight_version", "rollout_version", "mean_response_tokens"]
 
 
-def _args(out: Path, tiny_models, *extra: str) -> list[str]:
+def _args(out: Path, tiny_models, *extra: str, sft: bool = False) -> list[str]:
+    phase1 = (
+        ["learner.sft_steps=6", "learner.sft_eval_every=3"] if sft else [f"models.sft_checkpoint={tiny_models.student}"]
+    )
     return [
         sys.executable,
         "-m",
         "learner.main",
         f"output_dir={out}",
-        f"models.sft_checkpoint={tiny_models.student}",  # MiniLLM only: SFT is covered by the same machinery
+        *phase1,
         f"learner.minillm_steps={STEPS}",
         "learner.batch_size=4",
         "learner.pretrain_batch_size=2",
@@ -150,3 +153,19 @@ def test_resume_from_the_previous_checkpoint_equals_uninterrupted(runs, tiny_mod
     out = _run(_args(runs / "truncated", tiny_models, "resume=auto"))
     assert "skipping partial checkpoint" in out and f"[resume] minillm from step {KILL_AFTER - 2}" in out
     _compare(_steps(runs / "uninterrupted"), _steps(runs / "truncated"), range(KILL_AFTER - 1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_resume_inside_sft_equals_uninterrupted(tmp_path, tiny_models):
+    """Killed in Phase 1 (SFT, 6 steps) after its step-4 checkpoint: SFT steps 5..6, the SFT selection and all of
+    MiniLLM match the uninterrupted run (three more runs: kept out of CI's budget with `slow`)."""
+    _run(_args(tmp_path / "uninterrupted", tiny_models, sft=True))
+    _run_and_kill(_args(tmp_path / "killed", tiny_models, sft=True), "[checkpoint] step 4 (sft 4)")
+    out = _run(_args(tmp_path / "killed", tiny_models, "resume=auto", sft=True))
+    assert "[resume] sft from step 4" in out
+    a, b = (_records(tmp_path / d) for d in ("uninterrupted", "killed"))
+    sft = [
+        [(r["step"], r["loss"], r["grad_norm"], r.get("valid_loss")) for r in x if r["phase"] == "sft"] for x in (a, b)
+    ]
+    assert sft[1] == sft[0] and len(sft[0]) == 6
+    _compare(_steps(tmp_path / "uninterrupted"), _steps(tmp_path / "killed"), range(1, STEPS + 1))
