@@ -87,6 +87,14 @@ class Sampler:
     def get_version(self) -> int:
         return self.version
 
+    def reseed(self, seed: int) -> None:
+        """Re-seed every RNG a batch draws from (the coins and the engines' sampling RNG): the driver calls it before
+        each batch with a seed of the batch's own, so a batch sampled again (after a resume) is the same batch."""
+        self.rng = np.random.default_rng(seed)
+        for engine in (self.student, self.teacher):
+            if engine is not None:
+                engine.reseed(seed)
+
     # ----- sampling ----------------------------------------------------------------------------------
     def sample(
         self,

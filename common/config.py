@@ -202,12 +202,19 @@ class ClusterConfig(_Section):
 
 class CheckpointConfig(_Section):
     save_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # HF folders; None: the master weights' dtype
+    # full training state (checkpoints/state/step-XXXXXXX/, torch.distributed.checkpoint) every this many updates of
+    # a phase and at the start of MiniLLM; 0: never. Only the newest `keep` complete ones stay.
+    every_steps: int = Field(20, ge=0)
+    keep: int = Field(2, ge=1)
 
 
 class LoggingConfig(_Section):
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "minillm-service"
     progress_every: int = Field(10, gt=0)
+    # every MiniLLM batch's sampled token ids in metrics.jsonl (`sampled_ids`, on the first update of its
+    # collection): an audit of what was sampled, e.g. that a resumed run samples what the uninterrupted one did
+    sampled_ids: bool = False
 
 
 def weight_sync_backend(cluster: ClusterConfig) -> str:
@@ -229,6 +236,9 @@ class DistillConfig(_Section):
     cluster: ClusterConfig = ClusterConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    # "auto": continue from the newest complete checkpoint in output_dir (a fresh start when there is none); a path:
+    # that checkpoint folder; None: a fresh start (an earlier run in output_dir is moved aside)
+    resume: str | None = None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> DistillConfig:

@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
 def run(cfg: DistillConfig) -> Path:
     import ray
 
+    from learner.checkpoint import find_resume, recover_dir, truncate_metrics
     from learner.recipe import Recipe
     from learner.run_log import RunLogger, prepare_run_dir
 
@@ -80,15 +81,26 @@ def run(cfg: DistillConfig) -> Path:
         flush=True,
     )
 
+    out_dir = resolve_path(cfg.output_dir, Path.cwd())
+    point = find_resume(cfg.resume, out_dir)  # a bad resume= path fails here, before Ray
     print(f"[ray] {connect_ray(cfg)}", flush=True)
     check_resources(cfg)
-    run_dir = prepare_run_dir(resolve_path(cfg.output_dir, Path.cwd()))
+    # resuming a checkpoint of this run folder writes on in it; one from elsewhere starts this folder afresh
+    same_folder = point is not None and out_dir.resolve() in point.path.resolve().parents
+    run_dir = prepare_run_dir(out_dir, resume=same_folder)
+    if point is not None and same_folder:  # metrics.jsonl continues after the checkpoint's last record
+        truncate_metrics(run_dir, point.metrics_bytes)
+        for name in ("sft_best", "best", "final"):
+            recover_dir(run_dir / "checkpoints" / name)
     logger = RunLogger(run_dir, cfg)
     print(f"[run] writing to {run_dir}", flush=True)
     recipe = Recipe(cfg, assets, tokenizer, vocab.tokenizer_size, train, valid, logger, run_dir)
+    recipe.resume_point = point
     try:
         summary = recipe.run()
         summary["wall_seconds"] = round(time.time() - t_start, 1)
+        summary["resumed_from"] = str(point.path) if point is not None else None
+        summary["state_checkpoints"] = recipe.ckpts.timings
         logger.write_json("summary.json", summary)
         print(f"[run] done in {summary['wall_seconds']:.0f}s: {run_dir}", flush=True)
     finally:

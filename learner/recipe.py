@@ -21,7 +21,7 @@ import ray
 from actors.placement import Placement
 from actors.remote import make_replay, make_sampler, make_teacher
 from actors.sampler import SamplerSpec
-from common.config import DistillConfig, resolve_path, weight_sync_backend
+from common.config import DistillConfig, dump_config, resolve_path, weight_sync_backend
 from common.data import (
     Example,
     LMBatch,
@@ -31,7 +31,9 @@ from common.data import (
     iterate_pretrain,
     load_pretrain_blocks,
 )
+from common.resumable import EVAL, TRAIN_BATCH, Counted, sampling_seed
 from common.rollout import merge_infos
+from learner.checkpoint import Checkpointer, ResumePoint, response_ids, restore_learner
 from learner.group import LearnerGroup
 from learner.run_log import RunLogger, RunStopped, copy_checkpoint
 from learner.validation import ValidationResult, validate
@@ -93,6 +95,9 @@ class Recipe:
         self.pending_pushes: list = []
         self.bad_in_row = 0  # consecutive updates skipped for a non-finite loss or gradient
         self.failures = 0  # sampler/teacher tasks lost to a dead actor or a timeout, batches sampled again
+        self.sampled_ids: dict[int, Any] = {}  # batch id -> ref to its sampled token ids (logging.sampled_ids)
+        self.resume_point: ResumePoint | None = None  # set by the driver when the run continues a checkpoint
+        self.ckpts = Checkpointer(run_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep, dump_config(cfg))
         held_out = list(self.valid_items)
         random.Random(cfg.seed).shuffle(held_out)
         self.eval_items = held_out[: cfg.eval.num_prompts]
@@ -211,6 +216,8 @@ class Recipe:
         summary: dict[str, Any] = {"method": c.method}
         if c.method == "minillm":
             sft_dir = str(resolve_path(c.models.sft_checkpoint)) if c.models.sft_checkpoint else None
+            if self.resume_point is not None and self.resume_point.phase == "minillm":  # SFT is done
+                sft_dir = self.resume_point.sft_dir
             self.start_actors(sft_dir or self.assets.student_dir)
             if sft_dir is None:
                 sft_dir = self.train_phase("sft", self.train_items, c.learner.sft_init_select_by)
@@ -268,17 +275,22 @@ class Recipe:
         learner.set_lr(c.learner.sft_lr)
         best_dir, by_rouge = self.ckpt / f"{kind}_best", select_by == "rouge_l"
         best = float("inf")  # lower is better: validation loss, or -ROUGE-L
-        if by_rouge:
+        point, done = self._resume(kind), 0
+        if point is not None:
+            best, done = point.best if point.best is not None else best, point.phase_step
+        elif by_rouge:
             best = -self.validation(f"{kind}-start").rouge_l
             learner.save(str(best_dir), self.assets.tokenizer_dir)
-        batches = iterate_batches(items, c.learner.sft_batch_size, c.seed)
+        batches = Counted(
+            iterate_batches(items, c.learner.sft_batch_size, c.seed), point.prompt_batches if point else 0
+        )
         steps, time_in = c.learner.sft_steps, Sections()
         print(
             f"[{kind}] {steps} steps, batch {c.learner.sft_batch_size}, lr {c.learner.sft_lr}, select by {select_by}",
             flush=True,
         )
         t0 = time.time()
-        for step in range(1, steps + 1):
+        for step in range(done + 1, steps + 1):
             with time_in("update"):
                 m = self.lm_update(kind, self._lm_batch(next(batches)), step)
             self.global_step += 1
@@ -305,6 +317,8 @@ class Recipe:
                 print(f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} ({time.time() - t0:.0f}s)", flush=True)
             self.log.log({**record, **time_in.pop()})
             self.count_bad(m, kind)
+            if step < steps and self.ckpts.due(step - 1, step):  # at the end MiniLLM's start (or the run's end) saves
+                self.save_state(kind, step, best, batches.drawn)
         if not best_dir.exists():  # no steps: the initial student is the phase's result
             learner.save(str(best_dir), self.assets.tokenizer_dir)
         learner.load_state(str(best_dir))
@@ -329,16 +343,25 @@ class Recipe:
         assert learner is not None and self.replay is not None
         lc = c.learner
         learner.set_lr(lc.lr)
-        pretrain = self._pretrain_batches()
-        prompts = iterate_batches(self.train_items, lc.batch_size, c.seed + 1)
+        point = self._resume("minillm")
+        pretrain = Counted(self._pretrain_batches(), point.pretrain_batches if point else 0)
+        prompts = Counted(
+            iterate_batches(self.train_items, lc.batch_size, c.seed + 1), point.prompt_batches if point else 0
+        )
         per_collection = lc.rollouts_per_collection or lc.batch_size
         batches_per, minibatch = per_collection // lc.batch_size, lc.minibatch_size or per_collection
         updates_per = lc.ppo_epochs * per_collection // minibatch
         better = (lambda a, b: a > b) if lc.minillm_select_by == "rouge_l" else (lambda a, b: a < b)
         score_of = (lambda r: r.rouge_l) if lc.minillm_select_by == "rouge_l" else (lambda r: r.reverse_kl_token)
-        start = last = self.validation("minillm-start") if c.eval.at_start else None
-        best = score_of(start) if start is not None else None
-        copy_checkpoint(Path(sft_dir), self.ckpt / "best")
+        if point is None:
+            start = last = self.validation("minillm-start") if c.eval.at_start else None
+            best = score_of(start) if start is not None else None
+            copy_checkpoint(Path(sft_dir), self.ckpt / "best")
+        else:
+            start, last = (ValidationResult(**r) if r else None for r in (point.start, point.last))
+            best = point.best
+            if not (self.ckpt / "best").exists():  # resumed into another folder: its best/ starts from SFT's
+                copy_checkpoint(Path(sft_dir), self.ckpt / "best")
         ahead = (1 + lc.max_version_lag) * batches_per
         inflight: deque = deque()
         consumed: list[int] = []  # the ledger: ids of the batches the updates used
@@ -349,9 +372,13 @@ class Recipe:
             f"lag <= {lc.max_version_lag}, teacher transport {c.teacher.transport}",
             flush=True,
         )
-        t0, step = time.time(), 0
+        t0, step = time.time(), point.phase_step if point else 0
+        launched = prompts.drawn
+        if point is None and self.ckpts.every > 0:  # the phase's start (SFT's end): a resume skips SFT from here
+            self.save_state("minillm", 0, best, 0, pretrain.drawn, sft_dir, start, last)
         while step < steps:
-            while len(inflight) < ahead:  # launch: every hop below passes references, never values
+            limit = self.ckpts.launch_limit(step, steps, updates_per, batches_per, launched - len(inflight))
+            while len(inflight) < ahead and launched < limit:  # launch: every hop below passes references, never values
                 inflight.append(self.launch_batch(launched, next(prompts)))
                 launched += 1
             with time_in("wait"):
@@ -370,7 +397,7 @@ class Recipe:
                     lc.micro_batch_size,
                     [next(pretrain, None) for _ in range(min(updates_per, steps - step))],
                 )
-            lag = self.version - info.weight_version
+            lag, before = self.version - info.weight_version, step
             if any(not u.get("skipped") for u in updates):  # the weights changed: a new version for the samplers
                 with time_in("push"):
                     self.push_weights(wait=False)
@@ -395,6 +422,8 @@ class Recipe:
                     "failures": self.failures,
                     **({**sections, "driver_rss_mb": _rss_mb()} if i == len(updates) - 1 else {}),
                 }
+                if c.logging.sampled_ids and i == 0:
+                    record["sampled_ids"] = [ray.get(self.sampled_ids.pop(t["info"].batch_id)) for t in taken]
                 if step % c.eval.every_steps == 0 or (step == steps and c.eval.at_end):
                     with time_in("validation"):
                         last = self.validation(f"minillm-step-{step}")
@@ -413,6 +442,8 @@ class Recipe:
                         f"clip {m['clip_fraction']:.2f} lag {lag} ({time.time() - t0:.0f}s)",
                         flush=True,
                     )
+            if self.ckpts.due(before, step, steps):
+                self.save_state("minillm", step, best, prompts.drawn, pretrain.drawn, sft_dir, start, last)
         self.wait_pushes()
         for launch in inflight:  # producers that ran ahead: not needed any more
             ray.cancel(launch[2])
@@ -429,13 +460,16 @@ class Recipe:
             "teacher_stats": ray.get(self.teachers[0].get_stats.remote()),
         }
 
-    # ===== batches and failures ========================================================================
+    # ===== batches and failures =================================================================
     def launch_batch(self, batch_id: int, batch: list[TokenizedExample]) -> tuple[int, list, Any]:
         """Sample -> score -> queue one batch; returns (id, prompts, the producer's ref). Actors round-robin."""
         n = self.learner.n if self.learner is not None else 1
-        rollouts = self.samplers[batch_id % len(self.samplers)].sample.remote(
-            [it.prompt_ids for it in batch], [it.index for it in batch]
-        )
+        sampler = self.samplers[batch_id % len(self.samplers)]
+        # the batch's own seed: sampled again (a restarted sampler, a resume) it is the same batch
+        sampler.reseed.remote(sampling_seed(self.cfg.seed, TRAIN_BATCH, batch_id))  # runs before its sample
+        rollouts = sampler.sample.remote([it.prompt_ids for it in batch], [it.index for it in batch])
+        if self.cfg.logging.sampled_ids:
+            self.sampled_ids[batch_id] = ray.remote(num_cpus=0)(response_ids).remote(rollouts)
         info, *shards = (
             self.teachers[batch_id % len(self.teachers)]
             .score.options(num_returns=1 + n)
@@ -513,6 +547,58 @@ class Recipe:
         except ray.exceptions.GetTimeoutError:
             raise RunStopped(f"waited cluster.task_timeout_s={self.cfg.cluster.task_timeout_s:g}s for {what}") from None
 
+    # ===== checkpoints ===============================================================================
+    def _resume(self, phase: str) -> ResumePoint | None:
+        """The checkpoint this phase continues from (restored into the learner here), or None."""
+        point = self.resume_point
+        if point is None or point.phase != phase:
+            return None
+        assert self.learner is not None
+        t0 = time.time()
+        restore_learner(self.learner, point)  # after set_lr: the optimizer is the phase's, its state overwritten
+        self.global_step, self.bad_in_row = point.global_step, point.bad_in_row
+        if point.version > self.version:  # the samplers get the checkpoint's weights under its version
+            self.version = point.version - 1
+            self.push_weights()
+        print(
+            f"[resume] {phase} from step {point.phase_step} (global {point.global_step}, weight version "
+            f"{point.version}): {point.path} ({time.time() - t0:.1f}s)",
+            flush=True,
+        )
+        return point
+
+    def save_state(
+        self,
+        phase: str,
+        step: int,
+        best: float | None,
+        prompt_batches: int,
+        pretrain_batches: int = 0,
+        sft_dir: str | None = None,
+        start: ValidationResult | None = None,
+        last: ValidationResult | None = None,
+    ) -> None:
+        """A checkpoint of the whole training state at a point where nothing is in flight (see launch_limit)."""
+        assert self.learner is not None
+        self.ckpts.save(
+            self.learner,
+            ResumePoint(
+                path=Path(),
+                phase=phase,
+                phase_step=step,
+                global_step=self.global_step,
+                version=self.version,
+                best=best,
+                bad_in_row=self.bad_in_row,
+                prompt_batches=prompt_batches,
+                pretrain_batches=pretrain_batches,
+                metrics_bytes=self.log.metrics_bytes(),
+                sft_dir=sft_dir,
+                start=start.__dict__ if start else None,
+                last=last.__dict__ if last else None,
+            ),
+        )
+
     # ===== helpers ===================================================================================
     def count_bad(self, m: dict[str, float], phase: str) -> None:
         """Updates skipped for a non-finite loss/gradient: learner.max_bad_steps in a row stop the run, with the
@@ -563,6 +649,7 @@ class Recipe:
     def validation(self, label: str) -> ValidationResult:
         assert self.learner is not None
         self.wait_pushes()  # the samplers must hold the learner's weights
+        self.samplers[0].reseed.remote(sampling_seed(self.cfg.seed, EVAL, self.global_step))  # same draws on resume
         t0 = time.time()
         res = validate(
             self.samplers[0],

@@ -17,9 +17,10 @@ class RunStopped(RuntimeError):
     """The run cannot go on (e.g. learner.max_bad_steps non-finite updates in a row); the message says why."""
 
 
-def prepare_run_dir(path: Path) -> Path:
-    """Create the run folder. A previous run there is moved aside (never deleted or overwritten)."""
-    if path.exists() and any(path.iterdir()):
+def prepare_run_dir(path: Path, resume: bool = False) -> Path:
+    """Create the run folder. A previous run there is moved aside (never deleted or overwritten), unless this run
+    resumes it (`resume`: it writes on into the same folder)."""
+    if not resume and path.exists() and any(path.iterdir()):
         aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
         path.rename(aside)
         print(f"[run] an earlier run in {path} was moved to {aside}", flush=True)
@@ -65,6 +66,10 @@ class RunLogger:
             step = record.get("global_step")
             self._wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=step)
 
+    def metrics_bytes(self) -> int:
+        """metrics.jsonl's length so far (a checkpoint records it: a resumed run continues from there)."""
+        return self._metrics.tell()
+
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         tmp = self.run_dir / f".{name}.tmp"
         tmp.write_text(json.dumps(data, indent=2))
@@ -81,6 +86,6 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(src, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    tmp.rename(dst)
+    from learner.checkpoint import replace_dir
+
+    replace_dir(tmp, dst)  # never a moment without a complete dst (or dst.old)
