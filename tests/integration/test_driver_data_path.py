@@ -2,16 +2,12 @@
 with every `ray.get` of the driver inspected."""
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import ray
 import torch
 
-from common.config import load_config
-from common.preflight import preflight
-from learner.recipe import Recipe
-from learner.run_log import RunLogger, prepare_run_dir
+from tests.inprocess import short_minillm_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -30,35 +26,14 @@ def _tensors_in(value, path="result"):
 
 
 def test_minillm_phase_never_brings_a_tensor_to_the_driver(ray_session, tiny_models, tmp_path, monkeypatch):
-    cfg = load_config(
-        overrides=[
-            f"output_dir={tmp_path / 'run'}",
-            f"models.sft_checkpoint={tiny_models.student}",
-            "learner.minillm_steps=3",
-            "learner.batch_size=4",
-            "eval.every_steps=100",
-            "eval.at_start=false",
-            "eval.num_prompts=4",
-            "eval.kl_prompts=4",
-            "eval.max_new_tokens=8",
-            "sampler.max_new_tokens=8",
-            "learner.pretrain_batch_size=2",
-            "logging.wandb_mode=disabled",
-            "data.max_valid_examples=40",
-            "data.max_train_examples=200",
-        ]
-    )
-    ready = preflight(cfg)
-    run_dir = prepare_run_dir(Path(cfg.output_dir))
-    recipe = Recipe(
-        cfg,
-        ready.assets,
-        ready.tokenizer,
-        ready.vocab.tokenizer_size,
-        ready.train,
-        ready.valid,
-        RunLogger(run_dir, cfg),
-        run_dir,
+    recipe, _ = short_minillm_recipe(
+        tmp_path / "run",
+        tiny_models.student,
+        "learner.minillm_steps=3",
+        "eval.num_prompts=4",
+        "eval.kl_prompts=4",
+        "eval.max_new_tokens=8",
+        "sampler.max_new_tokens=8",
     )
 
     received: list[str] = []

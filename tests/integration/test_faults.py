@@ -7,10 +7,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from common.config import load_config
-from common.preflight import preflight
-from learner.recipe import Recipe
-from learner.run_log import RunLogger, prepare_run_dir
+from tests.inprocess import short_minillm_recipe
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -18,27 +15,12 @@ STEPS = 6
 
 
 def _run_with_kill(tmp_path: Path, tiny_models, victim: str, kill_after_step: int):
-    cfg = load_config(
-        overrides=[
-            f"output_dir={tmp_path / victim}",
-            f"models.sft_checkpoint={tiny_models.student}",
-            f"learner.minillm_steps={STEPS}",
-            "learner.batch_size=4",
-            "eval.every_steps=100",
-            "eval.at_start=false",
-            "eval.at_end=false",
-            "sampler.max_new_tokens=16",
-            "learner.pretrain_batch_size=2",
-            "logging.wandb_mode=disabled",
-            "data.max_valid_examples=40",
-            "data.max_train_examples=200",
-        ]
-    )
-    ready = preflight(cfg)
-    run_dir = prepare_run_dir(Path(cfg.output_dir))
-    logger = RunLogger(run_dir, cfg)
-    recipe = Recipe(
-        cfg, ready.assets, ready.tokenizer, ready.vocab.tokenizer_size, ready.train, ready.valid, logger, run_dir
+    recipe, logger = short_minillm_recipe(
+        tmp_path / victim,
+        tiny_models.student,
+        f"learner.minillm_steps={STEPS}",
+        "eval.at_end=false",
+        "sampler.max_new_tokens=16",
     )
     records: list[dict] = []
     real_log = logger.log
