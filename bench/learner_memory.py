@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.2)
     parser.add_argument("--repeats", type=int, default=1, help="subprocesses per point (median)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each step subprocess")
-    parser.add_argument("--quick", action="store_true", help="T in {32, 128}, chunks {64, 0}, batch 2")
+    parser.add_argument("--quick", action="store_true", help="T in {32, 128}, chunks {-1, 64, 0}, batch 2")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

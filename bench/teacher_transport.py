@@ -1,6 +1,6 @@
 """Teacher -> learner transports on real rollouts: payload bytes, single-step KL error, gradient cosine, learner peak.
 
-    nice -n 5 python -m bench.teacher_transport [--prompts 32] [--max-new-tokens 96] [--ks 20 64 256] [--out F]
+    nice -n 5 python -m bench.teacher_transport [--prompts 32] [--max-new-tokens 64] [--ks 20 64 256] [--out F]
 
 The SmolLM2 pair (/work/smol/teacher, /work/smol/student; V = 49,152). Rollouts are real: the student samples a
 response to each of the first `--prompts` Dolly validation prompts (the paper's prompt wrapper, prompts up to
