@@ -41,6 +41,8 @@ def record_update(result: dict[str, float]) -> None:
     """Learner metrics from an update's result dict (keys missing for a phase are skipped)."""
     if result.get("skipped"):
         counter("distill_skipped_steps").inc(result["skipped"])
+    if "kl_sum" in result and result.get("tokens"):  # a rank's share: its own tokens' mean reverse KL
+        gauge("distill_reverse_kl").set(result["kl_sum"] / result["tokens"])
     for key, name in (
         ("step_seconds", "distill_learner_step_seconds"),
         ("loss", "distill_loss"),
