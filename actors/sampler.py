@@ -36,6 +36,8 @@ class SamplerSpec:
     gpu_memory_utilization: float | None = None
     tensor_parallel_size: int = 1
     max_model_len: int = 1024
+    dtype: str = "float32"  # the compute dtype (models.dtype); float32 on CPU
+    enforce_eager: bool = True  # False: CUDA graphs on GPU
 
 
 class Sampler:
@@ -46,6 +48,8 @@ class Sampler:
             seed=spec.seed,
             max_model_len=spec.max_model_len,
             tensor_parallel_size=spec.tensor_parallel_size,
+            dtype=spec.dtype,
+            enforce_eager=spec.enforce_eager,
             gpu_memory_utilization=spec.gpu_memory_utilization,
         )
         self.student = VLLMEngine(spec.student_dir, **engine_args)

@@ -93,6 +93,8 @@ class SamplerConfig(_Section):
     kv_cache_mb: int = Field(256, gt=0)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)  # GPU only; CPU uses kv_cache_mb
     tensor_parallel_size: int = Field(1, ge=1)
+    # vLLM engines run in models.dtype; CUDA graphs (enforce_eager false) on GPU; None: eager on CPU, graphs on GPU
+    enforce_eager: bool | None = None
 
 
 class TeacherConfig(_Section):

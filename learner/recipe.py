@@ -170,6 +170,10 @@ class Recipe:
                     gpu_memory_utilization=c.sampler.gpu_memory_utilization,
                     tensor_parallel_size=c.sampler.tensor_parallel_size,
                     max_model_len=max_len,
+                    dtype=c.models.dtype,
+                    enforce_eager=c.sampler.enforce_eager
+                    if c.sampler.enforce_eager is not None
+                    else c.cluster.sampler_gpus == 0,
                 ),
                 i,
                 c.cluster.sampler_cpus,
