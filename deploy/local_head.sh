@@ -22,6 +22,7 @@ case "$cmd" in
     echo "dashboard: http://127.0.0.1:$DASHBOARD_PORT   metrics: http://127.0.0.1:$METRICS_PORT/metrics"
     ;;
   stop)
+    # Ray's stop is machine-wide: it ends every Ray on this host, not only the head started above
     ray stop --force
     ;;
   *)

@@ -25,6 +25,25 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray_module():
+    """Ray for one module, shut down after it, for modules that run before test_job_submission: its
+    `deploy/local_head.sh stop` (`ray stop --force`) ends every Ray on the machine, and a driver whose cluster dies is
+    exited by Ray (pytest with it). Reuses a session that is already up."""
+    import ray
+
+    owned = not ray.is_initialized()
+    if owned:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "WANDB_MODE": "offline"}},
+        )
+    yield ray
+    if owned:
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
     """The embedded default's tokenizer/teacher/student (built once, cached like the default run's)."""

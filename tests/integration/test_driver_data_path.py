@@ -25,7 +25,7 @@ def _tensors_in(value, path="result"):
     return []
 
 
-def test_minillm_phase_never_brings_a_tensor_to_the_driver(ray_session, tiny_models, tmp_path, monkeypatch):
+def test_minillm_phase_never_brings_a_tensor_to_the_driver(ray_module, tiny_models, tmp_path, monkeypatch):
     recipe, _ = short_minillm_recipe(
         tmp_path / "run",
         tiny_models.student,

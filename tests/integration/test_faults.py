@@ -42,7 +42,7 @@ def _run_with_kill(tmp_path: Path, tiny_models, victim: str, kill_after_step: in
 
 # the teacher case is `slow` (CI's time budget): it exercises the same relaunch path with a stateless actor
 @pytest.mark.parametrize("victim", ["sampler-0", pytest.param("teacher-0", marks=pytest.mark.slow)])
-def test_run_survives_a_killed_actor(ray_session, tiny_models, tmp_path, victim):
+def test_run_survives_a_killed_actor(ray_module, tiny_models, tmp_path, victim):
     summary, records = _run_with_kill(tmp_path, tiny_models, victim, kill_after_step=2)
     ledger = [b for r in records for b in r["batch_ids"]]
     print(
