@@ -168,7 +168,8 @@ def gather_positions(states: torch.Tensor, predict_pos: torch.Tensor) -> torch.T
     return torch.gather(states, 1, index)
 
 
-def slice_packed(p: PackedRollouts, rows: slice) -> PackedRollouts:
+def slice_packed(p: PackedRollouts, rows: slice | torch.Tensor) -> PackedRollouts:
+    """The rows of a packed batch: a slice (a learner rank's part) or index tensor (a mini-batch, any order)."""
     return PackedRollouts(
         p.input_ids[rows],
         p.attention_mask[rows],
@@ -200,14 +201,7 @@ def select_rows(shard: ScoredShard, rows: torch.Tensor) -> ScoredShard:
     """The sequences `rows` of a shard (any order), with their teacher rows (a mini-batch of a collection)."""
     p = shard.packed
     rows = rows.long()
-    packed = PackedRollouts(
-        p.input_ids[rows],
-        p.attention_mask[rows],
-        p.predict_pos[rows],
-        p.tokens[rows],
-        p.mask[rows],
-        p.old_logprobs[rows],
-    )
+    packed = slice_packed(p, rows)
     flat = _flat_rows(p.mask, rows)
     teacher = shard.teacher[flat]  # TopKLogprobs indexes all three fields
     return ScoredShard(packed, shard.teacher_token_logprobs[rows], teacher)

@@ -388,8 +388,7 @@ class LearnerWorker:
         t0 = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        mask = torch.cat([s.packed.mask.sum(-1) for s in micro])
-        totals = self._global_sum(float(mask.sum())), self._global_sum(float((mask > 0).sum()))
+        totals = self._totals(torch.cat([s.packed.mask for s in micro]))  # micro-batches share the collection's width
         sums: dict[str, float] = defaultdict(float)
         rho_min, rho_max, gap_max = float("inf"), float("-inf"), 0.0
         many = len(micro) > 1
