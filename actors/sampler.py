@@ -10,8 +10,9 @@ q_old, the student's log-prob of every response token under the weights that sam
 generation itself: the raw (temperature 1) log-prob of each student-sampled token, and for teacher-sampled
 tokens the student's next segment starts by emitting them as forced tokens (``ForcedTokens`` in
 actors/engine.py), which returns the student's log-prob of each in the same forward that continues the
-sequence. Only responses the student never generated in (alpha = 1) are scored by one prompt-log-prob pass
-afterwards; ``SamplerSpec.score_teacher_tokens = "pass"`` uses that pass for every teacher token instead.
+sequence. Only responses the student never generated in (alpha = 1: one teacher generate call) are scored by one
+prompt-log-prob pass afterwards; ``SamplerSpec.score_teacher_tokens = "pass"`` uses that pass for every teacher
+token instead.
 
 Ray runs one method of an actor at a time, so a weight push queued behind `sample` lands between batches:
 a batch never mixes old and new weights.
@@ -54,7 +55,8 @@ class SamplerSpec:
     # fuller teacher steps; any order of steps gives the same distribution
     teacher_step_share: float = 0.3
     # q_old of teacher-sampled tokens: "forced" (the student emits them as forced tokens at the start of its next
-    # segment: their log-probs come with the generation) or "pass" (one prompt-log-prob pass afterwards)
+    # segment: their log-probs come with the generation; falls back to "pass" where the student engine cannot force
+    # tokens, vLLM's V2 model runner) or "pass" (one prompt-log-prob pass afterwards)
     score_teacher_tokens: Literal["forced", "pass"] = "forced"
 
 
@@ -100,6 +102,7 @@ class _MixedRun:
         self.forced = [0] * n  # teacher tokens its running student segment emits first
         self.closing = [False] * n  # the running segment only scores the last teacher tokens
         self.max_len = min(student.max_model_len, teacher.max_model_len)
+        self.forcing = spec.score_teacher_tokens == "forced" and student.forces_tokens
         self.steps = 0
 
     def run(self) -> int:
@@ -137,7 +140,7 @@ class _MixedRun:
     def _open(self, i: int, owner: int, new_tokens: int) -> None:
         forced = 0
         if owner == STUDENT:
-            if self.spec.score_teacher_tokens == "forced":
+            if self.forcing:
                 forced = self._unscored(i)
             else:
                 self.batch.logprobs[i].extend([math.nan] * self._unscored(i))
@@ -177,13 +180,13 @@ class _MixedRun:
         # Forced scoring runs the student over the tail token by token: worth it when the student runs on this
         # sequence anyway; a response sampled by the teacher alone (alpha = 1) is cheaper in one prefill pass.
         owners = self.batch.owners[i][: self.batch.generated(i)]
-        return self.spec.score_teacher_tokens == "forced" and self._unscored(i) > 0 and bool((owners == STUDENT).any())
+        return self.forcing and self._unscored(i) > 0 and bool((owners == STUDENT).any())
 
 
 class Sampler:
     def __init__(self, spec: SamplerSpec):
         self.spec = spec
-        self.student = self._engine(spec.student_dir)
+        self.student = self._engine(spec.student_dir, forced_tokens=True)
         self.teacher = self._engine(spec.teacher_dir) if spec.teacher_dir else None
         self.rng = np.random.default_rng(spec.seed)
         self.version = 0
@@ -195,7 +198,7 @@ class Sampler:
             "push_seconds": 0.0,
         }
 
-    def _engine(self, model_dir: str) -> VLLMEngine:
+    def _engine(self, model_dir: str, forced_tokens: bool = False) -> VLLMEngine:
         spec = self.spec
         return VLLMEngine(
             model_dir,
@@ -207,6 +210,7 @@ class Sampler:
             dtype=spec.dtype,
             enforce_eager=spec.enforce_eager,
             block_size=spec.block_size,
+            forced_tokens=forced_tokens,
         )
 
     # ----- weights -----------------------------------------------------------------------------------
@@ -259,10 +263,12 @@ class Sampler:
         t0 = time.perf_counter()
         n = len(prompts)
         batch = _Batch.new(prompts, [draw_owners(limit, alpha, self.rng) for _ in range(n)], limit)
-        if any(o.any() for o in batch.owners):
-            calls = self._mixed(batch)
-        else:
+        if not any(o.any() for o in batch.owners):
             calls = self._student_only(batch)
+        elif all(o.all() for o in batch.owners):
+            calls = self._teacher_only(batch)
+        else:
+            calls = self._mixed(batch)
         generated = [batch.response(i) for i in range(n)]
         elapsed = time.perf_counter() - t0
         self.stats["engine_calls"] += calls
@@ -288,6 +294,16 @@ class Sampler:
             batch.sequences[i].extend(out.token_ids)
             batch.logprobs[i] = list(out.logprobs)
         return 1
+
+    def _teacher_only(self, batch: _Batch) -> int:
+        """Every coin came up teacher (alpha = 1, SeqKD): one generate call, then the q_old pass."""
+        assert self.teacher is not None
+        outs = self.teacher.generate(
+            batch.prompts, batch.limit, temperature=self.spec.temperature, stop_token_ids=[self.spec.eos_token_id]
+        )
+        for i, out in enumerate(outs):
+            batch.sequences[i].extend(out.token_ids)
+        return 1 + self._score_teacher_tokens(batch)
 
     def _mixed(self, batch: _Batch) -> int:
         assert self.teacher is not None

@@ -206,7 +206,9 @@ def test_failed_push_inside_vllm_marks_engine_broken_until_a_full_push(engine, m
 @pytest.fixture(scope="module")
 def engine32(models):
     """A second engine over model A with 32-token KV blocks (built before any engine of this module is deleted)."""
-    return VLLMEngine(str(models["A"][0]), kv_cache_bytes=KV, seed=0, max_model_len=256, block_size=32)
+    return VLLMEngine(
+        str(models["A"][0]), kv_cache_bytes=KV, seed=0, max_model_len=256, block_size=32, forced_tokens=True
+    )
 
 
 def test_sessions_continue_after_foreign_tokens(engine32, models):
@@ -214,7 +216,7 @@ def test_sessions_continue_after_foreign_tokens(engine32, models):
     engine of a mixture does), across KV block boundaries, either prefilled or emitted as forced tokens. Every
     log-prob the session returns, forced tokens' included, must be the model's given the whole sequence before."""
     model_a = models["A"][1]
-    assert engine32.block_size == 32
+    assert engine32.block_size == 32 and engine32.forces_tokens
     rng = random.Random(6)
     seqs = {i: p for i, p in enumerate(_prompts(6, seed=6))}
     scored: dict[int, list[tuple[int, float]]] = {i: [] for i in seqs}  # (position, log-prob) the session gave
@@ -256,6 +258,19 @@ def test_sessions_continue_after_foreign_tokens(engine32, models):
     assert worst < TOL, f"max |session log-prob - HF| = {worst:.2e}"
     # closed: the engine serves plain calls again
     assert all(len(c.token_ids) == 2 for c in engine32.generate(_prompts(2, seed=7), 2, ignore_eos=True))
+
+
+def test_bad_segments_are_refused_before_a_session_opens(engine, engine32):
+    assert not engine.forces_tokens  # forcing is asked for at construction
+    with pytest.raises(ValueError, match="cannot force"):
+        engine.open_segment("a", [3, 4, 5], 2, forced=1)
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine32.open_segment("b", [3] * 256, 2)
+    with pytest.raises(ValueError, match="outside"):
+        engine32.open_segment("c", [3, VOCAB], 2)
+    assert engine.running_segments == engine32.running_segments == 0
+    engine.generate([[3, 4]], 1)  # no session was left open
+    engine32.generate([[3, 4]], 1)
 
 
 def test_engine_seed_and_reseed_make_sampling_reproducible(engine, models):
