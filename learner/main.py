@@ -38,7 +38,9 @@ def connect_ray(cfg: DistillConfig) -> str:
     if address:
         ray.init(address=address, runtime_env=runtime_env)
         return f"connected to Ray at {address}"
-    ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, runtime_env=runtime_env)
+    # "local": a new instance even when another Ray runs on this machine (ray.init() alone would join the cluster
+    # last started here and ignore num_cpus)
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, runtime_env=runtime_env)
     return f"started a local Ray ({cfg.cluster.num_cpus or os.cpu_count()} CPUs)"
 
 

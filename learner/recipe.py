@@ -174,6 +174,8 @@ class Recipe:
                     enforce_eager=c.sampler.enforce_eager
                     if c.sampler.enforce_eager is not None
                     else c.cluster.sampler_gpus == 0,
+                    block_size=c.sampler.block_size,
+                    score_teacher_tokens=c.sampler.score_teacher_tokens,
                 ),
                 i,
                 c.cluster.sampler_cpus,
@@ -301,14 +303,14 @@ class Recipe:
             record: dict[str, Any] = {"phase": kind, "global_step": self.global_step, "step": step, **m}
             if step % c.learner.sft_eval_every == 0 or step == steps:
                 with time_in("validation"):
+                    # the validation loss is logged under either rule (one cheap pass): it shows when they disagree
+                    loss = record["valid_loss"] = self.valid_loss()
+                    score, shown = loss, f"valid {loss:.3f}"
                     if by_rouge:
                         self.push_weights()
                         res = self.validation(f"{kind}-step-{step}")
-                        score, shown = -res.rouge_l, f"valid ROUGE-L {res.rouge_l:.2f}"
+                        score, shown = -res.rouge_l, f"{shown} ROUGE-L {res.rouge_l:.2f}"
                         record.update(res.as_dict())
-                    else:
-                        score = self.valid_loss()
-                        shown, record["valid_loss"] = f"valid {score:.3f}", score
                 if score < best:
                     best, record["best"] = score, True
                     learner.save(str(best_dir), self.assets.tokenizer_dir)
@@ -326,6 +328,10 @@ class Recipe:
         if not best_dir.exists():  # no steps: the initial student is the phase's result
             learner.save(str(best_dir), self.assets.tokenizer_dir)
         learner.load_state(str(best_dir))
+        # measured again on the weights just reloaded: what the phase hands on, not what it logged at the time
+        self.log.log(
+            {"phase": "selection", "of": kind, "global_step": self.global_step, "kept_valid_loss": self.valid_loss()}
+        )
         return str(best_dir)
 
     def lm_update(self, kind: str, batch: LMBatch, step: int) -> dict[str, float]:

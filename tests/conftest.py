@@ -17,6 +17,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never another cluster on this machine (a `ray start` head, another test's)
             num_cpus=2,
             include_dashboard=False,
             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "WANDB_MODE": "offline"}},
@@ -35,6 +36,7 @@ def ray_module():
     owned = not ray.is_initialized()
     if owned:
         ray.init(
+            address="local",  # never another cluster on this machine (a `ray start` head, another test's)
             num_cpus=2,
             include_dashboard=False,
             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "WANDB_MODE": "offline"}},
