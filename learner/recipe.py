@@ -659,7 +659,9 @@ class Recipe:
     def validation(self, label: str) -> ValidationResult:
         assert self.learner is not None
         self.wait_pushes()  # the samplers must hold the learner's weights
-        self.samplers[0].reseed.remote(sampling_seed(self.cfg.seed, EVAL, self.global_step))  # same draws on resume
+        # every evaluation draws with the same seed (common random numbers): two checkpoints' scores differ by the
+        # models, not by the draws, which is what selection compares; a resume draws the same too
+        self.samplers[0].reseed.remote(sampling_seed(self.cfg.seed, EVAL, 0))
         t0 = time.time()
         res = validate(
             self.samplers[0],

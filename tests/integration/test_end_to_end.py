@@ -61,6 +61,21 @@ def test_run_folder_is_complete(run_dir):
     assert any(r["phase"] == "sft" and "valid_loss" in r for r in records)
 
 
+def test_each_phase_keeps_the_checkpoint_its_rule_names(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # Phase 1 (learner.sft_init_select_by: valid_loss): the kept weights, measured again, have the lowest loss
+    losses = {r["step"]: r["valid_loss"] for r in records if r["phase"] == "sft" and "valid_loss" in r}
+    (kept,) = [r["kept_valid_loss"] for r in records if r["phase"] == "selection" and r["of"] == "sft"]
+    assert kept == pytest.approx(min(losses.values()), rel=1e-6, abs=0)
+    # Phase 2 (learner.minillm_select_by: rouge_l): a step is marked best exactly when it beats every earlier
+    # evaluation, the start included
+    best = next(r["eval_rouge_l"] for r in records if r.get("label") == "minillm-start")
+    for r in records:
+        if r["phase"] == "minillm" and "eval_rouge_l" in r:
+            assert bool(r.get("best")) == (r["eval_rouge_l"] > best), r["step"]
+            best = max(best, r["eval_rouge_l"])
+
+
 def test_reverse_kl_goes_down(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     start, final = summary["start"], summary["final"]

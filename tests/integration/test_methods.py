@@ -22,11 +22,12 @@ SHORT = [
 ]
 
 
-# kd also selects its checkpoint by validation ROUGE-L (the paper's rule), the others by validation loss
-SELECT = {"sft": "valid_loss", "kd": "rouge_l", "seqkd": "valid_loss"}
+# kd selects its checkpoint by validation ROUGE-L (the paper's rule), seqkd by validation loss; sft runs under both
+# rules in test_selection.py
+SELECT = {"kd": "rouge_l", "seqkd": "valid_loss"}
 
 
-@pytest.mark.parametrize("method", ["sft", "kd", "seqkd"])
+@pytest.mark.parametrize("method", ["kd", "seqkd"])
 def test_baseline_method_runs(method, tmp_path, tiny_models):
     out = tmp_path / method
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
