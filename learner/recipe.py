@@ -21,6 +21,7 @@ import ray
 from actors.placement import Placement
 from actors.remote import make_replay, make_sampler, make_teacher
 from actors.sampler import SamplerSpec
+from common import storage
 from common.config import DistillConfig, dump_config, resolve_path, weight_sync_backend
 from common.data import (
     Example,
@@ -84,12 +85,14 @@ class Recipe:
         train: Split,
         valid: Split,
         logger: RunLogger,
-        run_dir: Path,
+        run_dir: str | Path,
     ):
         self.cfg, self.assets, self.tok, self.vocab = cfg, assets, tokenizer, vocab_size
         self.train_examples, self.train_items = train
         self.valid_examples, self.valid_items = valid
-        self.log, self.ckpt = logger, run_dir / "checkpoints"
+        # every durable artifact goes into the run's folder in storage (storage.path), written by whoever has it
+        self.run_dir = storage.canonical(run_dir)
+        self.log, self.ckpt_root = logger, storage.join(self.run_dir, "checkpoints")
         self.version = 0  # weight version the samplers hold (or are being sent)
         self.global_step = 0
         self.pending_pushes: list = []
@@ -97,7 +100,7 @@ class Recipe:
         self.failures = 0  # sampler/teacher tasks lost to a dead actor or a timeout, batches sampled again
         self.sampled_ids: dict[int, Any] = {}  # batch id -> ref to its sampled token ids (logging.sampled_ids)
         self.resume_point: ResumePoint | None = None  # set by the driver when the run continues a checkpoint
-        self.ckpts = Checkpointer(run_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep, dump_config(cfg))
+        self.ckpts = Checkpointer(self.run_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep, dump_config(cfg))
         held_out = list(self.valid_items)
         random.Random(cfg.seed).shuffle(held_out)
         self.eval_items = held_out[: cfg.eval.num_prompts]
@@ -109,6 +112,10 @@ class Recipe:
         self.teachers: list = []
         self.samplers: list = []
         self.replay: Any = None
+
+    def ckpt(self, name: str) -> str:
+        """An HF folder of the run (sft_best, best, final) in storage."""
+        return storage.join(self.ckpt_root, name)
 
     # ===== set-up ====================================================================================
     def start_actors(self, student_dir: str) -> None:
@@ -221,10 +228,13 @@ class Recipe:
         c = self.cfg
         summary: dict[str, Any] = {"method": c.method}
         if c.method == "minillm":
-            sft_dir = str(resolve_path(c.models.sft_checkpoint)) if c.models.sft_checkpoint else None
+            given = str(resolve_path(c.models.sft_checkpoint)) if c.models.sft_checkpoint else None
+            sft_dir = given
             if self.resume_point is not None and self.resume_point.phase == "minillm":  # SFT is done
                 sft_dir = self.resume_point.sft_dir
-            self.start_actors(sft_dir or self.assets.student_dir)
+            # actors start from input weights only (folders every node has); a resumed run's SFT'd weights are in
+            # storage: the learner restores them from the checkpoint and pushes them to the samplers (_resume)
+            self.start_actors(given or self.assets.student_dir)
             if sft_dir is None:
                 sft_dir = self.train_phase("sft", self.train_items, c.learner.sft_init_select_by)
                 self.push_weights()
@@ -238,7 +248,7 @@ class Recipe:
         res = self.validation(f"{c.method}-best")
         for name in ("best", "final"):  # the learner holds the kept weights (reloaded by train_phase)
             assert self.learner is not None
-            self.learner.save(str(self.ckpt / name), self.assets.tokenizer_dir, c.checkpoint.save_dtype)
+            self.learner.save(self.ckpt(name), self.assets.tokenizer_dir, c.checkpoint.save_dtype)
         summary.update({"start": res.as_dict(""), "final": res.as_dict(""), "best_valid_rouge_l": res.rouge_l})
         return summary
 
@@ -279,14 +289,14 @@ class Recipe:
         c, learner = self.cfg, self.learner
         assert learner is not None
         learner.set_lr(c.learner.sft_lr)
-        best_dir, by_rouge = self.ckpt / f"{kind}_best", select_by == "rouge_l"
+        best_dir, by_rouge = self.ckpt(f"{kind}_best"), select_by == "rouge_l"
         best = float("inf")  # lower is better: validation loss, or -ROUGE-L
         point, done = self._resume(kind), 0
         if point is not None:
             best, done = point.best if point.best is not None else best, point.phase_step
         elif by_rouge:
             best = -self.validation(f"{kind}-start").rouge_l
-            learner.save(str(best_dir), self.assets.tokenizer_dir)
+            learner.save(best_dir, self.assets.tokenizer_dir)
         batches = Counted(
             iterate_batches(items, c.learner.sft_batch_size, c.seed), point.prompt_batches if point else 0
         )
@@ -313,7 +323,7 @@ class Recipe:
                         record.update(res.as_dict())
                 if score < best:
                     best, record["best"] = score, True
-                    learner.save(str(best_dir), self.assets.tokenizer_dir)
+                    learner.save(best_dir, self.assets.tokenizer_dir)
                 print(
                     f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} {shown} "
                     f"(best {abs(best):.3f}, {time.time() - t0:.0f}s)",
@@ -325,14 +335,14 @@ class Recipe:
             self.count_bad(m, kind)
             if step < steps and self.ckpts.due(step - 1, step):  # at the end MiniLLM's start (or the run's end) saves
                 self.save_state(kind, step, best, batches.drawn)
-        if not best_dir.exists():  # no steps: the initial student is the phase's result
-            learner.save(str(best_dir), self.assets.tokenizer_dir)
-        learner.load_state(str(best_dir))
+        if not storage.is_complete_dir(best_dir):  # no steps: the initial student is the phase's result
+            learner.save(best_dir, self.assets.tokenizer_dir)
+        learner.load_state(best_dir)  # every rank reads it from storage
         # measured again on the weights just reloaded: what the phase hands on, not what it logged at the time
         self.log.log(
             {"phase": "selection", "of": kind, "global_step": self.global_step, "kept_valid_loss": self.valid_loss()}
         )
-        return str(best_dir)
+        return best_dir
 
     def lm_update(self, kind: str, batch: LMBatch, step: int) -> dict[str, float]:
         """One SFT / SeqKD / KD update; for KD the teacher scores each rank's part and sends it to that rank."""
@@ -366,12 +376,14 @@ class Recipe:
         if point is None:
             start = last = self.validation("minillm-start") if c.eval.at_start else None
             best = score_of(start) if start is not None else None
-            copy_checkpoint(Path(sft_dir), self.ckpt / "best")
+            copy_checkpoint(sft_dir, self.ckpt("best"))
         else:
             start, last = (ValidationResult(**r) if r else None for r in (point.start, point.last))
             best = point.best
-            if not (self.ckpt / "best").exists():  # resumed into another folder: its best/ starts from SFT's
-                copy_checkpoint(Path(sft_dir), self.ckpt / "best")
+            if not storage.is_complete_dir(
+                self.ckpt("best")
+            ):  # resumed into another folder: its best/ starts from SFT's
+                copy_checkpoint(sft_dir, self.ckpt("best"))
         ahead = (1 + lc.max_version_lag) * batches_per
         inflight: deque = deque()
         consumed: list[int] = []  # the ledger: ids of the batches the updates used
@@ -441,7 +453,7 @@ class Recipe:
                     record.update(time_in.pop())
                     if best is None or better(score_of(last), best):
                         best, record["best"] = score_of(last), True
-                        learner.save(str(self.ckpt / "best"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
+                        learner.save(self.ckpt("best"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
                 self.log.log(record)
                 self.count_bad(m, "minillm")
                 if step % c.logging.progress_every == 0 or step == steps:
@@ -457,7 +469,7 @@ class Recipe:
         self.wait_pushes()
         for launch in inflight:  # producers that ran ahead: not needed any more
             ray.cancel(launch[2])
-        learner.save(str(self.ckpt / "final"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
+        learner.save(self.ckpt("final"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
         return {
             "start": start.as_dict("") if start else None,
             "final": last.as_dict("") if last else None,
@@ -590,10 +602,11 @@ class Recipe:
     ) -> None:
         """A checkpoint of the whole training state at a point where nothing is in flight (see launch_limit)."""
         assert self.learner is not None
+        self.log.sync()  # metrics.jsonl up to the length the checkpoint records is durable before it lands
         self.ckpts.save(
             self.learner,
             ResumePoint(
-                path=Path(),
+                path="",
                 phase=phase,
                 phase_step=step,
                 global_step=self.global_step,
@@ -624,11 +637,11 @@ class Recipe:
         )
         if self.bad_in_row >= self.cfg.learner.max_bad_steps:
             assert self.learner is not None
-            self.learner.save(str(self.ckpt / "final"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
+            self.learner.save(self.ckpt("final"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
             raise RunStopped(
                 f"{self.bad_in_row} updates in a row had a non-finite loss or gradient norm "
                 f"(learner.max_bad_steps={self.cfg.learner.max_bad_steps}) in the {phase} phase at global "
-                f"step {self.global_step}; the last good weights are in {self.ckpt / 'final'}"
+                f"step {self.global_step}; the last good weights are in {self.ckpt('final')}"
             )
 
     def _lm_batch(self, items: list[TokenizedExample]) -> LMBatch:
