@@ -135,6 +135,7 @@ def test_run_survives_a_killed_learner_rank(ray_module, tiny_models, tmp_path):
 def test_learner_failures_past_max_failures_stop_the_run(ray_module, tiny_models, tmp_path):
     """cluster.max_failures=1: the first death is survived, the second stops the run with one line."""
     _, records, stopped = _run_killing_learner(tmp_path / "stop", tiny_models, (2, 4), "cluster.max_failures=1")
+    print(f"stopped: {stopped}; restarts {[r for r in records if r['phase'] == 'learner_restart']}")
     assert stopped is not None and len(str(stopped).splitlines()) == 1
     assert "learner rank 1 died" in str(stopped) and "cluster.max_failures=1 failures are spent" in str(stopped)
     assert [r["phase"] for r in records].count("learner_restart") == 1
