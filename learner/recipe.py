@@ -591,6 +591,8 @@ class Recipe:
         the ones consumed are taken back from the ledger; all are sampled again, under the same ids, from the
         restored weights. Counts against cluster.max_failures."""
         c, t0 = self.cfg, time.time()
+        if self.learner is None or self.student_dir is None:  # the group never came up: nothing to restore into
+            raise RunStopped(f"{reason} while the learner group was starting")
         self.failures += 1
         if self.failures > c.cluster.max_failures:
             raise RunStopped(f"{reason}, and cluster.max_failures={c.cluster.max_failures} failures are spent")
@@ -618,12 +620,14 @@ class Recipe:
                 ray.get(ref, timeout=c.cluster.task_timeout_s)
             except ray.exceptions.RayError:
                 pass
-        assert self.learner is not None and self.student_dir is not None
         t_kill = time.time()
         self.learner.kill()
         self.learner = None
         t_start = time.time()
-        self.start_learner(self.student_dir)
+        try:
+            self.start_learner(self.student_dir)
+        except (LearnerFailed, ray.exceptions.RayError) as exc:
+            raise RunStopped(f"{reason}; the new learner group did not start ({one_line_error(exc)})") from exc
         self.learner_restarts += 1
         self.resume_point = point
         self.restart = {
