@@ -152,10 +152,10 @@ def rss_report(samples: list[tuple[float, int, int, str, float]], warmup: int) -
     return sorted(rows, key=lambda r: -r["rss_end_mb"])
 
 
-def count_objects() -> dict[str, Any]:
+def count_objects(api: str) -> dict[str, Any]:
     from ray.util.state import list_objects
 
-    objs = list_objects(limit=100_000, raise_on_missing_output=False)
+    objs = list_objects(address=api, limit=100_000, raise_on_missing_output=False)
     by_type: dict[str, int] = defaultdict(int)
     size = 0
     for o in objs:
@@ -195,6 +195,7 @@ def main() -> int:
     os.environ.pop("RAY_ADDRESS", None)  # never join another cluster on this machine
     ctx = ray.init(num_cpus=args.num_cpus, include_dashboard=True, namespace="soak")
     address = ctx.address_info["gcs_address"]
+    api = f"http://{ctx.dashboard_url}"  # the state API of this cluster (other clusters may run on the machine)
     overrides = [
         f"output_dir={work / 'run'}",
         f"models.sft_checkpoint={tiny.student}",  # MiniLLM only: the soak's subject
@@ -222,7 +223,7 @@ def main() -> int:
     while proc.poll() is None:
         step = watcher.step
         if step >= next_count and step > 0:
-            objects.append({"step": step, **count_objects()})
+            objects.append({"step": step, **count_objects(api)})
             print(f"[soak] step {step}: {objects[-1]['objects']} objects ({time.time() - t0:.0f}s)", flush=True)
             next_count = step + args.objects_every
         time.sleep(1.0)
@@ -235,9 +236,10 @@ def main() -> int:
         print(f"[soak] the driver exited with {rc}", flush=True)
     # once the driver is gone: what it left on the cluster (Ray reaps a dead job's actors in a few seconds)
     time.sleep(10)
-    alive = [a for a in list_actors(limit=10_000, raise_on_missing_output=False) if a.state != "DEAD"]
-    groups = [g for g in list_placement_groups(limit=1000, raise_on_missing_output=False) if g.state != "REMOVED"]
-    after_exit = count_objects()
+    alive = [a for a in list_actors(address=api, limit=10_000, raise_on_missing_output=False) if a.state != "DEAD"]
+    groups = list_placement_groups(address=api, limit=1000, raise_on_missing_output=False)
+    groups = [g for g in groups if g.state != "REMOVED"]
+    after_exit = count_objects(api)
     workers = []  # actor processes still running (idle pool workers, `ray::IDLE`, are Ray's and expected)
     for p in psutil.Process().children(recursive=True):
         try:
