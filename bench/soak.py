@@ -54,14 +54,22 @@ def label(proc: psutil.Process, driver_pid: int) -> str:
         name = Path(part).name
         if name in ("raylet", "gcs_server") or name.endswith(".py"):
             return name
-    return proc.name()
+    if "-m" in cmd[:-1]:
+        return cmd[cmd.index("-m") + 1]
+    return " ".join(Path(c).name for c in cmd[:2]) or proc.name()
+
+
+def final(name: str) -> bool:
+    """Whether a label is the one to keep: a worker's first title is its launcher script (default_worker.py) or
+    ray::IDLE until it becomes an actor."""
+    return name not in ("IDLE", "?", "default_worker.py", "setup_worker.py")
 
 
 class Watcher:
     """Samples RSS of this process's descendants (the cluster and the driver) with the step the run is at."""
 
-    def __init__(self, driver_pid: int, metrics: Path, every_s: float):
-        self.driver_pid, self.metrics, self.every = driver_pid, metrics, every_s
+    def __init__(self, driver_pid: int, metrics: Path, every_s: float, last_step: int):
+        self.driver_pid, self.metrics, self.every, self.last_step = driver_pid, metrics, every_s, last_step
         self.samples: list[tuple[float, int, int, str, float]] = []  # (time, step, pid, label, rss MB)
         self.step = 0
         self._offset = 0
@@ -94,11 +102,13 @@ class Watcher:
         labels: dict[int, str] = {}
         while not self._stop.is_set():
             step, now = self.current_step(), time.time()
+            if step >= self.last_step:  # the run's end (final save, clean-up, exit) is not the steady state
+                break
             for proc in me.children(recursive=True):
                 try:
                     rss = proc.memory_info().rss / 2**20
                     # a worker's title changes with the task it runs: keep the first actor name seen for its pid
-                    if proc.pid not in labels or labels[proc.pid] in ("IDLE", "?"):
+                    if proc.pid not in labels or not final(labels[proc.pid]):
                         labels[proc.pid] = label(proc, self.driver_pid)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
@@ -121,6 +131,10 @@ def fit(xs: list[float], ys: list[float]) -> dict[str, float]:
 
 
 def rss_report(samples: list[tuple[float, int, int, str, float]], warmup: int) -> list[dict[str, Any]]:
+    """Per process: the fit after `warmup` steps. "flat": the slope is within two standard errors of zero, or the
+    growth it predicts over the whole window is under two residual SDs (the jitter of single samples): a slope that
+    OLS calls significant (its SE ignores that successive samples are correlated) but that is smaller than the
+    jitter is not read as a leak."""
     by_pid: dict[int, list[tuple[int, float]]] = defaultdict(list)
     names: dict[int, str] = {}
     for _, step, pid, name, rss in samples:
@@ -128,6 +142,7 @@ def rss_report(samples: list[tuple[float, int, int, str, float]], warmup: int) -
         by_pid[pid].append((step, rss))
     rows = []
     for pid, pts in by_pid.items():
+        pts = [(s, r) for s, r in pts if r > 0]  # a process being reaped reads 0
         after = [(s, r) for s, r in pts if s >= warmup]
         if len(after) < 3:
             continue
@@ -137,37 +152,43 @@ def rss_report(samples: list[tuple[float, int, int, str, float]], warmup: int) -
                 "process": names[pid],
                 "pid": pid,
                 "samples": f["n"],
+                "rss_first_mb": round(pts[0][1], 1),  # at the first sample of the run (step 0 or 1)
                 "rss_start_mb": round(after[0][1], 1),
                 "rss_end_mb": round(after[-1][1], 1),
                 "rss_max_mb": round(max(r for _, r in pts), 1),
                 "slope_mb_per_100_steps": round(100 * f["slope"], 3),
                 "slope_se_mb_per_100_steps": round(100 * f["se"], 3),
                 "resid_sd_mb": round(f["resid_sd"], 2),
-                # flat: the fitted growth is within two standard errors of zero, or under the sample noise over
-                # the whole window (a slope that is "significant" but smaller than the jitter is not a leak)
+                "growth_over_window_mb": round(f["slope"] * (after[-1][0] - after[0][0]), 2),
                 "flat": abs(f["slope"]) <= 2 * f["se"]
-                or abs(f["slope"]) * (after[-1][0] - after[0][0]) <= f["resid_sd"],
+                or abs(f["slope"]) * (after[-1][0] - after[0][0]) <= 2 * f["resid_sd"],
+                "trace": [(s, round(r, 1)) for s, r in pts[:: max(1, len(pts) // 40)]],
             }
         )
     return sorted(rows, key=lambda r: -r["rss_end_mb"])
 
 
+def field(state: Any, key: str) -> Any:
+    """A field of a state-API row (a dataclass, or a dict in some Ray versions)."""
+    return state[key] if isinstance(state, dict) else getattr(state, key)
+
+
 def count_objects(api: str) -> dict[str, Any]:
     from ray.util.state import list_objects
 
-    objs = list_objects(address=api, limit=100_000, raise_on_missing_output=False)
+    objs = list_objects(address=api, limit=10_000, raise_on_missing_output=False)
     by_type: dict[str, int] = defaultdict(int)
     size = 0
     for o in objs:
-        by_type[str(o.reference_type)] += 1
-        size += o.object_size or 0
+        by_type[str(field(o, "reference_type"))] += 1
+        size += field(o, "object_size") or 0
     return {"objects": len(objs), "bytes": size, "by_reference_type": dict(by_type)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=40, help="steps left out of the slopes")
+    ap.add_argument("--warmup", type=int, default=100, help="steps left out of the slopes")
     ap.add_argument("--queue", type=int, default=2, help="learner.replay_capacity (batches)")
     ap.add_argument("--every", type=float, default=2.0, help="seconds between RSS samples")
     ap.add_argument("--objects-every", type=int, default=20, help="steps between object counts")
@@ -216,13 +237,13 @@ def main() -> int:
         [sys.executable, "-m", "learner.main", *overrides], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
     )
     print(f"[soak] driver pid {proc.pid}, Ray at {address}, run in {work}", flush=True)
-    watcher = Watcher(proc.pid, work / "run" / "metrics.jsonl", args.every)
+    watcher = Watcher(proc.pid, work / "run" / "metrics.jsonl", args.every, args.steps)
     watcher.start()
     objects: list[dict[str, Any]] = []
     next_count = 0
     while proc.poll() is None:
         step = watcher.step
-        if step >= next_count and step > 0:
+        if step > 0 and (step >= next_count or (step >= args.steps and objects[-1]["step"] < args.steps)):
             objects.append({"step": step, **count_objects(api)})
             print(f"[soak] step {step}: {objects[-1]['objects']} objects ({time.time() - t0:.0f}s)", flush=True)
             next_count = step + args.objects_every
@@ -236,9 +257,10 @@ def main() -> int:
         print(f"[soak] the driver exited with {rc}", flush=True)
     # once the driver is gone: what it left on the cluster (Ray reaps a dead job's actors in a few seconds)
     time.sleep(10)
-    alive = [a for a in list_actors(address=api, limit=10_000, raise_on_missing_output=False) if a.state != "DEAD"]
+    actors = list_actors(address=api, limit=10_000, raise_on_missing_output=False)
+    alive = [a for a in actors if field(a, "state") != "DEAD"]
     groups = list_placement_groups(address=api, limit=1000, raise_on_missing_output=False)
-    groups = [g for g in groups if g.state != "REMOVED"]
+    groups = [g for g in groups if field(g, "state") != "REMOVED"]
     after_exit = count_objects(api)
     workers = []  # actor processes still running (idle pool workers, `ray::IDLE`, are Ray's and expected)
     for p in psutil.Process().children(recursive=True):
@@ -246,7 +268,8 @@ def main() -> int:
             title = p.cmdline()[0] if p.cmdline() else ""
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if title.startswith("ray::") and not title.startswith("ray::IDLE"):
+        # Ray's own per-node agents (ray::DashboardAgent, ray::RuntimeEnvAgent) live as long as the cluster
+        if title.startswith("ray::") and not title.startswith("ray::IDLE") and not title.endswith("Agent"):
             workers.append(title)
 
     metrics = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -270,17 +293,20 @@ def main() -> int:
         "objects": objects,
         "objects_slope_per_100_steps": round(100 * obj_fit["slope"], 2) if obj_fit else None,
         "objects_after_exit": after_exit,
-        "actors_alive_after_exit": [f"{a.class_name} ({a.state})" for a in alive],
-        "placement_groups_left": [f"{g.name} ({g.state})" for g in groups],
+        "actors_alive_after_exit": [f"{field(a, 'class_name')} ({field(a, 'state')})" for a in alive],
+        "placement_groups_left": [f"{field(g, 'name')} ({field(g, 'state')})" for g in groups],
         "ray_workers_left": workers,
         "load_average": os.getloadavg(),
     }
     print(f"\n[soak] {len(steps)} MiniLLM steps in {wall:.0f}s, driver exit code {rc}")
-    print("\n| process | samples | RSS after warm-up -> end (MB) | slope MB/100 steps | ± SE | noise SD (MB) | flat |")
+    print(
+        f"\n| process | samples | RSS step 1 / {args.warmup} / end (MB) | slope MB/100 steps | ± SE | noise SD (MB) "
+        "| flat |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['process']} | {r['samples']} | {r['rss_start_mb']} -> {r['rss_end_mb']} | "
+            f"| {r['process']} | {r['samples']} | {r['rss_first_mb']} / {r['rss_start_mb']} / {r['rss_end_mb']} | "
             f"{r['slope_mb_per_100_steps']:+.2f} | {r['slope_se_mb_per_100_steps']:.2f} | {r['resid_sd_mb']:.2f} | "
             f"{'yes' if r['flat'] else 'NO'} |"
         )
