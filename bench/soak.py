@@ -275,7 +275,8 @@ def main() -> int:
     metrics = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in metrics if r.get("phase") == "minillm"]
     rows = rss_report(watcher.samples, args.warmup)
-    post = [o for o in objects if o["step"] >= args.warmup]
+    # the count at the last step races the driver's exit (it read 0 once): the fit takes the counts before it
+    post = [o for o in objects if args.warmup <= o["step"] < args.steps]
     obj_fit = fit([float(o["step"]) for o in post], [float(o["objects"]) for o in post]) if len(post) >= 3 else {}
     result = {
         "command": "python bench/soak.py " + " ".join(sys.argv[1:]),
