@@ -47,8 +47,8 @@ class TeacherActor(Teacher):
 class ReplayActor(ReplayBuffer):
     """Replay queue plus dashboard metrics (depth, and the version lag of what the learner takes)."""
 
-    async def put(self, item: Any, version: int, timeout: float | None = None) -> None:
-        await super().put(item, version, timeout)
+    async def put(self, item: Any, version: int, timeout: float | None = None, generation: int | None = None) -> None:
+        await super().put(item, version, timeout, generation)
         telemetry.gauge("distill_queue_depth").set(len(self.items))
 
     async def get(self, timeout: float | None = None) -> tuple[int, Any]:

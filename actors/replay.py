@@ -21,6 +21,10 @@ class ReplayBuffer:
         self.learner_version = 0
         self.dropped_stale = 0
         self.put_total = 0
+        # a learner restart rolls the weights back: batches launched before it (queued, or still on their way in)
+        # were sampled from weights that no longer exist, and puts of an older generation are dropped
+        self.generation = 0
+        self.dropped_restart = 0
         self._cond: asyncio.Condition | None = None
 
     def _condition(self) -> asyncio.Condition:
@@ -28,19 +32,37 @@ class ReplayBuffer:
             self._cond = asyncio.Condition()
         return self._cond
 
-    async def put(self, item: Any, version: int, timeout: float | None = None) -> None:
-        """Wait while the queue is full (back-pressure), then append."""
+    async def put(self, item: Any, version: int, timeout: float | None = None, generation: int | None = None) -> None:
+        """Wait while the queue is full (back-pressure), then append; an item of an older `generation` than the
+        queue's (launched before a `reset`) is dropped instead."""
         cond = self._condition()
         async with cond:
             await asyncio.wait_for(cond.wait_for(lambda: len(self.items) < self.capacity), timeout)
+            if generation is not None and generation != self.generation:
+                self.dropped_restart += 1
+                return
             self.items.append((version, item))
             self.put_total += 1
             cond.notify_all()
 
-    async def put_batch(self, info: Any, shards: list[Any], timeout: float | None = None) -> None:
+    async def put_batch(
+        self, info: Any, shards: list[Any], timeout: float | None = None, generation: int | None = None
+    ) -> None:
         """A scored batch: its `BatchInfo` (Ray resolves it: a few numbers) and the learner shards' ObjectRefs,
         which stay references (nested in a list, Ray does not fetch them). Versioned by the rollouts."""
-        await self.put((info, shards), info.weight_version, timeout)
+        await self.put((info, shards), info.weight_version, timeout, generation)
+
+    async def reset(self, generation: int) -> list[int]:
+        """Drop every queued item and refuse puts of earlier generations from now on; returns the dropped batches'
+        ids (the driver's ledger records them)."""
+        cond = self._condition()
+        async with cond:
+            self.generation = generation
+            dropped = [getattr(item[0], "batch_id", -1) for _, item in self.items]
+            self.dropped_restart += len(self.items)
+            self.items.clear()
+            cond.notify_all()
+        return dropped
 
     async def get(self, timeout: float | None = None) -> tuple[int, Any]:
         """Oldest item whose version is within `max_version_lag` of the learner; staler ones are dropped."""
@@ -70,5 +92,6 @@ class ReplayBuffer:
             "capacity": self.capacity,
             "dropped_stale": self.dropped_stale,
             "put_total": self.put_total,
+            "dropped_restart": self.dropped_restart,
             "learner_version": self.learner_version,
         }

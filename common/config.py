@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
@@ -215,6 +215,36 @@ class CheckpointConfig(_Section):
     keep: int = Field(2, ge=1)
 
 
+class StorageConfig(_Section):
+    """Where the run's durable artifacts go (see common/storage.py and the README's "Storage")."""
+
+    # a folder or an fsspec URL (file://, s3://, gs://, ...; s3:// needs s3fs, gs:// gcsfs) every node can reach:
+    # resolved config, metrics.jsonl, summary.json, the HF folders and the training-state checkpoints, each written by
+    # the process that has it. None: output_dir (single-node runs). output_dir is then the driver's local scratch
+    # (wandb's offline files, and metrics.jsonl between uploads to an object store).
+    path: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _filesystem(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("empty: leave it out (None) to use output_dir")
+        protocol = value.split("://", 1)[0] if "://" in value else "file"
+        if protocol == "memory":
+            raise ValueError("memory:// lives in one process: the learner ranks could not write into it")
+        try:
+            from fsspec import get_filesystem_class
+
+            get_filesystem_class(protocol)
+        except ValueError:
+            raise ValueError(f"unknown filesystem {protocol}://") from None
+        except ImportError as exc:
+            raise ValueError(f"{protocol}:// needs a package that is not installed ({exc})") from None
+        return value
+
+
 class LoggingConfig(_Section):
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "minillm-service"
@@ -242,8 +272,9 @@ class DistillConfig(_Section):
     eval: EvalConfig = EvalConfig()
     cluster: ClusterConfig = ClusterConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    storage: StorageConfig = StorageConfig()
     logging: LoggingConfig = LoggingConfig()
-    # "auto": continue from the newest complete checkpoint in output_dir (a fresh start when there is none); a path:
+    # "auto": continue from the newest complete checkpoint in storage.path (a fresh start when there is none); a path:
     # that checkpoint folder; None: a fresh start (an earlier run in output_dir is moved aside)
     resume: str | None = None
 
@@ -399,6 +430,17 @@ def resolve_path(path: str | None, base: Path = REPO_ROOT) -> Path | None:
         if installed is not None and (installed / p).exists():
             return (installed / p).resolve()
     return candidate
+
+
+def storage_url(cfg: DistillConfig, cwd: Path | None = None) -> str:
+    """The run's folder in durable storage: storage.path, else output_dir; a relative local path is relative to the
+    driver's working directory (as output_dir is)."""
+    from common.storage import canonical
+
+    path = cfg.storage.path or cfg.output_dir
+    if "://" not in path:
+        return canonical(resolve_path(path, cwd or Path.cwd()))
+    return canonical(path)
 
 
 def dump_config(cfg: DistillConfig) -> str:

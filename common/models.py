@@ -156,6 +156,8 @@ def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, o
     """Save an HF folder atomically: write to a sibling temp folder, then rename over the target."""
     import shutil
 
+    from common.storage import replace_dir
+
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -164,15 +166,23 @@ def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, o
     model.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-    tmp.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_dir(tmp, out)
     return out
+
+
+def save_hf_to(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, url: str) -> str:
+    """save_hf into durable storage (common/storage.py): in place on a local filesystem, else into this node's
+    scratch first and then uploaded (complete when its marker lands)."""
+    import tempfile
+
+    from common import storage
+
+    if storage.is_local(url):
+        save_hf(model, tokenizer, storage.canonical(url))
+        return url
+    with tempfile.TemporaryDirectory(prefix="minillm-hf-") as tmp:
+        storage.publish_dir(save_hf(model, tokenizer, Path(tmp) / "hf"), url)
+    return url
 
 
 def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, DistillConfig, resolve_path
+from common import storage
+from common.config import ConfigError, DistillConfig, resolve_path, storage_url
 from common.data import DataError, Example, TokenizedExample, load_jsonl, load_pretrain_blocks, tokenize_examples
 from common.models import ModelError, VocabInfo, check_compatible, load_tokenizer, max_positions, read_model_config
 
@@ -65,6 +66,8 @@ def preflight(cfg: DistillConfig, cwd: Path | None = None) -> Checked:
     `cwd` is what a relative output_dir is relative to (the driver's working directory)."""
     check_settings(cfg)
     check_output_dir(resolve_path(cfg.output_dir, cwd or Path.cwd()))
+    if cfg.storage.path is not None and storage.is_local(cfg.storage.path):  # a local folder: the same checks
+        check_output_dir(Path(storage_url(cfg, cwd)), "storage.path")
     train_examples = read_examples(cfg, "train", cfg.data.max_train_examples)
     valid_examples = read_examples(cfg, "valid", cfg.data.max_valid_examples)
     pretrain = pretrain_path(cfg)
@@ -102,18 +105,18 @@ def check_settings(cfg: DistillConfig) -> None:
         )
 
 
-def check_output_dir(path: Path) -> None:
+def check_output_dir(path: Path, field: str = "output_dir") -> None:
     """The run folder must be creatable (an earlier run there is moved aside, so its parent must be writable)."""
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"output_dir: {path} exists and is not a folder")
+        raise ConfigError(f"{field}: {path} exists and is not a folder")
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"output_dir: cannot create {path}: {existing} is a file")
+        raise ConfigError(f"{field}: cannot create {path}: {existing} is a file")
     for folder in (existing, path.parent) if existing == path else (existing,):
         if not os.access(folder, os.W_OK | os.X_OK):
-            raise ConfigError(f"output_dir: {folder} is not writable")
+            raise ConfigError(f"{field}: {folder} is not writable")
 
 
 # ----- data --------------------------------------------------------------------------------------------------

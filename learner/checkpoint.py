@@ -1,16 +1,21 @@
 """Full training state, saved atomically, and resume.
 
-A checkpoint is the folder `output_dir/checkpoints/state/step-XXXXXXX/` (XXXXXXX: the run's global step):
+A checkpoint is the folder `STORAGE/checkpoints/state/step-XXXXXXX/` (STORAGE: storage.path, a local folder or an
+fsspec URL; XXXXXXX: the run's global step):
 
 * `__0_0.distcp`, ... and `.metadata`: the learner's model and AdamW state through `torch.distributed.checkpoint`
   (DCP), every rank writing its own FSDP2 shards (resharding on load is DCP's: any number of ranks can read it);
 * `rank-R.pt`: each learner rank's counters (optimizer steps taken, which seed the PPO mini-batch shuffle; skipped
   updates) and its RNGs (torch CPU and CUDA, numpy, python: dropout draws from torch's);
-* `checkpoint.json`, written LAST (temp name, fsync, rename): the driver's state (phase, step, weight version,
-  best-so-far score, data-iterator positions, metrics.jsonl length, its RNGs) and the size of every other file.
+* `checkpoint.json`, written LAST (local: temp name, fsync, rename; object store: one PUT): the driver's state
+  (phase, step, weight version, best-so-far score, data-iterator positions, metrics.jsonl length, its RNGs) and the
+  size of every other file.
 
 A folder without `checkpoint.json`, or with a file missing or of another size than recorded (a crash mid-write, a
 truncated copy), is partial: `resume=auto` skips it with a warning and takes the newest complete one.
+
+Every file is written by the process that has it (each rank its shards and rank file, the driver checkpoint.json),
+straight into storage: nothing passes through a node's scratch or another node's disk.
 
 The learner-side functions run inside the learner actors through Ray's `__ray_call__` (a function applied to the
 actor's instance), so the worker and group classes need no methods of their own for this.
@@ -18,17 +23,17 @@ actor's instance), so the worker and group classes need no methods of their own 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common import storage
 from common.config import ConfigError
 
 METADATA = "checkpoint.json"
@@ -40,6 +45,21 @@ class CheckpointError(ConfigError):
 
 
 # ===== learner side (runs inside each learner actor) ==================================================
+def _writer(path: str) -> Any:
+    """DCP's writer for a location of durable storage: plain files locally, fsspec for an object store."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    return FileSystemWriter(path) if storage.is_local(path) else FsspecWriter(path)
+
+
+def _reader(path: str) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FileSystemReader(path) if storage.is_local(path) else FsspecReader(path)
+
+
 def save_learner_state(worker: Any, path: str) -> dict[str, Any]:
     """Collective over the learner ranks: DCP-save the sharded model (and the AdamW state, once it has any) into
     `path`, and this rank's counters and RNGs into rank-R.pt. Returns the rank's counters."""
@@ -56,7 +76,7 @@ def save_learner_state(worker: Any, path: str) -> dict[str, Any]:
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     else:
         state = {"model": get_model_state_dict(worker.model)}
-    dcp.save(state, checkpoint_id=path)
+    dcp.save(state, storage_writer=_writer(path))
     mine = {
         "rank": worker.rank,
         "steps": worker.steps,
@@ -68,10 +88,9 @@ def save_learner_state(worker: Any, path: str) -> dict[str, Any]:
         "numpy_rng": np.random.get_state(),
         "python_rng": random.getstate(),
     }
-    target = Path(path) / f"rank-{worker.rank}.pt"
-    tmp = target.with_name(target.name + ".tmp")
-    torch.save(mine, tmp)
-    os.replace(tmp, target)
+    buf = io.BytesIO()
+    torch.save(mine, buf)
+    storage.write_bytes(storage.join(path, f"rank-{worker.rank}.pt"), buf.getvalue())
     return {k: mine[k] for k in ("rank", "steps", "skipped", "has_optim")}
 
 
@@ -87,16 +106,16 @@ def load_learner_state(worker: Any, path: str) -> dict[str, Any]:
         set_state_dict,
     )
 
-    mine = torch.load(Path(path) / f"rank-{worker.rank}.pt", weights_only=False)
+    mine = torch.load(io.BytesIO(storage.read_bytes(storage.join(path, f"rank-{worker.rank}.pt"))), weights_only=False)
     worker._reshard()
     if mine["has_optim"]:
         model_sd, optim_sd = get_state_dict(worker.model, worker.optimizer)  # templates DCP loads into, in place
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, storage_reader=_reader(path))
         set_state_dict(worker.model, worker.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         state = {"model": get_model_state_dict(worker.model)}
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, storage_reader=_reader(path))
         set_model_state_dict(worker.model, state["model"])
         worker.set_optimizer(mine["lr"])  # fresh, as it was when saved
     worker.steps, worker.skipped = mine["steps"], mine["skipped"]
@@ -113,7 +132,7 @@ def load_learner_state(worker: Any, path: str) -> dict[str, Any]:
 class ResumePoint:
     """The driver's part of a checkpoint (checkpoint.json), plus where it was read from."""
 
-    path: Path
+    path: str  # a location in durable storage (common/storage.py)
     phase: str  # the phase to continue: "sft" / "kd" / "seqkd" / "minillm"
     phase_step: int  # updates of that phase done
     global_step: int
@@ -129,8 +148,8 @@ class ResumePoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
-    def read(path: Path) -> ResumePoint:
-        meta = json.loads((path / METADATA).read_text())
+    def read(path: str) -> ResumePoint:
+        meta = json.loads(storage.read_text(storage.join(path, METADATA)))
         d = meta["driver"]
         return ResumePoint(path=path, **d)
 
@@ -140,36 +159,40 @@ class ResumePoint:
         return d
 
 
-def step_dir(root: Path, global_step: int) -> Path:
-    return root / f"step-{global_step:07d}"
+def step_dir(root: str, global_step: int) -> str:
+    return storage.join(root, f"step-{global_step:07d}")
 
 
-def check_complete(path: Path) -> str | None:
+def check_complete(path: str | os.PathLike[str]) -> str | None:
     """None when `path` is a complete checkpoint, else why not."""
-    meta_file = path / METADATA
-    if not meta_file.is_file():
-        return f"no {METADATA} (the save did not finish)"
     try:
-        meta = json.loads(meta_file.read_text())
-        files = meta["files"]
-    except (ValueError, KeyError, OSError) as exc:
+        meta = json.loads(storage.read_text(storage.join(path, METADATA)))
+    except FileNotFoundError:
+        return f"no {METADATA} (the save did not finish)"
+    except (ValueError, OSError) as exc:
         return f"{METADATA} unreadable ({exc})"
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict):
+        return f"{METADATA} unreadable (no file list)"
     if meta.get("format") != FORMAT:
         return f"format {meta.get('format')} (this code reads {FORMAT})"
+    there = storage.file_sizes(path)  # one listing: an object store answers sizes without reading the files
     for name, size in files.items():
-        f = path / name
-        if not f.is_file():
+        if name not in there:
             return f"{name} missing"
-        if f.stat().st_size != size:
-            return f"{name} has {f.stat().st_size} bytes, {size} recorded"
+        if there[name] != size:
+            return f"{name} has {there[name]} bytes, {size} recorded"
     return None
 
 
-def latest_complete(root: Path) -> Path | None:
+def _steps(root: str) -> list[str]:
+    """Checkpoint folders under `root`, newest first."""
+    return [storage.join(root, d) for d in sorted(storage.subdirs(root), reverse=True) if d.startswith("step-")]
+
+
+def latest_complete(root: str | os.PathLike[str]) -> str | None:
     """The newest complete checkpoint under `root` (checkpoints/state); newer partial ones are reported."""
-    if not root.is_dir():
-        return None
-    for path in sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True):
+    for path in _steps(storage.canonical(root)):
         why = check_complete(path)
         if why is None:
             return path
@@ -177,52 +200,40 @@ def latest_complete(root: Path) -> Path | None:
     return None
 
 
-def find_resume(resume: str | None, run_dir: Path) -> ResumePoint | None:
-    """What `resume` names: None; "auto" -> the newest complete checkpoint in the run folder, or None; a path ->
-    that checkpoint (CheckpointError when it is not a complete one)."""
+def find_resume(resume: str | None, run_dir: str | os.PathLike[str]) -> ResumePoint | None:
+    """What `resume` names: None; "auto" -> the newest complete checkpoint in the run folder (in storage), or None; a
+    path or URL -> that checkpoint (CheckpointError when it is not a complete one)."""
     if resume is None:
         return None
     if resume == "auto":
-        path = latest_complete(run_dir / "checkpoints" / "state")
-        if path is None:
+        found = latest_complete(storage.join(storage.canonical(run_dir), "checkpoints", "state"))
+        if found is None:
             print(f"[checkpoint] resume=auto: no complete checkpoint in {run_dir}, starting afresh", flush=True)
             return None
+        path = found
     else:
-        path = Path(resume).expanduser().resolve()
-        why = check_complete(path) if path.is_dir() else "not a folder"
+        path = storage.canonical(os.path.expanduser(resume) if "://" not in resume else resume)
+        why = check_complete(path) if storage.isdir(path) else "not a folder"
         if why is not None:
             raise CheckpointError(f"resume: {path} is not a complete checkpoint: {why}")
     return ResumePoint.read(path)
 
 
-def truncate_metrics(run_dir: Path, size: int) -> None:
+def truncate_metrics(run_dir: str | os.PathLike[str], size: int) -> None:
     """metrics.jsonl continues from the checkpoint: records logged after it (by the run that died) go, the resumed
     run writes them again."""
-    f = run_dir / "metrics.jsonl"
-    if f.is_file() and f.stat().st_size > size:
-        with f.open("r+b") as fh:
-            fh.truncate(size)
-
-
-def _fsync_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
+    f = storage.join(storage.canonical(run_dir), "metrics.jsonl")
+    if storage.exists(f):
+        data = storage.read_bytes(f)
+        if len(data) > size:
+            storage.write_bytes(f, data[:size])
 
 
 class Checkpointer:
     """Writes the training state into checkpoints/state/ and keeps the newest `keep` complete checkpoints."""
 
-    def __init__(self, run_dir: Path, every_steps: int, keep: int, config_text: str = ""):
-        self.root = run_dir / "checkpoints" / "state"
+    def __init__(self, run_dir: str | os.PathLike[str], every_steps: int, keep: int, config_text: str = ""):
+        self.root = storage.join(storage.canonical(run_dir), "checkpoints", "state")
         self.every, self.keep, self.config_text = every_steps, keep, config_text
         self.timings: list[dict[str, float]] = []
 
@@ -244,17 +255,16 @@ class Checkpointer:
                 break
         return consumed + k * batches_per
 
-    def save(self, learner: Any, driver: ResumePoint) -> Path:
-        """Collective save: every learner rank writes its shards, then checkpoint.json lands last."""
+    def save(self, learner: Any, driver: ResumePoint) -> str:
+        """Collective save: every learner rank writes its shards into storage, then checkpoint.json lands last."""
         import ray
 
         t0 = time.perf_counter()
         path = step_dir(self.root, driver.global_step)
-        if path.exists():  # a partial one, or one a resume from an earlier checkpoint is redoing
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        ranks = ray.get([a.__ray_call__.remote(save_learner_state, str(path)) for a in learner.actors])
-        files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+        storage.remove(path)  # a partial one, or one a resume from an earlier checkpoint is redoing
+        storage.makedirs(path)
+        ranks = ray.get([a.__ray_call__.remote(save_learner_state, path) for a in learner.actors])
+        files = storage.file_sizes(path)
         meta = {
             "format": FORMAT,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -263,7 +273,7 @@ class Checkpointer:
             "files": files,
             "config": self.config_text,
         }
-        _fsync_write(path / METADATA, json.dumps(meta, indent=1))
+        storage.write_text(storage.join(path, METADATA), json.dumps(meta, indent=1))
         seconds = time.perf_counter() - t0
         size = sum(files.values())
         self.timings.append({"global_step": driver.global_step, "seconds": seconds, "bytes": size})
@@ -277,36 +287,15 @@ class Checkpointer:
 
     def prune(self) -> None:
         """Keep the newest `keep` complete checkpoints; partial ones older than the newest complete one go too."""
-        paths = sorted((p for p in self.root.glob("step-*") if p.is_dir()), reverse=True)
         kept = 0
-        for p in paths:
+        for p in _steps(self.root):
             complete = check_complete(p) is None
             if complete and kept < self.keep:
                 kept += 1
                 continue
             if kept == 0:  # newer than every complete one: leave it for inspection (resume skips it)
                 continue
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def replace_dir(tmp: Path, dst: Path) -> None:
-    """Put the finished folder `tmp` in place of `dst`: the old one is renamed aside first and removed last, so a
-    crash leaves either the old or the new folder (or the old one as DST.old, which `recover_dir` puts back)."""
-    old = dst.with_name(dst.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dst.exists():
-        dst.rename(old)
-    tmp.rename(dst)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def recover_dir(dst: Path) -> None:
-    """After a crash between replace_dir's two renames: DST.old is the last complete folder."""
-    old = dst.with_name(dst.name + ".old")
-    if old.is_dir() and not dst.exists():
-        old.rename(dst)
+            storage.remove(p)
 
 
 def response_ids(rollouts: Any) -> list[list[int]]:
@@ -318,4 +307,4 @@ def restore_learner(learner: Any, point: ResumePoint) -> None:
     """Every learner rank loads its state from the checkpoint (collective)."""
     import ray
 
-    ray.get([a.__ray_call__.remote(load_learner_state, str(point.path)) for a in learner.actors])
+    ray.get([a.__ray_call__.remote(load_learner_state, point.path) for a in learner.actors])

@@ -3,11 +3,16 @@
 `LearnerActor` is the worker made remote (plus dashboard metrics); `LearnerGroup` is the driver's handle. Every
 step takes one input per rank — ObjectRefs produced by the teacher (each rank fetches only its own shard) or
 values — and returns one small dict of metrics: each rank reports its share of the global sums, added up here.
+
+Every wait on the ranks is bounded (`timeout_s`) and fails fast: a rank that dies raises `LearnerFailed` at once,
+even while its peers sit in a collective waiting for it (they cannot go on without it; the driver then replaces the
+whole group, see Recipe.run).
 """
 
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 import ray
@@ -22,6 +27,15 @@ Ref = Any  # a ray.ObjectRef, resolved by Ray into the value before the method r
 
 _MIN = ("rho_min",)
 _MAX = ("rho_max", "step_seconds", "grad_norm", "gap_max", "skipped")  # skipped: the same on every rank
+
+
+class LearnerFailed(RuntimeError):
+    """A learner rank died, or the ranks did not answer in time: the group cannot go on (the message says which)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 
 def free_address() -> str:
@@ -99,9 +113,11 @@ class LearnerGroup:
         seed: int,
         placements: list[dict] | None = None,
         threads: int | None = None,
+        timeout_s: float | None = None,
     ):
         from actors.remote import thread_env
 
+        self.timeout_s = timeout_s
         placements = placements or [{}] * num_workers
         # the rendezvous address must be on rank 0's node: a zero-CPU task placed like rank 0 picks it
         address = ray.remote(num_cpus=0)(free_address).options(**placements[0]).remote()
@@ -127,10 +143,59 @@ class LearnerGroup:
             for r in range(num_workers)
         ]
         self.n = num_workers
-        ray.get([a.__ray_ready__.remote() for a in self.actors])
+        self._get([a.__ray_ready__.remote() for a in self.actors])
+
+    # ----- waiting on the ranks ----------------------------------------------------------------------
+    def _get(self, refs: list[Ref], fetch: bool = True) -> list[Any]:
+        """ray.get over one ref per rank (refs[i] from rank i), but a failed rank raises as soon as it fails (its
+        peers may be blocked in a collective for good) and the whole wait is bounded by `timeout_s`.
+        `fetch=False` only waits (values stay in the object store) and returns []."""
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        pending = list(refs)
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left, fetch_local=fetch)
+            if not ready:
+                waiting = [i for i, r in enumerate(refs) if r in pending]
+                raise LearnerFailed(f"learner rank(s) {waiting} did not answer within {self.timeout_s:g}s")
+            if fetch:
+                try:
+                    ray.get(ready[0])
+                except ray.exceptions.RayError as exc:
+                    raise self._failure(exc, refs.index(ready[0])) from exc
+        return ray.get(list(refs)) if fetch else []
+
+    def _failure(self, exc: ray.exceptions.RayError, rank: int) -> BaseException:
+        """A rank's error as LearnerFailed when a rank is dead (this one, or a peer whose death made this one's
+        collective fail); an exception of a live group is the code's own and is raised as it is."""
+        if isinstance(exc, ray.exceptions.RayActorError):
+            return LearnerFailed(f"learner rank {rank} died ({_first_line(exc)})")
+        dead = self.dead_ranks()
+        if dead:
+            return LearnerFailed(f"learner rank {dead[0]} died (rank {rank}: {_first_line(exc)})")
+        return exc
+
+    def dead_ranks(self, wait_s: float = 10.0) -> list[int]:
+        """The ranks Ray reports dead. A live rank busy in a collective does not answer within `wait_s`; it
+        counts as alive."""
+        probes = [a.__ray_ready__.remote() for a in self.actors]
+        ray.wait(probes, num_returns=len(probes), timeout=wait_s)
+        dead = []
+        for r, probe in enumerate(probes):
+            try:
+                ray.get(probe, timeout=0)
+            except ray.exceptions.RayActorError:
+                dead.append(r)
+            except ray.exceptions.GetTimeoutError:
+                pass
+        return dead
 
     def _each(self, method: str, *args: Any) -> list[Any]:
-        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+        return self._get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def call_each(self, fn: Any, *args: Any) -> list[Any]:
+        """`fn(worker, *args)` on every rank (Ray's __ray_call__), waited on like the steps."""
+        return self._get([a.__ray_call__.remote(fn, *args) for a in self.actors])
 
     def split(self, batch: LMBatch) -> list[LMBatch]:
         """One equal row slice of an LM batch per rank."""
@@ -141,10 +206,10 @@ class LearnerGroup:
 
     # ----- steps: one input per rank -----------------------------------------------------------------
     def sft_step(self, parts: list[LMBatch | Ref]) -> dict[str, float]:
-        return combine(ray.get([a.sft_step.remote(p) for a, p in zip(self.actors, parts, strict=True)]))
+        return combine(self._get([a.sft_step.remote(p) for a, p in zip(self.actors, parts, strict=True)]))
 
     def kd_step(self, parts: list[LMBatch | Ref], teacher: list[torch.Tensor | Ref]) -> dict[str, float]:
-        return combine(ray.get([a.kd_step.remote(p, t) for a, p, t in zip(self.actors, parts, teacher, strict=True)]))
+        return combine(self._get([a.kd_step.remote(p, t) for a, p, t in zip(self.actors, parts, teacher, strict=True)]))
 
     def minillm_collection(
         self,
@@ -162,7 +227,7 @@ class LearnerGroup:
         micro = micro_batch_size or rows
         pt_rows = shard_rows(len(pt_batches[0]), self.n) if pt_batches and pt_batches[0] is not None else None
         pts = [[None if pt is None or pt_rows is None else pt[pt_rows[r]] for pt in pt_batches] for r in range(self.n)]
-        per_rank = ray.get(
+        per_rank = self._get(
             [
                 a.minillm_collection.remote(alpha, epochs, rows, micro, pts[r], *[batch[r] for batch in shards])
                 for r, a in enumerate(self.actors)
@@ -175,29 +240,30 @@ class LearnerGroup:
     ) -> dict[str, float]:
         pts: list[Any] = [None] * self.n if pt_ids is None else [pt_ids[s] for s in shard_rows(len(pt_ids), self.n)]
         return combine(
-            ray.get([a.minillm_step.remote(s, alpha, pt) for a, s, pt in zip(self.actors, shards, pts, strict=True)])
+            self._get([a.minillm_step.remote(s, alpha, pt) for a, s, pt in zip(self.actors, shards, pts, strict=True)])
         )
 
     def eval_nll(self, batch: LMBatch) -> tuple[float, float]:
         """(sum of token NLL, tokens) over the batch, added across ranks."""
-        res = ray.get([a.eval_nll.remote(p) for a, p in zip(self.actors, self.split(batch), strict=True)])
+        res = self._get([a.eval_nll.remote(p) for a, p in zip(self.actors, self.split(batch), strict=True)])
         return sum(r[0] for r in res), sum(r[1] for r in res)
 
     def reverse_kl(self, shards: list[ScoredShard | Ref]) -> tuple[float, float, int]:
         """(sum of per-token KL[q || p], tokens, sequences) over the batch, added across ranks."""
-        res = ray.get([a.reverse_kl.remote(s) for a, s in zip(self.actors, shards, strict=True)])
+        res = self._get([a.reverse_kl.remote(s) for a, s in zip(self.actors, shards, strict=True)])
         return sum(r[0] for r in res), sum(r[1] for r in res), sum(r[2] for r in res)
 
     # ----- weights -----------------------------------------------------------------------------------
     def state_dict_ref(self) -> ray.ObjectRef:
         """Collective gather; returns the object-store ref of rank 0's full state dict (one batched push)."""
         refs = [a.full_state_dict.remote() for a in self.actors]
-        ray.get(refs[1:])
+        self._get(refs, fetch=False)
+        self._get([self.actors[0].__ray_ready__.remote()])  # rank 0 alive: its ref holds weights, not an error
         return refs[0]
 
     def weight_sync_address(self) -> tuple[str, int]:
         """A free address on rank 0's node for the weight group's store."""
-        addr = ray.get(self.actors[0].rendezvous_address.remote())
+        addr = self._get([self.actors[0].rendezvous_address.remote()])[0]
         host, port = addr.removeprefix("tcp://").rsplit(":", 1)
         return host, int(port)
 
@@ -210,7 +276,7 @@ class LearnerGroup:
         self._each("push_weights", version)
 
     def wait_push(self) -> None:
-        ray.get(self.actors[0].wait_push.remote())
+        self._get([self.actors[0].wait_push.remote()])
 
     def save(self, out_dir: str, tokenizer_dir: str | None, dtype: str | None = None) -> None:
         self._each("save", out_dir, tokenizer_dir, dtype)
@@ -227,3 +293,19 @@ class LearnerGroup:
         finally:
             for a in self.actors:
                 ray.kill(a)
+
+    def kill(self, wait_s: float = 60.0) -> None:
+        """End every rank at once (no clean-up: a peer may be stuck in a collective) and wait until Ray has them
+        dead, so that a new group can take their names and bundles."""
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        deadline = time.monotonic() + wait_s
+        for a in self.actors:
+            while time.monotonic() < deadline:
+                try:
+                    ray.get(a.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                except ray.exceptions.RayActorError:
+                    break
+                except ray.exceptions.GetTimeoutError:
+                    break
+                time.sleep(0.1)

@@ -4,7 +4,8 @@ Reads one YAML config (default: configs/tiny.yaml), connects to the Ray cluster 
 RAY_ADDRESS (`ray job submit` sets it; `RAY_ADDRESS=auto` joins a `ray start` head on this host) or starts a
 local one, places the actors,
 and runs the method's phases: SFT of the student (lowest validation loss kept) then MiniLLM, evaluating
-validation ROUGE-L and the reverse KL to the teacher as it goes. Everything lands in one run folder.
+validation ROUGE-L and the reverse KL to the teacher as it goes. Everything durable lands in one run folder in
+`storage.path` (default: output_dir), written by the process that has it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import ConfigError, DistillConfig, load_config, resolve_path
+from common.config import ConfigError, DistillConfig, load_config, resolve_path, storage_url
 from common.data import DataError
 from common.models import ModelError
 from common.preflight import one_line, preflight
@@ -69,7 +70,8 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
 def run(cfg: DistillConfig) -> Path:
     import ray
 
-    from learner.checkpoint import find_resume, recover_dir, truncate_metrics
+    from common import storage
+    from learner.checkpoint import find_resume, truncate_metrics
     from learner.recipe import Recipe
     from learner.run_log import RunLogger, prepare_run_dir
 
@@ -83,25 +85,27 @@ def run(cfg: DistillConfig) -> Path:
         flush=True,
     )
 
-    out_dir = resolve_path(cfg.output_dir, Path.cwd())
-    point = find_resume(cfg.resume, out_dir)  # a bad resume= path fails here, before Ray
+    scratch = resolve_path(cfg.output_dir, Path.cwd())  # the driver's local folder (wandb's offline files)
+    store = storage_url(cfg)  # the run's folder in durable storage: everything the run keeps goes there
+    point = find_resume(cfg.resume, store)  # a bad resume= path fails here, before Ray
     print(f"[ray] {connect_ray(cfg)}", flush=True)
     check_resources(cfg)
     # resuming a checkpoint of this run folder writes on in it; one from elsewhere starts this folder afresh
-    same_folder = point is not None and out_dir.resolve() in point.path.resolve().parents
-    run_dir = prepare_run_dir(out_dir, resume=same_folder)
+    same_folder = point is not None and point.path.startswith(store.rstrip("/") + "/")
+    run_dir = prepare_run_dir(store, resume=same_folder)
     if point is not None and same_folder:  # metrics.jsonl continues after the checkpoint's last record
         truncate_metrics(run_dir, point.metrics_bytes)
         for name in ("sft_best", "best", "final"):
-            recover_dir(run_dir / "checkpoints" / name)
-    logger = RunLogger(run_dir, cfg)
-    print(f"[run] writing to {run_dir}", flush=True)
+            storage.recover_dir(storage.join(run_dir, "checkpoints", name))
+    logger = RunLogger(run_dir, cfg, scratch=scratch)
+    where = f" (driver scratch {scratch})" if run_dir != str(scratch) else ""
+    print(f"[run] writing to {run_dir}{where}", flush=True)
     recipe = Recipe(cfg, assets, tokenizer, vocab.tokenizer_size, train, valid, logger, run_dir)
     recipe.resume_point = point
     try:
         summary = recipe.run()
         summary["wall_seconds"] = round(time.time() - t_start, 1)
-        summary["resumed_from"] = str(point.path) if point is not None else None
+        summary["resumed_from"] = point.path if point is not None else None
         summary["state_checkpoints"] = recipe.ckpts.timings
         logger.write_json("summary.json", summary)
         print(f"[run] done in {summary['wall_seconds']:.0f}s: {run_dir}", flush=True)

@@ -4,6 +4,10 @@ ranks, learner -> samplers), and only token ids, metrics and references come bac
 
 One MiniLLM step:  sampler.sample -> teacher.score (one shard per learner rank) -> replay queue (references)
                    -> learner ranks update on their shard -> weights pushed to the samplers (a new version).
+
+A learner rank that dies takes the whole learner group with it (FSDP ranks cannot go on without a peer): `run`
+replaces the group, restores the newest complete training-state checkpoint into it (the code path of `resume=`),
+drops the batches sampled since from weights that no longer exist, and goes on, up to cluster.max_failures.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import ray
 from actors.placement import Placement
 from actors.remote import make_replay, make_sampler, make_teacher
 from actors.sampler import SamplerSpec
+from common import storage
 from common.config import DistillConfig, dump_config, resolve_path, weight_sync_backend
 from common.data import (
     Example,
@@ -33,8 +38,8 @@ from common.data import (
 )
 from common.resumable import EVAL, TRAIN_BATCH, Counted, sampling_seed
 from common.rollout import merge_infos
-from learner.checkpoint import Checkpointer, ResumePoint, response_ids, restore_learner
-from learner.group import LearnerGroup
+from learner.checkpoint import Checkpointer, ResumePoint, latest_complete, response_ids, restore_learner
+from learner.group import LearnerFailed, LearnerGroup
 from learner.run_log import RunLogger, RunStopped, copy_checkpoint
 from learner.validation import ValidationResult, validate
 
@@ -84,20 +89,29 @@ class Recipe:
         train: Split,
         valid: Split,
         logger: RunLogger,
-        run_dir: Path,
+        run_dir: str | Path,
     ):
         self.cfg, self.assets, self.tok, self.vocab = cfg, assets, tokenizer, vocab_size
         self.train_examples, self.train_items = train
         self.valid_examples, self.valid_items = valid
-        self.log, self.ckpt = logger, run_dir / "checkpoints"
+        # every durable artifact goes into the run's folder in storage (storage.path), written by whoever has it
+        self.run_dir = storage.canonical(run_dir)
+        self.log, self.ckpt_root = logger, storage.join(self.run_dir, "checkpoints")
         self.version = 0  # weight version the samplers hold (or are being sent)
         self.global_step = 0
         self.pending_pushes: list = []
         self.bad_in_row = 0  # consecutive updates skipped for a non-finite loss or gradient
-        self.failures = 0  # sampler/teacher tasks lost to a dead actor or a timeout, batches sampled again
+        self.failures = 0  # sampler/teacher tasks lost to a dead actor or a timeout, and learner group failures
+        self.learner_restarts = 0
+        self.restart: dict[str, Any] | None = None  # the restart in progress, logged once the checkpoint is restored
+        self.consumed: list[int] = []  # the ledger: ids of the MiniLLM batches the updates used
+        self.inflight: deque = deque()  # MiniLLM batches launched and not yet taken: (id, prompts, producer ref)
+        self.generation = 0  # of the replay queue: bumped by a learner restart, older batches are refused
+        self.student_dir: str | None = None  # the learner ranks' initial weights
+        self.seqkd_items: list[TokenizedExample] | None = None
         self.sampled_ids: dict[int, Any] = {}  # batch id -> ref to its sampled token ids (logging.sampled_ids)
         self.resume_point: ResumePoint | None = None  # set by the driver when the run continues a checkpoint
-        self.ckpts = Checkpointer(run_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep, dump_config(cfg))
+        self.ckpts = Checkpointer(self.run_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep, dump_config(cfg))
         held_out = list(self.valid_items)
         random.Random(cfg.seed).shuffle(held_out)
         self.eval_items = held_out[: cfg.eval.num_prompts]
@@ -110,6 +124,10 @@ class Recipe:
         self.samplers: list = []
         self.replay: Any = None
 
+    def ckpt(self, name: str) -> str:
+        """An HF folder of the run (sft_best, best, final) in storage."""
+        return storage.join(self.ckpt_root, name)
+
     # ===== set-up ====================================================================================
     def start_actors(self, student_dir: str) -> None:
         """Every actor of the service, in one placement group: learner ranks, teachers, samplers (student engine,
@@ -118,19 +136,7 @@ class Recipe:
         self.placement = Placement(c)
         where = self.placement.of
         t0 = time.time()
-        self.learner = LearnerGroup(
-            c.learner.num_workers,
-            c.cluster.learner_cpus,
-            c.cluster.learner_gpus,
-            student_dir,
-            c.learner,
-            c.objective,
-            self.vocab,
-            c.models.dtype,
-            c.seed,
-            placements=[where(f"learner-{r}") for r in range(c.learner.num_workers)],
-            threads=c.cluster.torch_threads,
-        )
+        self.start_learner(student_dir)
         self.teachers = [
             make_teacher(
                 i,
@@ -200,6 +206,24 @@ class Recipe:
         if c.learner.weight_sync == "collective":
             self._connect_weight_group()
 
+    def start_learner(self, student_dir: str) -> None:
+        c, where = self.cfg, self.placement.of if self.placement is not None else (lambda name: {})
+        self.student_dir = student_dir
+        self.learner = LearnerGroup(
+            c.learner.num_workers,
+            c.cluster.learner_cpus,
+            c.cluster.learner_gpus,
+            student_dir,
+            c.learner,
+            c.objective,
+            self.vocab,
+            c.models.dtype,
+            c.seed,
+            placements=[where(f"learner-{r}") for r in range(c.learner.num_workers)],
+            threads=c.cluster.torch_threads,
+            timeout_s=c.cluster.task_timeout_s,
+        )
+
     def _connect_weight_group(self) -> None:
         """The learner's rank 0 and the samplers form the weight group (all join at once: it is collective)."""
         assert self.learner is not None
@@ -218,27 +242,53 @@ class Recipe:
 
     # ===== the methods ===============================================================================
     def run(self) -> dict[str, Any]:
+        """The method; a learner group that fails is replaced and the method goes on from the newest complete
+        checkpoint (phases already done are skipped as on a resume)."""
+        while True:
+            try:
+                summary = self.run_method()
+            except LearnerFailed as exc:
+                self.restart_learner(str(exc))
+                continue
+            except ray.exceptions.RayError as exc:  # raised outside LearnerGroup (checkpoint.py waits on the ranks)
+                dead = self.learner.dead_ranks() if self.learner is not None else []
+                if not dead:
+                    raise
+                self.restart_learner(f"learner rank {dead[0]} died ({one_line_error(exc)})")
+                continue
+            summary["learner_restarts"] = self.learner_restarts
+            return summary
+
+    def run_method(self) -> dict[str, Any]:
         c = self.cfg
         summary: dict[str, Any] = {"method": c.method}
         if c.method == "minillm":
-            sft_dir = str(resolve_path(c.models.sft_checkpoint)) if c.models.sft_checkpoint else None
+            given = str(resolve_path(c.models.sft_checkpoint)) if c.models.sft_checkpoint else None
+            sft_dir = given
             if self.resume_point is not None and self.resume_point.phase == "minillm":  # SFT is done
                 sft_dir = self.resume_point.sft_dir
-            self.start_actors(sft_dir or self.assets.student_dir)
+            if not self.samplers:  # a learner restart re-enters here with every actor up
+                # actors start from input weights only (folders every node has); a resumed run's SFT'd weights are in
+                # storage: the learner restores them from the checkpoint and pushes them to the samplers (_resume)
+                self.start_actors(given or self.assets.student_dir)
             if sft_dir is None:
                 sft_dir = self.train_phase("sft", self.train_items, c.learner.sft_init_select_by)
                 self.push_weights()
             summary["sft_checkpoint"] = sft_dir
             summary.update(self.minillm_phase(sft_dir))
             return summary
-        self.start_actors(self.assets.student_dir)
-        items = self.teacher_responses() if c.method == "seqkd" else self.train_items
+        if not self.samplers:
+            self.start_actors(self.assets.student_dir)
+        items = self.train_items
+        if c.method == "seqkd":  # sampled once: a learner restart reuses them
+            self.seqkd_items = self.seqkd_items or self.teacher_responses()
+            items = self.seqkd_items
         self.train_phase(c.method, items, c.learner.baseline_select_by)
         self.push_weights()
         res = self.validation(f"{c.method}-best")
         for name in ("best", "final"):  # the learner holds the kept weights (reloaded by train_phase)
             assert self.learner is not None
-            self.learner.save(str(self.ckpt / name), self.assets.tokenizer_dir, c.checkpoint.save_dtype)
+            self.learner.save(self.ckpt(name), self.assets.tokenizer_dir, c.checkpoint.save_dtype)
         summary.update({"start": res.as_dict(""), "final": res.as_dict(""), "best_valid_rouge_l": res.rouge_l})
         return summary
 
@@ -279,14 +329,14 @@ class Recipe:
         c, learner = self.cfg, self.learner
         assert learner is not None
         learner.set_lr(c.learner.sft_lr)
-        best_dir, by_rouge = self.ckpt / f"{kind}_best", select_by == "rouge_l"
+        best_dir, by_rouge = self.ckpt(f"{kind}_best"), select_by == "rouge_l"
         best = float("inf")  # lower is better: validation loss, or -ROUGE-L
         point, done = self._resume(kind), 0
         if point is not None:
             best, done = point.best if point.best is not None else best, point.phase_step
         elif by_rouge:
             best = -self.validation(f"{kind}-start").rouge_l
-            learner.save(str(best_dir), self.assets.tokenizer_dir)
+            learner.save(best_dir, self.assets.tokenizer_dir)
         batches = Counted(
             iterate_batches(items, c.learner.sft_batch_size, c.seed), point.prompt_batches if point else 0
         )
@@ -313,7 +363,7 @@ class Recipe:
                         record.update(res.as_dict())
                 if score < best:
                     best, record["best"] = score, True
-                    learner.save(str(best_dir), self.assets.tokenizer_dir)
+                    learner.save(best_dir, self.assets.tokenizer_dir)
                 print(
                     f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} {shown} "
                     f"(best {abs(best):.3f}, {time.time() - t0:.0f}s)",
@@ -325,14 +375,14 @@ class Recipe:
             self.count_bad(m, kind)
             if step < steps and self.ckpts.due(step - 1, step):  # at the end MiniLLM's start (or the run's end) saves
                 self.save_state(kind, step, best, batches.drawn)
-        if not best_dir.exists():  # no steps: the initial student is the phase's result
-            learner.save(str(best_dir), self.assets.tokenizer_dir)
-        learner.load_state(str(best_dir))
+        if not storage.is_complete_dir(best_dir):  # no steps: the initial student is the phase's result
+            learner.save(best_dir, self.assets.tokenizer_dir)
+        learner.load_state(best_dir)  # every rank reads it from storage
         # measured again on the weights just reloaded: what the phase hands on, not what it logged at the time
         self.log.log(
             {"phase": "selection", "of": kind, "global_step": self.global_step, "kept_valid_loss": self.valid_loss()}
         )
-        return str(best_dir)
+        return best_dir
 
     def lm_update(self, kind: str, batch: LMBatch, step: int) -> dict[str, float]:
         """One SFT / SeqKD / KD update; for KD the teacher scores each rank's part and sends it to that rank."""
@@ -366,15 +416,16 @@ class Recipe:
         if point is None:
             start = last = self.validation("minillm-start") if c.eval.at_start else None
             best = score_of(start) if start is not None else None
-            copy_checkpoint(Path(sft_dir), self.ckpt / "best")
+            copy_checkpoint(sft_dir, self.ckpt("best"))
         else:
             start, last = (ValidationResult(**r) if r else None for r in (point.start, point.last))
             best = point.best
-            if not (self.ckpt / "best").exists():  # resumed into another folder: its best/ starts from SFT's
-                copy_checkpoint(Path(sft_dir), self.ckpt / "best")
+            if not storage.is_complete_dir(
+                self.ckpt("best")
+            ):  # resumed into another folder: its best/ starts from SFT's
+                copy_checkpoint(sft_dir, self.ckpt("best"))
         ahead = (1 + lc.max_version_lag) * batches_per
-        inflight: deque = deque()
-        consumed: list[int] = []  # the ledger: ids of the batches the updates used
+        inflight = self.inflight = deque()
         launched, steps, time_in = 0, lc.minillm_steps, Sections()
         print(
             f"[minillm] {steps} updates: collections of {per_collection} rollouts (batches of {lc.batch_size}), "
@@ -396,7 +447,7 @@ class Recipe:
                 for _ in range(batches_per):
                     self.await_batch(inflight)
                     taken.append(self.get_with_timeout(self.replay.take.remote(self.version), "the replay queue"))
-            consumed.extend(t["info"].batch_id for t in taken)
+            self.consumed.extend(t["info"].batch_id for t in taken)
             info = merge_infos([t["info"] for t in taken])
             with time_in("update"):
                 updates = learner.minillm_collection(
@@ -441,7 +492,7 @@ class Recipe:
                     record.update(time_in.pop())
                     if best is None or better(score_of(last), best):
                         best, record["best"] = score_of(last), True
-                        learner.save(str(self.ckpt / "best"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
+                        learner.save(self.ckpt("best"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
                 self.log.log(record)
                 self.count_bad(m, "minillm")
                 if step % c.logging.progress_every == 0 or step == steps:
@@ -457,13 +508,13 @@ class Recipe:
         self.wait_pushes()
         for launch in inflight:  # producers that ran ahead: not needed any more
             ray.cancel(launch[2])
-        learner.save(str(self.ckpt / "final"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
+        learner.save(self.ckpt("final"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
         return {
             "start": start.as_dict("") if start else None,
             "final": last.as_dict("") if last else None,
             "best_valid_rouge_l" if lc.minillm_select_by == "rouge_l" else "best_valid_reverse_kl": best,
             "minillm_seconds": round(time.time() - t0, 1),
-            "batches_consumed": consumed,
+            "batches_consumed": self.consumed,
             "failures": self.failures,
             "weight_version": self.version,
             "sampler_stats": ray.get(self.samplers[0].get_stats.remote()),
@@ -485,7 +536,7 @@ class Recipe:
             .score.options(num_returns=1 + n)
             .remote(rollouts, n, None, batch_id)
         )
-        return batch_id, batch, self.replay.put_batch.remote(info, shards)
+        return batch_id, batch, self.replay.put_batch.remote(info, shards, None, self.generation)
 
     def await_batch(self, inflight: deque) -> None:
         """Wait until the oldest launched batch is in the queue. A sampler or teacher that died (Ray restarts it) or a
@@ -551,6 +602,71 @@ class Recipe:
             print(f"[fault] a weight push was lost to a dead sampler ({self.failures} failure(s))", flush=True)
             self.resync_samplers()
 
+    def restart_learner(self, reason: str) -> None:
+        """Replace a failed learner group: kill every rank, start new ones, and point the method at the newest
+        complete checkpoint (restored by the phase's `_resume`, as on a resume). Batches launched since that
+        checkpoint were sampled from weights that no longer exist: the ones queued or on their way are dropped,
+        the ones consumed are taken back from the ledger; all are sampled again, under the same ids, from the
+        restored weights. Counts against cluster.max_failures."""
+        c, t0 = self.cfg, time.time()
+        if self.learner is None or self.student_dir is None:  # the group never came up: nothing to restore into
+            raise RunStopped(f"{reason} while the learner group was starting")
+        self.failures += 1
+        if self.failures > c.cluster.max_failures:
+            raise RunStopped(f"{reason}, and cluster.max_failures={c.cluster.max_failures} failures are spent")
+        if c.learner.weight_sync != "object_store":  # the weight group cannot take a new rank 0 back
+            raise RunStopped(f"{reason}; a learner restart needs learner.weight_sync=object_store")
+        path = latest_complete(self.ckpts.root)
+        if path is None:
+            raise RunStopped(f"{reason}, before any complete checkpoint to restart from (checkpoint.every_steps)")
+        point = ResumePoint.read(path)
+        print(f"[fault] {reason}: restarting the learner group from {path} ({self.failures} failure(s))", flush=True)
+        # in-flight batches first: their producers are cancelled, the queue refuses what still arrives
+        launches, self.inflight = list(self.inflight), deque()
+        for _, _, producer in launches:
+            ray.cancel(producer)
+        dropped = [batch_id for batch_id, _, _ in launches]
+        if self.replay is not None:
+            self.generation += 1
+            queued = self.get_with_timeout(self.replay.reset.remote(self.generation), "the replay queue")
+            dropped = sorted(set(dropped) | set(queued))
+        rolled_back = [b for b in self.consumed if b >= point.prompt_batches]
+        self.consumed = [b for b in self.consumed if b < point.prompt_batches]
+        pending, self.pending_pushes = self.pending_pushes, []
+        for ref in pending:  # pushes of the old weights: landed or lost, the restore pushes the checkpoint's anyway
+            try:
+                ray.get(ref, timeout=c.cluster.task_timeout_s)
+            except ray.exceptions.RayError:
+                pass
+        t_kill = time.time()
+        self.learner.kill()
+        self.learner = None
+        t_start = time.time()
+        try:
+            self.start_learner(self.student_dir)
+        except (LearnerFailed, ray.exceptions.RayError) as exc:
+            raise RunStopped(f"{reason}; the new learner group did not start ({one_line_error(exc)})") from exc
+        self.learner_restarts += 1
+        self.resume_point = point
+        self.restart = {
+            "phase": "learner_restart",
+            "reason": reason,
+            "failed_at_global_step": self.global_step,
+            "checkpoint": str(path),
+            "restored_phase": point.phase,
+            "restored_step": point.phase_step,
+            "global_step": point.global_step,
+            "rolled_back_batch_ids": rolled_back,
+            "dropped_batch_ids": dropped,
+            "learner_restarts": self.learner_restarts,
+            "failures": self.failures,
+            # where the time goes: draining (in-flight producers, pushes), teardown, the new group's start-up
+            "drain_seconds": round(t_kill - t0, 2),
+            "kill_seconds": round(t_start - t_kill, 2),
+            "start_seconds": round(time.time() - t_start, 2),
+            "t0": t0,
+        }
+
     def get_with_timeout(self, ref: Any, what: str) -> Any:
         try:
             return ray.get(ref, timeout=self.cfg.cluster.task_timeout_s)
@@ -567,14 +683,21 @@ class Recipe:
         t0 = time.time()
         restore_learner(self.learner, point)  # after set_lr: the optimizer is the phase's, its state overwritten
         self.global_step, self.bad_in_row = point.global_step, point.bad_in_row
-        if point.version > self.version:  # the samplers get the checkpoint's weights under its version
+        if point.version > self.version:  # a new driver: the samplers get the checkpoint's weights under its version
             self.version = point.version - 1
+            self.push_weights()
+        elif point.version < self.version:  # a learner restart: the samplers hold later weights; versions only grow
             self.push_weights()
         print(
             f"[resume] {phase} from step {point.phase_step} (global {point.global_step}, weight version "
-            f"{point.version}): {point.path} ({time.time() - t0:.1f}s)",
+            f"{point.version}, now {self.version}): {point.path} ({time.time() - t0:.1f}s)",
             flush=True,
         )
+        if self.restart is not None:  # metrics.jsonl: the restart, once the samplers hold the restored weights
+            record, self.restart = self.restart, None
+            record["restart_seconds"] = round(time.time() - record.pop("t0"), 2)
+            record["weight_version"] = self.version
+            self.log.log(record)
         return point
 
     def save_state(
@@ -590,10 +713,11 @@ class Recipe:
     ) -> None:
         """A checkpoint of the whole training state at a point where nothing is in flight (see launch_limit)."""
         assert self.learner is not None
+        self.log.sync()  # metrics.jsonl up to the length the checkpoint records is durable before it lands
         self.ckpts.save(
             self.learner,
             ResumePoint(
-                path=Path(),
+                path="",
                 phase=phase,
                 phase_step=step,
                 global_step=self.global_step,
@@ -624,11 +748,11 @@ class Recipe:
         )
         if self.bad_in_row >= self.cfg.learner.max_bad_steps:
             assert self.learner is not None
-            self.learner.save(str(self.ckpt / "final"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
+            self.learner.save(self.ckpt("final"), self.assets.tokenizer_dir, self.cfg.checkpoint.save_dtype)
             raise RunStopped(
                 f"{self.bad_in_row} updates in a row had a non-finite loss or gradient norm "
                 f"(learner.max_bad_steps={self.cfg.learner.max_bad_steps}) in the {phase} phase at global "
-                f"step {self.global_step}; the last good weights are in {self.ckpt / 'final'}"
+                f"step {self.global_step}; the last good weights are in {self.ckpt('final')}"
             )
 
     def _lm_batch(self, items: list[TokenizedExample]) -> LMBatch:

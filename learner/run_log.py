@@ -1,15 +1,21 @@
-"""The run folder: resolved config, metrics.jsonl (one JSON object per line, flushed), wandb (offline)."""
+"""The run folder in durable storage (storage.path): resolved config, metrics.jsonl (one JSON object per line),
+summary.json; and the driver's local scratch (output_dir): wandb's offline files.
+
+On a local filesystem (a disk or a shared mount) metrics.jsonl is appended and flushed record by record in storage.
+An object store has no append: the driver keeps it in its scratch and uploads it whole (one atomic PUT) at every
+training-state checkpoint (before the checkpoint lands, so the length it records is durable) and at the end.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from common import storage
 from common.config import DistillConfig, dump_config
 
 
@@ -17,16 +23,17 @@ class RunStopped(RuntimeError):
     """The run cannot go on (e.g. learner.max_bad_steps non-finite updates in a row); the message says why."""
 
 
-def prepare_run_dir(path: Path, resume: bool = False) -> Path:
-    """Create the run folder. A previous run there is moved aside (never deleted or overwritten), unless this run
-    resumes it (`resume`: it writes on into the same folder)."""
-    if not resume and path.exists() and any(path.iterdir()):
-        aside = path.with_name(f"{path.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-        path.rename(aside)
-        print(f"[run] an earlier run in {path} was moved to {aside}", flush=True)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "checkpoints").mkdir(exist_ok=True)
-    return path
+def prepare_run_dir(path: str | os.PathLike[str], resume: bool = False) -> str:
+    """Create the run folder in storage (a local path or a URL; returned canonical). A previous run there is moved
+    aside (never deleted or overwritten; on an object store a move is a copy), unless this run resumes it (`resume`:
+    it writes on into the same folder)."""
+    url = storage.canonical(path)
+    if not resume and storage.listdir(url):
+        aside = f"{url}.{time.strftime('%Y%m%d-%H%M%S')}"
+        storage.move(url, aside)
+        print(f"[run] an earlier run in {url} was moved to {aside}", flush=True)
+    storage.makedirs(storage.join(url, "checkpoints"))
+    return url
 
 
 def _clean(value: Any) -> Any:
@@ -36,10 +43,19 @@ def _clean(value: Any) -> Any:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, cfg: DistillConfig):
-        self.run_dir = run_dir
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        self._metrics = (run_dir / "metrics.jsonl").open("a", encoding="utf-8")
+    def __init__(self, run_dir: str | os.PathLike[str], cfg: DistillConfig, scratch: Path | None = None):
+        """`run_dir`: the run's folder in storage; `scratch`: the driver's local folder (default: run_dir, which
+        must then be local)."""
+        self.run_dir = storage.canonical(run_dir)
+        self.scratch = scratch if scratch is not None else Path(self.run_dir)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        storage.write_text(storage.join(self.run_dir, "config.yaml"), dump_config(cfg))
+        self._metrics_url = storage.join(self.run_dir, "metrics.jsonl")
+        self._upload = not storage.is_local(self.run_dir)
+        local = Path(self._metrics_url) if not self._upload else self.scratch / "metrics.jsonl"
+        if self._upload:  # continue what storage holds (a resumed run's, cut back to its checkpoint), else empty
+            local.write_bytes(storage.read_bytes(self._metrics_url) if storage.exists(self._metrics_url) else b"")
+        self._metrics = local.open("a", encoding="utf-8")
         self._t0 = time.time()
         self._wandb = None
         if cfg.logging.wandb_mode != "disabled":
@@ -49,10 +65,10 @@ class RunLogger:
                 os.environ.setdefault("WANDB_SILENT", "true")
                 self._wandb = wandb.init(
                     project=cfg.logging.wandb_project,
-                    dir=str(run_dir),
+                    dir=str(self.scratch),
                     mode=cfg.logging.wandb_mode,
                     config=cfg.model_dump(mode="json"),
-                    name=run_dir.name,
+                    name=storage.name(self.run_dir),
                 )
             except Exception as exc:  # noqa: BLE001 - logging must never stop training
                 print(f"[run] wandb disabled: {exc}", flush=True)
@@ -70,22 +86,22 @@ class RunLogger:
         """metrics.jsonl's length so far (a checkpoint records it: a resumed run continues from there)."""
         return self._metrics.tell()
 
+    def sync(self) -> None:
+        """metrics.jsonl into storage as it is now (an object store's; a local one is always up to date)."""
+        if self._upload:
+            self._metrics.flush()
+            storage.write_bytes(self._metrics_url, Path(self._metrics.name).read_bytes())
+
     def write_json(self, name: str, data: dict[str, Any]) -> None:
-        tmp = self.run_dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(self.run_dir / name)
+        storage.write_text(storage.join(self.run_dir, name), json.dumps(data, indent=2))
 
     def close(self) -> None:
+        self.sync()
         self._metrics.close()
         if self._wandb is not None:
             self._wandb.finish()
 
 
-def copy_checkpoint(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    from learner.checkpoint import replace_dir
-
-    replace_dir(tmp, dst)  # never a moment without a complete dst (or dst.old)
+def copy_checkpoint(src: str, dst: str) -> None:
+    """An HF folder (a local input or one in storage) copied into storage: never a moment without a complete dst."""
+    storage.copy_dir(src, dst)

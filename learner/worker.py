@@ -98,10 +98,13 @@ class LearnerWorker:
         )
 
     def load_state(self, student_dir: str) -> None:
-        """Reload weights from an HF folder (e.g. the best SFT checkpoint) and reset the optimiser."""
+        """Reload weights from an HF folder in storage (e.g. the best SFT checkpoint) and reset the optimiser."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        full = load_model(student_dir).state_dict()
+        from common import storage
+
+        with storage.local_copy(student_dir) as folder:  # read from storage, never from another node's disk
+            full = load_model(folder).state_dict()
         self._reshard()
         set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
         self.set_optimizer(self.optimizer.param_groups[0]["lr"])
@@ -489,11 +492,11 @@ class LearnerWorker:
         return True
 
     def save(self, out_dir: str, tokenizer_dir: str | None = None, dtype: str | None = None) -> str | None:
-        """Collective. Rank 0 writes an HF folder (atomically) that transformers and vLLM load as they are: the
-        master weights, or cast to `dtype` (checkpoint.save_dtype)."""
+        """Collective. Rank 0 writes an HF folder (atomically, `out_dir` in durable storage: a path or a URL) that
+        transformers and vLLM load as they are: the master weights, or cast to `dtype` (checkpoint.save_dtype)."""
         from transformers import AutoModelForCausalLM
 
-        from common.models import load_tokenizer, save_hf
+        from common.models import load_tokenizer, save_hf_to
 
         sd = self.full_state_dict()
         if self.rank != 0 or sd is None:
@@ -505,7 +508,7 @@ class LearnerWorker:
         if dtype is not None:
             fresh = fresh.to(DTYPES[dtype])
         tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
-        save_hf(fresh, tok, out_dir)
+        save_hf_to(fresh, tok, out_dir)  # straight into durable storage, by the rank that has the weights
         return out_dir
 
     def close(self) -> None:

@@ -176,6 +176,18 @@ def _output_under_file(s: Setup, tmp: Path):
     return [f"output_dir={f / 'run'}"], f"output_dir: cannot create {f / 'run'}: {f} is a file"
 
 
+def _storage_is_file(s: Setup, tmp: Path):
+    f = _file(tmp, "bucket", "not a folder\n")
+    return [f"storage.path=file://{f}"], f"storage.path: {f} exists and is not a folder"
+
+
+def _storage_in_memory(s: Setup, tmp: Path):
+    return ["storage.path=memory://run"], (
+        "storage.path: Value error, memory:// lives in one process: the learner ranks could not write into it "
+        "(got 'memory://run')"
+    )
+
+
 def _padded_rows(s: Setup, tmp: Path):
     from common.models import load_tokenizer
 
@@ -223,6 +235,8 @@ CASES: dict[str, tuple[type[Exception], Make]] = {
     ),
     "output-dir-is-a-file": (ConfigError, _output_is_file),
     "output-dir-under-a-file": (ConfigError, _output_under_file),
+    "storage-path-is-a-file": (ConfigError, _storage_is_file),
+    "storage-path-in-memory": (ConfigError, _storage_in_memory),
     "train-missing": (
         DataError,
         lambda s, t: ([f"data.train={t / 'none.jsonl'}"], f"data.train: data file not found: {t / 'none.jsonl'}"),

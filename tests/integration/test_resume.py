@@ -143,7 +143,9 @@ def test_truncated_checkpoint_is_skipped_for_the_previous_one(runs, capsys):
                 fh.truncate(f.stat().st_size // 2)
     assert "recorded" in (check_complete(newest) or "")
     point = find_resume("auto", runs / "truncated")
-    assert point is not None and point.path.name == f"step-{KILL_AFTER - 2:07d}" and point.phase_step == KILL_AFTER - 2
+    assert (
+        point is not None and point.path.endswith(f"/step-{KILL_AFTER - 2:07d}") and point.phase_step == KILL_AFTER - 2
+    )
     assert "skipping partial checkpoint" in capsys.readouterr().out
 
 

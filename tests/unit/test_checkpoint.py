@@ -10,6 +10,7 @@ import torch
 
 from common.data import TokenizedExample, iterate_batches, iterate_pretrain
 from common.resumable import EVAL, TRAIN_BATCH, Counted, sampling_seed
+from common.storage import recover_dir, replace_dir
 from learner.checkpoint import (
     FORMAT,
     METADATA,
@@ -18,8 +19,6 @@ from learner.checkpoint import (
     check_complete,
     find_resume,
     latest_complete,
-    recover_dir,
-    replace_dir,
     truncate_metrics,
 )
 
@@ -82,7 +81,7 @@ def test_completeness_sizes_and_metadata(tmp_path, capsys):
     _fake_checkpoint(root, 2)
     newest = _fake_checkpoint(root, 4)
     _fake_checkpoint(root, 6, complete=False)  # died mid-save: no metadata
-    assert latest_complete(root) == newest
+    assert latest_complete(root) == str(newest)
     assert "step-0000006" in capsys.readouterr().out
     with (newest / "__0_0.distcp").open("r+b") as fh:
         fh.truncate(50)

@@ -43,3 +43,25 @@ def test_get_times_out_on_an_empty_queue_and_bad_capacity():
         asyncio.run(scenario())
     with pytest.raises(ValueError, match="capacity"):
         ReplayBuffer(0, 0)
+
+
+def test_reset_drops_queued_and_late_batches_of_earlier_generations():
+    class Info:
+        def __init__(self, batch_id: int):
+            self.batch_id, self.weight_version = batch_id, 0
+
+    async def scenario():
+        q = ReplayBuffer(capacity=2, max_version_lag=10)
+        await q.put_batch(Info(0), [], generation=0)
+        await q.put_batch(Info(1), [], generation=0)
+        blocked = asyncio.create_task(q.put_batch(Info(2), [], generation=0))  # waits for room
+        await asyncio.sleep(0.05)
+        dropped = await q.reset(1)
+        await asyncio.wait_for(blocked, 1.0)  # woken by the reset, then refused: launched before it
+        await q.put_batch(Info(2), [], generation=1)  # the same batch launched again after the reset
+        _, (info, _) = await q.get(timeout=1.0)
+        return dropped, info.batch_id, await q.stats()
+
+    dropped, taken, stats = asyncio.run(scenario())
+    assert dropped == [0, 1] and taken == 2
+    assert stats["dropped_restart"] == 3 and stats["depth"] == 0
