@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+from transformers import PreTrainedModel  # noqa: E402
 
 from common.config import DistillConfig, load_config, resolve_path  # noqa: E402
 from common.data import (  # noqa: E402
@@ -155,7 +156,7 @@ def lockstep_sample(
 
 
 @torch.no_grad()
-def teacher_score(teacher: torch.nn.Module, packed: PackedRollouts) -> Tensor:
+def teacher_score(teacher: PreTrainedModel, packed: PackedRollouts) -> Tensor:
     """The teacher's log-probs [N, V] at the positions predicting real response tokens (row-major), as the
     service's teacher returns them (head and log-softmax only there)."""
     hidden = final_hidden_states(teacher, packed.input_ids, packed.attention_mask)
@@ -165,7 +166,7 @@ def teacher_score(teacher: torch.nn.Module, packed: PackedRollouts) -> Tensor:
 
 
 def learner_update(
-    student: torch.nn.Module,
+    student: PreTrainedModel,
     opt: torch.optim.Optimizer,
     packed: PackedRollouts,
     teacher_logp: Tensor,
@@ -224,9 +225,7 @@ def run_loop(cfg: DistillConfig, steps: int, skip: int) -> dict[str, object]:
         prompts, pt_ids = s.next_prompts(), s.next_pretrain()
         t0 = time.perf_counter()
         student.eval()
-        responses, old = lockstep_sample(
-            student, teacher, prompts, limit, alpha, cfg.sampler.temperature, s.eos, gen
-        )
+        responses, old = lockstep_sample(student, teacher, prompts, limit, alpha, cfg.sampler.temperature, s.eos, gen)
         t1 = time.perf_counter()
         packed = pack_sequences(prompts, responses, s.pad, old)
         teacher_logp = teacher_score(teacher, packed)
@@ -268,7 +267,9 @@ def run_stages(cfg: DistillConfig, steps: int, skip: int) -> dict[str, object]:
     s = Setup(cfg)
     c = cfg
     alpha = c.objective.alpha
-    max_len = c.data.max_prompt_tokens + max(c.sampler.max_new_tokens, c.eval.max_new_tokens, c.data.max_response_tokens)
+    max_len = c.data.max_prompt_tokens + max(
+        c.sampler.max_new_tokens, c.eval.max_new_tokens, c.data.max_response_tokens
+    )
     # the spec learner/recipe.py (start_actors) builds for the sampler actor
     sampler = Sampler(
         SamplerSpec(

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 T_START = time.perf_counter()
 
@@ -63,13 +64,14 @@ def main() -> None:
         def __init__(self) -> None:
             self.t = time.perf_counter()
 
-        def on_step_begin(self, *_a, **_k):  # noqa: ANN002, ANN003
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.t = time.perf_counter()
 
-        def on_step_end(self, *_a, **_k):  # noqa: ANN002, ANN003
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             steps.append({"step_s": time.perf_counter() - self.t, "end": time.perf_counter() - T_START})
 
-        def on_log(self, _args, _state, _control, logs=None, **_k):  # noqa: ANN001, ANN003
+        def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            logs = kwargs.get("logs")  # the trainer's step-end log comes after on_step_end
             if logs and "completions/mean_length" in logs and steps:
                 steps[-1]["tokens"] = logs["completions/mean_length"] * spec["batch"]
 
@@ -77,8 +79,12 @@ def main() -> None:
         model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()]
     )
     trainer.train()
-    print(json.dumps({"trl": trl.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "steps": steps}), flush=True)
+    print(
+        json.dumps(
+            {"trl": trl.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": steps}
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
