@@ -310,7 +310,7 @@ def report(bench: Bench) -> str:
     )
     lines.append("|---|---:|---|---:|---:|---:|")
     for arm in a.arms:
-        if arm.startswith("stages"):
+        if arm.startswith("stages") or arm not in res:
             continue
         per = " / ".join(f"{r['tok_per_s']:.0f}" for r in res[arm])
         first = med(arm, "to_step1_s")
@@ -341,6 +341,8 @@ def report(bench: Bench) -> str:
         lines.append("| stage | alone: s per batch (median) | alone: tok/s | busy share of a service step |")
         lines.append("|---|---:|---:|---:|")
         shares = {k: median([r["busy_share"][k] for r in res[svc]]) for k in res[svc][0]["busy_share"]}
+        # push: alone = gather the learner's weights + load them into the sampler; in the service the driver's
+        # push_seconds (the dispatch of the push; the load happens in the sampler between batches)
         names = {"sample": "sampler", "score": "teacher", "update": "learner", "push": "push (driver)"}
         for k, label in names.items():
             s = median([r["stage_s"][k] for r in res[stg]])
@@ -375,7 +377,8 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(a for a in ALL_ARMS if a != "trl"))
     ap.add_argument("--trl-python", help="python of a virtual environment with trl (adds the trl arm)")
     ap.add_argument("--smollm2", type=Path, help="folder with teacher/ and student/ (the SmolLM2 pair)")
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="JSON of every run (written after each arm)")
+    ap.add_argument("--report", type=Path, help="print the tables of a saved --out file and exit")
     args = ap.parse_args()
     args.arms = [x for x in args.arms.split(",") if x]
     if args.trl_python and "trl" not in args.arms:
@@ -385,16 +388,34 @@ def main() -> None:
         raise SystemExit(f"unknown arms {sorted(unknown)} or trl without --trl-python")
     if args.skip < 1:
         raise SystemExit("--skip must be >= 1 (a step's wall time is measured from the step before it)")
+    if args.report:  # the tables again from a saved run
+        saved = json.loads(args.report.read_text())
+        args.arms = [a for a in ALL_ARMS if a in saved["results"]]
+        bench = Bench(args, args.report.parent, saved["overrides"], saved["models"], saved["results"])
+        print(f"started {saved['started']}\n\n{report(bench)}")
+        return
     common, models, prompts = setup(args)
     args.trl_prompts = prompts
     bench = Bench(args, Path(tempfile.mkdtemp(prefix="throughput-")), common, models)
     started = time.strftime("%Y-%m-%d %H:%M")
+
+    def save() -> None:  # after every arm: a run cut short keeps what it measured
+        if args.out:
+            shown_args = {k: str(v) for k, v in vars(args).items() if k != "trl_prompts"}
+            saved = {"started": started, "args": shown_args, "overrides": common, "models": models}
+            args.out.write_text(json.dumps({**saved, "results": bench.results}, indent=2))
+
     for rep in range(args.repeats):
         for arm in args.arms:
             load = os.getloadavg()[0]
-            r = bench.run(arm, rep)
+            try:
+                r = bench.run(arm, rep)
+            except (SystemExit, Exception) as exc:  # noqa: BLE001 - one failed arm must not lose the others
+                print(f"[{arm} rep {rep}] failed: {str(exc)[-2000:]}", flush=True)
+                continue
             r["load_before"] = load
             bench.results.setdefault(arm, []).append(r)
+            save()
             shown = {k: v for k, v in r.items() if isinstance(v, float | int)}
             print(f"[{arm} rep {rep}] " + ", ".join(f"{k} {v:.2f}" for k, v in shown.items()), flush=True)
     text = report(bench)
@@ -404,19 +425,6 @@ def main() -> None:
         f"1-minute load average before each run (arm by arm): {loads}\n"
     )
     print(text)
-    if args.out:
-        args.out.write_text(
-            json.dumps(
-                {
-                    "started": started,
-                    "args": {k: str(v) for k, v in vars(args).items() if k != "trl_prompts"},
-                    "overrides": common,
-                    "models": models,
-                    "results": bench.results,
-                },
-                indent=2,
-            )
-        )
 
 
 if __name__ == "__main__":
