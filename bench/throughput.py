@@ -82,7 +82,13 @@ class Watched:
     wall_s: float
 
 
-def watch(cmd: list[str], cwd: Path, env: dict[str, str], first_seen: Callable[[], bool] | None = None) -> Watched:
+def watch(
+    cmd: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    first_seen: Callable[[], bool] | None = None,
+    log: Path | None = None,
+) -> Watched:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stop = threading.Event()
@@ -101,6 +107,8 @@ def watch(cmd: list[str], cwd: Path, env: dict[str, str], first_seen: Callable[[
     out, _ = proc.communicate()
     stop.set()
     poller.join()
+    if log is not None:  # the whole output, for a run that fails
+        log.write_text(out)
     return Watched(proc.returncode, out, peak[0], peak[1], seen[0] if seen else None, time.perf_counter() - t0)
 
 
@@ -154,7 +162,7 @@ class Bench:
             f"learner.minillm_steps={steps}",
             *self.arm_overrides(arm),
         ]
-        w = watch(cmd, ROOT, _env(), first_step)
+        w = watch(cmd, ROOT, _env(), first_step, self.work / f"{arm}-{rep}.log")
         if w.returncode != 0:
             raise SystemExit(f"{arm} failed:\n{w.output[-3000:]}")
         records = [json.loads(x) for x in metrics.read_text().splitlines()]
@@ -194,7 +202,7 @@ class Bench:
             str(self.args.skip),
             *self.arm_overrides(arm),
         ]
-        w = watch(cmd, ROOT, _env(threads))
+        w = watch(cmd, ROOT, _env(threads), log=self.work / f"{arm}-{rep}.log")
         if w.returncode != 0:
             raise SystemExit(f"{arm} failed:\n{w.output[-3000:]}")
         r = _last_json(w.output)
@@ -219,7 +227,8 @@ class Bench:
         }
         path = self.work / f"{arm}-{rep}.json"
         path.write_text(json.dumps(spec))
-        w = watch([self.args.trl_python, str(ROOT / "bench" / "_trl_arm.py"), str(path)], ROOT, _env(self.args.threads))
+        cmd = [self.args.trl_python, str(ROOT / "bench" / "_trl_arm.py"), str(path)]
+        w = watch(cmd, ROOT, _env(self.args.threads), log=self.work / f"{arm}-{rep}.log")
         if w.returncode != 0:
             raise SystemExit(f"{arm} failed:\n{w.output[-3000:]}")
         r = _last_json(w.output)
@@ -411,7 +420,9 @@ def main() -> None:
             try:
                 r = bench.run(arm, rep)
             except (SystemExit, Exception) as exc:  # noqa: BLE001 - one failed arm must not lose the others
-                print(f"[{arm} rep {rep}] failed: {str(exc)[-2000:]}", flush=True)
+                print(
+                    f"[{arm} rep {rep}] failed (output: {bench.work}/{arm}-{rep}.log): {str(exc)[-2000:]}", flush=True
+                )
                 continue
             r["load_before"] = load
             bench.results.setdefault(arm, []).append(r)
