@@ -307,6 +307,12 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def side_by_side(res: dict[str, list[dict[str, Any]]], x: str, y: str) -> list[tuple[dict, dict]]:
+    """The results of arms x and y from the same repeats (an arm that failed in a repeat drops that repeat)."""
+    ys = {r.get("rep", i): r for i, r in enumerate(res.get(y, []))}
+    return [(r, ys[k]) for i, r in enumerate(res.get(x, [])) if (k := r.get("rep", i)) in ys]
+
+
 def report(bench: Bench) -> str:
     res, a = bench.results, bench.args
     lines = []
@@ -338,10 +344,10 @@ def report(bench: Bench) -> str:
     lines += ["", "| ratio (tok/s) | per repeat | median |", "|---|---|---:|"]
     for x, y in pairs:
         if x in res and y in res:
-            ratios = [rx["tok_per_s"] / ry["tok_per_s"] for rx, ry in zip(res[x], res[y], strict=False)]
+            ratios = [rx["tok_per_s"] / ry["tok_per_s"] for rx, ry in side_by_side(res, x, y)]
             lines.append(f"| {x} / {y} | {' / '.join(f'{r:.2f}' for r in ratios)} | {median(ratios):.2f} |")
         if x in res and y in res and y == "trl":
-            mem = [rx["peak_pss_mb"] / ry["peak_pss_mb"] for rx, ry in zip(res[x], res[y], strict=False)]
+            mem = [rx["peak_pss_mb"] / ry["peak_pss_mb"] for rx, ry in side_by_side(res, x, y)]
             lines.append(f"| {x} / {y}, peak PSS | {' / '.join(f'{r:.2f}' for r in mem)} | {median(mem):.2f} |")
     for svc, stg in (("service", "stages"), ("service-a0", "stages-a0")):
         if svc not in res or stg not in res:
@@ -359,7 +365,7 @@ def report(bench: Bench) -> str:
             lines.append(f"| {label} | {s:.2f} | {rate:.0f} | {shares.get(label, float('nan')):.2f} |")
         lines.append(f"| learner idle (wait) | | | {shares['learner idle (wait)']:.2f} |")
         effs = []
-        for r_svc, r_stg in zip(res[svc], res[stg], strict=False):
+        for r_svc, r_stg in side_by_side(res, svc, stg):
             slowest = min(r_stg["stage_tok_per_s"][k] for k in ("sample", "score", "update"))
             effs.append(r_svc["tok_per_s"] / slowest)
         lines.append(
@@ -424,7 +430,7 @@ def main() -> None:
                     f"[{arm} rep {rep}] failed (output: {bench.work}/{arm}-{rep}.log): {str(exc)[-2000:]}", flush=True
                 )
                 continue
-            r["load_before"] = load
+            r["load_before"], r["rep"] = load, rep
             bench.results.setdefault(arm, []).append(r)
             save()
             shown = {k: v for k, v in r.items() if isinstance(v, float | int)}
