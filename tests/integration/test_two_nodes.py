@@ -104,15 +104,18 @@ def test_two_nodes_no_shared_scratch(two_nodes, tiny_models, tmp_path):
     # nothing of the run in either node's scratch: nothing could have been read from another node's
     assert _artifacts_under(head) == [] and _artifacts_under(worker) == []
 
-    import ray
-
-    ray.init(address=cluster.address)
-    try:
-        worker_id = next(n["NodeID"] for n in ray.nodes() if n["Resources"].get("CPU", 0) > 0)
-        actors = ray._private.state.state.actor_table(None).values()  # the finished run's actors, dead now
-        placed = {a["ActorClassName"]: a["Address"]["NodeID"] for a in actors}
-    finally:
-        ray.shutdown()
+    # where the actors ran, asked in a fresh process: this one may hold another Ray session (earlier tests')
+    probe = (
+        "import json, sys, ray\n"
+        "ray.init(address=sys.argv[1])\n"
+        "worker = next(n['NodeID'] for n in ray.nodes() if n['Resources'].get('CPU', 0) > 0)\n"
+        "actors = ray._private.state.state.actor_table(None).values()  # the finished run's actors, dead now\n"
+        "print(json.dumps([worker, {a['ActorClassName']: a['Address']['NodeID'] for a in actors}]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, cluster.address], capture_output=True, text=True, timeout=300, check=True
+    )
+    worker_id, placed = json.loads(out.stdout.strip().splitlines()[-1])
     for cls in ("LearnerActor", "SamplerActor", "TeacherActor", "ReplayActor"):
         assert any(c.endswith(cls) for c in placed), (cls, sorted(placed))
     assert set(placed.values()) == {worker_id}, placed
