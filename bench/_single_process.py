@@ -52,7 +52,7 @@ from common.data import (  # noqa: E402
 )
 from common.models import final_hidden_states, load_model, load_tokenizer  # noqa: E402
 from common.rollout import PackedRollouts, gather_positions, pack_sequences  # noqa: E402
-from common.tiny import build_tiny_models  # noqa: E402
+from common.tiny import tiny_models_for  # noqa: E402
 from learner.objectives import minillm_token_losses, sequence_future_reward, token_nll  # noqa: E402
 
 
@@ -63,9 +63,7 @@ class Setup:
         self.cfg = cfg
         m = cfg.models
         if m.source == "tiny":
-            tiny = build_tiny_models(
-                m.tiny, resolve_path(cfg.data.train), cfg.data.max_prompt_tokens, cfg.data.max_response_tokens, cfg.seed
-            )
+            tiny = tiny_models_for(cfg)
             self.teacher_dir, self.student_dir, tok_dir = str(tiny.teacher), str(tiny.student), str(tiny.tokenizer)
         else:
             assert m.teacher and m.student

@@ -49,7 +49,7 @@ from common.config import load_config, resolve_path  # noqa: E402
 from common.data import load_jsonl, tokenize_examples  # noqa: E402
 from common.mixture import STUDENT, TEACHER, draw_owners, run_length  # noqa: E402
 from common.models import load_model, load_tokenizer  # noqa: E402
-from common.tiny import build_tiny_models  # noqa: E402
+from common.tiny import tiny_models_for  # noqa: E402
 
 
 @torch.no_grad()
@@ -147,9 +147,7 @@ def load_models(args: argparse.Namespace):
     if args.teacher:
         teacher, student, tokenizer = args.teacher, args.student, args.tokenizer or args.teacher
     else:
-        tiny = build_tiny_models(
-            cfg.models.tiny, resolve_path(cfg.data.train), cfg.data.max_prompt_tokens, cfg.data.max_response_tokens
-        )
+        tiny = tiny_models_for(cfg)
         teacher, student, tokenizer = str(tiny.teacher), str(tiny.student), str(tiny.tokenizer)
     tok = load_tokenizer(tokenizer)
     items, _ = tokenize_examples(

@@ -45,17 +45,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the per-run figures as JSON")
     args = ap.parse_args()
 
-    from common.config import load_config, resolve_path
-    from common.tiny import build_tiny_models
+    from common.tiny import tiny_models_for
 
-    cfg = load_config()
-    tiny = build_tiny_models(
-        cfg.models.tiny,
-        resolve_path(cfg.data.train),
-        cfg.data.max_prompt_tokens,
-        cfg.data.max_response_tokens,
-        seed=cfg.seed,
-    )
+    tiny = tiny_models_for()
     updates = {
         "loop": args.collection // args.batch,
         "ppo": args.epochs * args.collection // args.minibatch,

@@ -200,17 +200,9 @@ def main() -> int:
     import ray
     from ray.util.state import list_actors, list_placement_groups
 
-    from common.config import load_config, resolve_path
-    from common.tiny import build_tiny_models
+    from common.tiny import tiny_models_for
 
-    cfg = load_config()
-    tiny = build_tiny_models(
-        cfg.models.tiny,
-        resolve_path(cfg.data.train),
-        cfg.data.max_prompt_tokens,
-        cfg.data.max_response_tokens,
-        seed=cfg.seed,
-    )
+    tiny = tiny_models_for()
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     # a private cluster owned by this process (a second driver): it outlives the run, so leaks can be counted
     os.environ.pop("RAY_ADDRESS", None)  # never join another cluster on this machine

@@ -110,17 +110,9 @@ def main() -> None:
             "learner.pretrain_batch_size=4",
         ]
     else:
-        from common.config import load_config, resolve_path
-        from common.tiny import build_tiny_models
+        from common.tiny import tiny_models_for
 
-        cfg = load_config()
-        tiny = build_tiny_models(
-            cfg.models.tiny,
-            resolve_path(cfg.data.train),
-            cfg.data.max_prompt_tokens,
-            cfg.data.max_response_tokens,
-            seed=cfg.seed,
-        )
+        tiny = tiny_models_for()
         common.append(f"models.sft_checkpoint={tiny.student}")
     extra = {"A": [], "B": ["eval.at_start=false", "eval.at_end=false"]}  # B can skip them; A always evaluates
     results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}

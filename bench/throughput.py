@@ -280,16 +280,9 @@ def setup(args: argparse.Namespace) -> tuple[list[str], dict[str, str], list[str
             "eval.kl_prompts=8",
         ]
     else:
-        from common.tiny import build_tiny_models
+        from common.tiny import tiny_models_for
 
-        cfg = load_config()
-        tiny = build_tiny_models(
-            cfg.models.tiny,
-            resolve_path(cfg.data.train),
-            cfg.data.max_prompt_tokens,
-            cfg.data.max_response_tokens,
-            seed=cfg.seed,
-        )
+        tiny = tiny_models_for()
         models = {"teacher": str(tiny.teacher), "student": str(tiny.student), "tokenizer": str(tiny.tokenizer)}
     common.append(f"models.sft_checkpoint={models['student']}")  # MiniLLM from the student as it is: no SFT phase
     cfg = load_config(None, common)

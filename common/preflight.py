@@ -178,15 +178,9 @@ def check_pretrain(cfg: DistillConfig, path: Path, tokenizer) -> None:
 def resolve_models(cfg: DistillConfig) -> Assets:
     m = cfg.models
     if m.source == "tiny":
-        from common.tiny import build_tiny_models
+        from common.tiny import tiny_models_for
 
-        built = build_tiny_models(
-            m.tiny,
-            resolve_path(cfg.data.train),
-            cfg.data.max_prompt_tokens,
-            cfg.data.max_response_tokens,
-            seed=cfg.seed,
-        )
+        built = tiny_models_for(cfg)
         return Assets(str(built.teacher), str(built.student), str(built.tokenizer))
     teacher, student = resolve_path(m.teacher), resolve_path(m.student)
     tok = resolve_path(m.tokenizer) if m.tokenizer else student

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from common.config import TinyBuildConfig, TinyModelSpec
+from common.config import DistillConfig, TinyBuildConfig, TinyModelSpec, load_config, resolve_path
 from common.data import DataError, collate_prompt_response, iterate_batches, load_jsonl, tokenize_examples
 from common.models import build_llama, save_hf, small_llama_config
 
@@ -130,3 +130,16 @@ def build_tiny_models(
     save_hf(student, tokenizer, out.student)
     (root / "DONE").write_text("ok\n")
     return out
+
+
+def tiny_models_for(cfg: DistillConfig | None = None) -> TinyModels:
+    """The embedded default's models as `cfg` (default: configs/tiny.yaml) builds them: its tiny spec, training file,
+    context budget and seed (built once, then read from the cache)."""
+    cfg = cfg or load_config()
+    return build_tiny_models(
+        cfg.models.tiny,
+        resolve_path(cfg.data.train),
+        cfg.data.max_prompt_tokens,
+        cfg.data.max_response_tokens,
+        seed=cfg.seed,
+    )

@@ -8,8 +8,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from common.config import load_config, resolve_path  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def ray_session():
@@ -49,13 +47,6 @@ def ray_module():
 @pytest.fixture(scope="session")
 def tiny_models():
     """The embedded default's tokenizer/teacher/student (built once, cached like the default run's)."""
-    from common.tiny import build_tiny_models
+    from common.tiny import tiny_models_for
 
-    cfg = load_config()
-    return build_tiny_models(
-        cfg.models.tiny,
-        resolve_path(cfg.data.train),
-        cfg.data.max_prompt_tokens,
-        cfg.data.max_response_tokens,
-        seed=cfg.seed,
-    )
+    return tiny_models_for()
