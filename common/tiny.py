@@ -133,8 +133,9 @@ def build_tiny_models(
 
 
 def tiny_models_for(cfg: DistillConfig | None = None) -> TinyModels:
-    """The embedded default's models as `cfg` (default: configs/tiny.yaml) builds them: its tiny spec, training file,
-    context budget and seed (built once, then read from the cache)."""
+    """The embedded default's models for `cfg` (default: configs/tiny.yaml): its tiny spec, training file, context
+    budget and seed. Built once, then read from the cache, which is keyed by the spec and the training file only:
+    the models are fixed assets, shared by runs of any seed."""
     cfg = cfg or load_config()
     return build_tiny_models(
         cfg.models.tiny,
