@@ -2,7 +2,6 @@
 pruning, the pipeline's drain points, atomic folder replacement. (Whole runs killed and resumed:
 tests/integration/test_resume.py.)"""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,6 @@ from common.data import TokenizedExample, iterate_batches, iterate_pretrain
 from common.resumable import EVAL, TRAIN_BATCH, Counted, sampling_seed
 from common.storage import recover_dir, replace_dir
 from learner.checkpoint import (
-    FORMAT,
-    METADATA,
     Checkpointer,
     CheckpointError,
     check_complete,
@@ -21,6 +18,7 @@ from learner.checkpoint import (
     latest_complete,
     truncate_metrics,
 )
+from tests.fake_checkpoints import fake_checkpoint
 
 
 def _items(n):
@@ -55,25 +53,8 @@ def test_sampling_seeds_depend_on_seed_purpose_and_index_only():
 
 
 def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
-    path = root / f"step-{step:07d}"
-    path.mkdir(parents=True)
-    (path / "__0_0.distcp").write_bytes(b"x" * 100)
-    (path / "rank-0.pt").write_bytes(b"y" * 10)
-    if complete:
-        driver = dict(
-            phase="minillm",
-            phase_step=step,
-            global_step=step,
-            version=step,
-            best=None,
-            bad_in_row=0,
-            prompt_batches=step,
-            pretrain_batches=step,
-            metrics_bytes=0,
-        )
-        files = {"__0_0.distcp": 100, "rank-0.pt": 10}
-        (path / METADATA).write_text(json.dumps({"format": FORMAT, "driver": driver, "files": files}))
-    return path
+    """`root` is the run's checkpoints/state folder."""
+    return Path(fake_checkpoint(str(root.parent.parent), step, complete))
 
 
 def test_completeness_sizes_and_metadata(tmp_path, capsys):

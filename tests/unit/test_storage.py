@@ -1,7 +1,6 @@
 """Durable storage (common/storage.py) on both kinds of filesystem: a local folder (rename) and an object store
 (no rename: fsspec's in-process memory:// stands for s3:// here), and the checkpoint logic on top of it."""
 
-import json
 import uuid
 from pathlib import Path
 
@@ -9,8 +8,9 @@ import pytest
 
 from common import storage
 from common.config import ConfigError, load_config, storage_url
-from learner.checkpoint import FORMAT, METADATA, Checkpointer, check_complete, find_resume, latest_complete
+from learner.checkpoint import METADATA, Checkpointer, check_complete, find_resume, latest_complete
 from learner.run_log import prepare_run_dir
+from tests.fake_checkpoints import fake_checkpoint
 
 
 @pytest.fixture(params=["local", "object"])
@@ -74,25 +74,7 @@ def test_an_object_store_folder_is_complete_only_with_its_marker(tmp_path):
 
 
 def _fake_checkpoint(root: str, step: int, complete: bool = True) -> str:
-    path = storage.join(root, "checkpoints", "state", f"step-{step:07d}")
-    storage.write_bytes(storage.join(path, "__0_0.distcp"), b"x" * 100)
-    storage.write_bytes(storage.join(path, "rank-0.pt"), b"y" * 10)
-    if complete:
-        driver = dict(
-            phase="minillm",
-            phase_step=step,
-            global_step=step,
-            version=step,
-            best=None,
-            bad_in_row=0,
-            prompt_batches=step,
-            pretrain_batches=step,
-            metrics_bytes=0,
-        )
-        files = {"__0_0.distcp": 100, "rank-0.pt": 10}
-        meta = {"format": FORMAT, "driver": driver, "files": files}
-        storage.write_text(storage.join(path, METADATA), json.dumps(meta))
-    return path
+    return fake_checkpoint(root, step, complete)
 
 
 def test_checkpoints_in_storage_resume_and_prune(root):
