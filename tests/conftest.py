@@ -9,17 +9,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+def _start_ray(ray) -> None:
+    ray.init(
+        address="local",  # never another cluster on this machine (a `ray start` head, another test's)
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "WANDB_MODE": "offline"}},
+    )
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            address="local",  # never another cluster on this machine (a `ray start` head, another test's)
-            num_cpus=2,
-            include_dashboard=False,
-            runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "WANDB_MODE": "offline"}},
-        )
+        _start_ray(ray)
     yield ray
     ray.shutdown()
 
@@ -33,12 +37,7 @@ def ray_module():
 
     owned = not ray.is_initialized()
     if owned:
-        ray.init(
-            address="local",  # never another cluster on this machine (a `ray start` head, another test's)
-            num_cpus=2,
-            include_dashboard=False,
-            runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "WANDB_MODE": "offline"}},
-        )
+        _start_ray(ray)
     yield ray
     if owned:
         ray.shutdown()

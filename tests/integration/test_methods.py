@@ -2,16 +2,13 @@
 checkpoint, evaluates, and writes loadable students."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.driver_runs import run_driver
+
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
-ROOT = Path(__file__).resolve().parents[2]
 SHORT = [
     "learner.sft_steps=8",
     "learner.sft_eval_every=4",
@@ -30,26 +27,8 @@ SELECT = {"kd": "rouge_l", "seqkd": "valid_loss"}
 @pytest.mark.parametrize("method", ["kd", "seqkd"])
 def test_baseline_method_runs(method, tmp_path, tiny_models):
     out = tmp_path / method
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "learner.main",
-            f"method={method}",
-            f"output_dir={out}",
-            *SHORT,
-            f"learner.baseline_select_by={SELECT[method]}",
-        ],
-        cwd=ROOT,
-        env={**env, "WANDB_MODE": "offline"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert f"[{method}] step 8/8" in proc.stdout
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records, stdout = run_driver(out, f"method={method}", *SHORT, f"learner.baseline_select_by={SELECT[method]}")
+    assert f"[{method}] step 8/8" in stdout
     steps = [r for r in records if r["phase"] == method]
     assert [r["step"] for r in steps] == list(range(1, 9))
     assert all(r["loss"] > 0 for r in steps)

@@ -3,17 +3,14 @@ validation ROUGE-L pick different steps, a run selecting by ROUGE-L keeps the RO
 loss keeps the loss step. Both runs share seed and data order, so they train the same weights step by step; the
 kept checkpoint is identified by measuring it again after it is reloaded (the `selection` record)."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.driver_runs import run_driver
+
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
-ROOT = Path(__file__).resolve().parents[2]
 SHORT = [
     "method=sft",
     "learner.sft_steps=12",
@@ -26,17 +23,7 @@ SHORT = [
 
 
 def _run(out: Path, rule: str) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "learner.main", f"output_dir={out}", *SHORT, f"learner.baseline_select_by={rule}"],
-        cwd=ROOT,
-        env={**env, "WANDB_MODE": "offline"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return run_driver(out, *SHORT, f"learner.baseline_select_by={rule}")[0]
 
 
 @pytest.fixture(scope="module")
