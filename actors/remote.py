@@ -57,6 +57,14 @@ class ReplayActor(ReplayBuffer):
         telemetry.gauge("distill_weight_version_lag").set(self.learner_version - version)
         return version, item
 
+    async def take(
+        self, learner_version: int, batch_id: int | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        out = await super().take(learner_version, batch_id, timeout)
+        telemetry.gauge("distill_queue_depth").set(len(self.items))
+        telemetry.gauge("distill_weight_version_lag").set(self.learner_version - out["info"].weight_version)
+        return out
+
 
 def thread_env(cpus: float, threads: int | None = None) -> dict[str, str]:
     """torch inside an actor uses the cores it was given (or `threads`), not every core of the node."""

@@ -1,6 +1,11 @@
 """Replay queue: bounded (back-pressure on producers), versioned, refusing items older than a lag. It holds
 references to scored batches, never their tensors.
 
+Scored batches can arrive out of launch order (Ray does not order an async actor's calls, and a lost batch is
+launched again after later ones), so the learner takes them by batch id (`take(version, batch_id)`): every run
+consumes its batches in the same order, whatever the timing, which is what makes a resumed run equal an
+uninterrupted one.
+
 `ReplayBuffer` is the plain asyncio logic; Ray makes it an async actor (methods interleave while waiting),
 so a blocked `put` does not stop `get` from draining the queue.
 """
@@ -25,6 +30,9 @@ class ReplayBuffer:
         # were sampled from weights that no longer exist, and puts of an older generation are dropped
         self.generation = 0
         self.dropped_restart = 0
+        # a batch that timed out and was launched again can still arrive late: a second copy of a taken id is dropped
+        self.last_taken: int | None = None
+        self.dropped_duplicate = 0
         self._cond: asyncio.Condition | None = None
 
     def _condition(self) -> asyncio.Condition:
@@ -36,10 +44,14 @@ class ReplayBuffer:
         """Wait while the queue is full (back-pressure), then append; an item of an older `generation` than the
         queue's (launched before a `reset`) is dropped instead."""
         cond = self._condition()
+        batch_id = _batch_id(item)
         async with cond:
-            await asyncio.wait_for(cond.wait_for(lambda: len(self.items) < self.capacity), timeout)
+            await asyncio.wait_for(cond.wait_for(lambda: self._room_for(batch_id) or self._is_late(batch_id)), timeout)
             if generation is not None and generation != self.generation:
                 self.dropped_restart += 1
+                return
+            if self._is_late(batch_id):
+                self.dropped_duplicate += 1
                 return
             self.items.append((version, item))
             self.put_total += 1
@@ -58,7 +70,8 @@ class ReplayBuffer:
         cond = self._condition()
         async with cond:
             self.generation = generation
-            dropped = [getattr(item[0], "batch_id", -1) for _, item in self.items]
+            self.last_taken = None  # the restarted learner takes the rolled-back ids again
+            dropped = [_batch_id(item) for _, item in self.items]
             self.dropped_restart += len(self.items)
             self.items.clear()
             cond.notify_all()
@@ -76,12 +89,59 @@ class ReplayBuffer:
                     return version, item
                 self.dropped_stale += 1
 
-    async def take(self, learner_version: int, timeout: float | None = None) -> dict[str, Any]:
-        """The learner's side in one call: adopt its weight version, take the oldest fresh batch, and report the
-        queue's state with it: {"info", "shards", "depth", "dropped_stale"}."""
+    async def take(
+        self, learner_version: int, batch_id: int | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """The learner's side in one call: adopt its weight version, take batch `batch_id` (waiting for it; None:
+        the oldest fresh batch), and report the queue's state with it: {"info", "shards", "depth",
+        "dropped_stale", "stale"}. A batch taken by id that is staler than `max_version_lag` is dropped and
+        returned with "stale": True and no shards, for the driver to sample again."""
         self.learner_version = learner_version
-        _, (info, shards) = await self.get(timeout)
-        return {"info": info, "shards": shards, "depth": len(self.items), "dropped_stale": self.dropped_stale}
+        stale = False
+        if batch_id is None:
+            _, (info, shards) = await self.get(timeout)
+        else:
+            version, (info, shards) = await self._take_id(batch_id, timeout)
+            if learner_version - version > self.max_lag:
+                stale, shards = True, []
+                self.dropped_stale += 1
+        return {
+            "info": info,
+            "shards": shards,
+            "depth": len(self.items),
+            "dropped_stale": self.dropped_stale,
+            "stale": stale,
+        }
+
+    async def _take_id(self, batch_id: int, timeout: float | None) -> tuple[int, Any]:
+        cond = self._condition()
+        async with cond:
+            await asyncio.wait_for(cond.wait_for(lambda: self._index(batch_id) is not None), timeout)
+            index = self._index(batch_id)
+            assert index is not None
+            version, item = self.items[index]
+            del self.items[index]
+            self.last_taken = batch_id
+            late = [entry for entry in self.items if self._is_late(_batch_id(entry[1]))]
+            for entry in late:  # a second copy of a batch launched again
+                self.items.remove(entry)
+                self.dropped_duplicate += 1
+            cond.notify_all()
+            return version, item
+
+    def _room_for(self, batch_id: int | None) -> bool:
+        """Room in the queue; a batch older than every queued one gets in even when it is full (of later batches
+        that arrived first): the learner takes it next, and it would wait for it forever."""
+        if len(self.items) < self.capacity:
+            return True
+        queued = [_batch_id(item) for _, item in self.items]
+        return batch_id is not None and all(q is not None and batch_id < q for q in queued)
+
+    def _is_late(self, batch_id: int | None) -> bool:
+        return batch_id is not None and self.last_taken is not None and batch_id <= self.last_taken
+
+    def _index(self, batch_id: int) -> int | None:
+        return next((i for i, (_, item) in enumerate(self.items) if _batch_id(item) == batch_id), None)
 
     async def set_learner_version(self, version: int) -> None:
         self.learner_version = version
@@ -93,5 +153,12 @@ class ReplayBuffer:
             "dropped_stale": self.dropped_stale,
             "put_total": self.put_total,
             "dropped_restart": self.dropped_restart,
+            "dropped_duplicate": self.dropped_duplicate,
             "learner_version": self.learner_version,
         }
+
+
+def _batch_id(item: Any) -> int | None:
+    """The id of a queued (info, shards) batch; None for items that carry none."""
+    head = item[0] if isinstance(item, tuple) and item else item
+    return getattr(head, "batch_id", None)

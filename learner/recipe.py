@@ -443,10 +443,7 @@ class Recipe:
                 inflight.append(self.launch_batch(launched, next(prompts)))
                 launched += 1
             with time_in("wait"):
-                taken = []
-                for _ in range(batches_per):
-                    self.await_batch(inflight)
-                    taken.append(self.get_with_timeout(self.replay.take.remote(self.version), "the replay queue"))
+                taken = [self.take_batch(inflight) for _ in range(batches_per)]
             self.consumed.extend(t["info"].batch_id for t in taken)
             info = merge_infos([t["info"] for t in taken])
             with time_in("update"):
@@ -538,14 +535,27 @@ class Recipe:
         )
         return batch_id, batch, self.replay.put_batch.remote(info, shards, None, self.generation)
 
-    def await_batch(self, inflight: deque) -> None:
-        """Wait until the oldest launched batch is in the queue. A sampler or teacher that died (Ray restarts it) or a
-        timeout loses it: the current weights go to any restarted sampler and the same prompts are sampled again, under
-        the same id, until cluster.max_failures is spent."""
+    def take_batch(self, inflight: deque) -> dict[str, Any]:
+        """The oldest launched batch, taken from the queue by its id: batches are consumed in launch order whatever
+        order they arrive in. One staler than `max_version_lag` (cannot happen with the launch window above, but the
+        queue checks) is sampled again under the same id."""
+        assert self.replay is not None
+        while True:
+            batch_id, batch = self.await_batch(inflight)
+            taken = self.get_with_timeout(self.replay.take.remote(self.version, batch_id), "the replay queue")
+            if not taken["stale"]:
+                return taken
+            print(f"[minillm] batch {batch_id} was staler than learner.max_version_lag: sampling it again", flush=True)
+            inflight.appendleft(self.launch_batch(batch_id, batch))
+
+    def await_batch(self, inflight: deque) -> tuple[int, list[TokenizedExample]]:
+        """Wait until the oldest launched batch is in the queue; returns its (id, prompts). A sampler or teacher that
+        died (Ray restarts it) or a timeout loses it: the current weights go to any restarted sampler and the same
+        prompts are sampled again, under the same id, until cluster.max_failures is spent."""
         batch_id, batch, ref = inflight.popleft()
         try:
             self.get_with_timeout(ref, f"batch {batch_id}")
-            return
+            return batch_id, batch
         except (ray.exceptions.RayError, RunStopped) as exc:
             self.failures += 1
             reason = one_line_error(exc)
@@ -557,7 +567,7 @@ class Recipe:
         print(f"[fault] batch {batch_id} lost ({reason}); sampling it again ({self.failures} failure(s))", flush=True)
         self.resync_samplers()
         inflight.appendleft(self.launch_batch(batch_id, batch))
-        self.await_batch(inflight)
+        return self.await_batch(inflight)
 
     def resync_samplers(self) -> None:
         """Samplers that Ray restarted hold their initial weights (version 0): give them the current ones."""
