@@ -185,6 +185,11 @@ class EvalConfig(_Section):
 class ClusterConfig(_Section):
     address: str | None = None  # None: RAY_ADDRESS or an existing cluster, else a local one
     num_cpus: int | None = Field(None, gt=0)  # for a local cluster
+    # niceness of the worker processes (every actor) of a local cluster the run starts; Ray's own default, 15, lets
+    # any other busy process on the machine take the cores from the whole service (start-up alone took > 10 min on
+    # 2 cores next to two busy loops). None: Ray's default. A cluster started with `ray start` sets its own
+    # (RAY_worker_niceness in the environment of `ray start`).
+    worker_niceness: int | None = Field(0, ge=-20, le=19)
     sampler_cpus: float = Field(1.0, ge=0)
     teacher_cpus: float = Field(0.5, ge=0)
     learner_cpus: float = Field(0.5, ge=0)

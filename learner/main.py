@@ -41,6 +41,8 @@ def connect_ray(cfg: DistillConfig) -> str:
         return f"connected to Ray at {address}"
     # "local": a new instance even when another Ray runs on this machine (ray.init() alone would join the cluster
     # last started here and ignore num_cpus)
+    if cfg.cluster.worker_niceness is not None:  # the raylet reads it when it starts, and starts every worker with it
+        os.environ["RAY_worker_niceness"] = str(cfg.cluster.worker_niceness)
     ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, runtime_env=runtime_env)
     return f"started a local Ray ({cfg.cluster.num_cpus or os.cpu_count()} CPUs)"
 
