@@ -260,7 +260,7 @@ class Sampler:
         limit = max_new_tokens or self.spec.max_new_tokens
         if alpha > 0 and self.teacher is None:
             raise ValueError("alpha > 0 needs a teacher engine (SamplerSpec.teacher_dir)")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         n = len(prompts)
         batch = _Batch.new(prompts, [draw_owners(limit, alpha, self.rng) for _ in range(n)], limit)
         if not any(o.any() for o in batch.owners):
@@ -283,6 +283,7 @@ class Sampler:
             prompt_index=list(prompt_index or range(n)),
             finished=[bool(g) and g[-1] == self.spec.eos_token_id for g in generated],
             seconds=elapsed,
+            cpu_seconds=time.process_time() - c0,
         )
 
     def _student_only(self, batch: _Batch) -> int:

@@ -64,7 +64,7 @@ class Teacher:
     def score(self, rollouts: Rollouts, num_shards: int = 1, rows: list[int] | None = None, batch_id: int = -1) -> list:
         """[BatchInfo, shard_0, ..., shard_{n-1}]: call with `.options(num_returns=1 + num_shards)` so the driver
         holds references only. `rows` scores a subset of the rollouts (the in-run evaluation's KL prompts)."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if rows is not None:
             rollouts = rollouts.select(rows)
         packed = pack_rollouts(rollouts, self.pad_id)
@@ -96,6 +96,8 @@ class Teacher:
             sample_seconds=rollouts.seconds,
             score_seconds=elapsed,
             teacher_bytes=sum(s.teacher_bytes for s in shards),
+            sample_cpu_seconds=rollouts.cpu_seconds,
+            score_cpu_seconds=time.process_time() - c0,
         )
         return [info, *shards]
 

@@ -14,7 +14,9 @@ so every comparison is between runs side by side; medians over repeats and the p
 
 Per step of the service (metrics.jsonl, steps after --skip): completion tokens / wall time between update records;
 each stage's busy share = its seconds in the step / the step's wall time (sampler: the batch's sample_seconds,
-teacher: its score_seconds, learner: the update's step_seconds, driver: wait_seconds = the learner idle);
+teacher: its score_seconds, learner: the update's step_seconds, driver: wait_seconds = the learner idle), and
+each stage's process CPU time per batch (sample_cpu_seconds, score_cpu_seconds, step_cpu_seconds: every thread of
+the actor's process), which separates a stage that does more work inside the service from one waiting for a core;
 pipeline efficiency = the service's tokens/s / the tokens/s of its slowest stage alone (the stages arm). Peak memory
 is the largest sum over an arm's process tree (the Ray processes included) of PSS, the resident pages with shared
 ones divided among their sharers, sampled every second.
@@ -177,10 +179,18 @@ class Bench:
             "learner idle (wait)": sum(r.get("wait_seconds", 0.0) for r in kept),
             "push (driver)": sum(r.get("push_seconds", 0.0) for r in kept),
         }
+        cpu = {  # process CPU time (all threads) of each stage's work: wall / CPU tells waiting for a core from work
+            "sampler": sum(r.get("sample_cpu_seconds", 0.0) for r in kept),
+            "teacher": sum(r.get("score_cpu_seconds", 0.0) for r in kept),
+            "learner": sum(r.get("step_cpu_seconds", 0.0) for r in kept),
+        }
         return {
             "tok_per_s": tokens / wall,
             "step_s": wall / len(kept),
             "busy_share": {k: v / wall for k, v in busy.items()},
+            "cpu_share": {k: v / wall for k, v in cpu.items()},
+            "cpu_per_batch_s": {k: v / len(kept) for k, v in cpu.items()},
+            "busy_per_batch_s": {k: v / len(kept) for k, v in busy.items()},
             "peak_pss_mb": w.peak_pss_mb,
             "peak_rss_mb": w.peak_rss_mb,
             "to_step1_s": w.first_seen_s,
@@ -346,17 +356,26 @@ def report(bench: Bench) -> str:
         if svc not in res or stg not in res:
             continue
         lines += ["", f"{svc}: stages alone ({stg}) and busy shares in the service", ""]
-        lines.append("| stage | alone: s per batch (median) | alone: tok/s | busy share of a service step |")
-        lines.append("|---|---:|---:|---:|")
+        lines.append(
+            "| stage | alone: s per batch (median) | alone: tok/s | in the service: wall s per batch "
+            "| in the service: CPU s per batch | busy share of a service step |"
+        )
+        lines.append("|---|---:|---:|---:|---:|---:|")
         shares = {k: median([r["busy_share"][k] for r in res[svc]]) for k in res[svc][0]["busy_share"]}
+        walls = {k: median([r["busy_per_batch_s"][k] for r in res[svc]]) for k in res[svc][0]["busy_per_batch_s"]}
+        cpus = {k: median([r["cpu_per_batch_s"][k] for r in res[svc]]) for k in res[svc][0]["cpu_per_batch_s"]}
         # push: alone = gather the learner's weights + load them into the sampler; in the service the driver's
         # push_seconds (the dispatch of the push; the load happens in the sampler between batches)
         names = {"sample": "sampler", "score": "teacher", "update": "learner", "push": "push (driver)"}
         for k, label in names.items():
             s = median([r["stage_s"][k] for r in res[stg]])
             rate = median([r["stage_tok_per_s"][k] for r in res[stg]])
-            lines.append(f"| {label} | {s:.2f} | {rate:.0f} | {shares.get(label, float('nan')):.2f} |")
-        lines.append(f"| learner idle (wait) | | | {shares['learner idle (wait)']:.2f} |")
+            cpu = f"{cpus[label]:.2f}" if label in cpus else ""
+            lines.append(
+                f"| {label} | {s:.2f} | {rate:.0f} | {walls.get(label, float('nan')):.2f} | {cpu} "
+                f"| {shares.get(label, float('nan')):.2f} |"
+            )
+        lines.append(f"| learner idle (wait) | | | | | {shares['learner idle (wait)']:.2f} |")
         effs = []
         for r_svc, r_stg in side_by_side(res, svc, stg):
             slowest = min(r_stg["stage_tok_per_s"][k] for k in ("sample", "score", "update"))

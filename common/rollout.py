@@ -21,6 +21,7 @@ class Rollouts:
     prompt_index: list[int] = field(default_factory=list)  # rows of the prompt set (for references)
     finished: list[bool] = field(default_factory=list)  # ended with EOS (not cut at the length limit)
     seconds: float = 0.0  # wall time the sampler spent on this batch
+    cpu_seconds: float = 0.0  # the sampler process's CPU time on it (every thread): wall / CPU tells waiting from work
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -40,6 +41,7 @@ class Rollouts:
             pick(self.prompt_index),
             pick(self.finished),
             self.seconds,
+            self.cpu_seconds,
         )
 
 
@@ -84,6 +86,8 @@ class BatchInfo:
     sample_seconds: float
     score_seconds: float
     teacher_bytes: int  # payload of the teacher's log-probs, all shards
+    sample_cpu_seconds: float = 0.0  # process CPU time of the sampler / teacher on this batch
+    score_cpu_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         n = max(self.response_tokens, 1)
@@ -94,6 +98,10 @@ class BatchInfo:
             "sampler_tokens_per_s": self.response_tokens / max(self.sample_seconds, 1e-9),
             "teacher_tokens_per_s": self.response_tokens / max(self.score_seconds, 1e-9),
             "teacher_bytes_per_token": self.teacher_bytes / n,
+            "sample_seconds": self.sample_seconds,
+            "score_seconds": self.score_seconds,
+            "sample_cpu_seconds": self.sample_cpu_seconds,
+            "score_cpu_seconds": self.score_cpu_seconds,
         }
 
 
@@ -109,6 +117,8 @@ def merge_infos(infos: list[BatchInfo]) -> BatchInfo:
         sample_seconds=sum(i.sample_seconds for i in infos),
         score_seconds=sum(i.score_seconds for i in infos),
         teacher_bytes=sum(i.teacher_bytes for i in infos),
+        sample_cpu_seconds=sum(i.sample_cpu_seconds for i in infos),
+        score_cpu_seconds=sum(i.score_cpu_seconds for i in infos),
     )
 
 

@@ -209,7 +209,7 @@ class LearnerWorker:
     def sft_step(self, batch: LMBatch) -> dict[str, float]:
         """NLL on ground-truth (or teacher-sampled, for SeqKD) responses. Returns this rank's share of the global
         loss (ranks' shares add up) and its token count."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.model.train()
         loss, m = self._lm_terms(batch, self.obj.reduction)
         before = self.skipped
@@ -220,12 +220,13 @@ class LearnerWorker:
             "skipped": float(self.skipped - before),
             "tokens": float(m["nll"].numel()),
             "step_seconds": time.perf_counter() - t0,
+            "step_cpu_seconds": time.process_time() - c0,
         }
 
     def kd_step(self, batch: LMBatch, teacher_logprobs: torch.Tensor) -> dict[str, float]:
         """Word-level KD: kd_ratio * forward KL[p || q] + (1 - kd_ratio) * NLL on ground-truth responses.
         `teacher_logprobs` is [N, V] at this rank's target positions (row-major over `batch.loss_mask`)."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.model.train()
         loss, m = self._lm_terms(batch, self.obj.reduction, teacher_logprobs)
         before = self.skipped
@@ -238,6 +239,7 @@ class LearnerWorker:
             "tokens": float(m["nll"].numel()),
             "grad_norm": norm,
             "step_seconds": time.perf_counter() - t0,
+            "step_cpu_seconds": time.process_time() - c0,
         }
 
     @torch.no_grad()
@@ -388,7 +390,7 @@ class LearnerWorker:
         return results
 
     def _minillm_update(self, micro: list[ScoredShard], alpha: float, pt_ids: torch.Tensor | None) -> dict[str, float]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         totals = self._totals(torch.cat([s.packed.mask for s in micro]))  # micro-batches share the collection's width
@@ -432,6 +434,7 @@ class LearnerWorker:
             "grad_norm": norm,
             "skipped": float(self.skipped - skipped_before),
             "step_seconds": time.perf_counter() - t0,
+            "step_cpu_seconds": time.process_time() - c0,
         }
 
     def minillm_step(self, shard: ScoredShard, alpha: float, pt_ids: torch.Tensor | None = None) -> dict[str, float]:
