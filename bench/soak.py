@@ -206,6 +206,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="soak-"))
     # a private cluster owned by this process (a second driver): it outlives the run, so leaks can be counted
     os.environ.pop("RAY_ADDRESS", None)  # never join another cluster on this machine
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as learner.main's local Ray (cluster.worker_niceness)
     ctx = ray.init(num_cpus=args.num_cpus, include_dashboard=True, namespace="soak")
     address = ctx.address_info["gcs_address"]
     api = f"http://{ctx.dashboard_url}"  # the state API of this cluster (other clusters may run on the machine)
