@@ -23,7 +23,7 @@ ones divided among their sharers, sampled every second.
 
     python bench/throughput.py [--repeats 2] [--steps 10] [--batch 8] [--tokens 64] [--alpha 0.2]
         [--trl-python /work/trl-venv/bin/python] [--threads 1] [--arms service,loop,...] [--out results.json]
-        [--smollm2 DIR]                    # DIR/teacher and DIR/student instead of the tiny default
+        [--pair DIR]                       # DIR/teacher and DIR/student instead of the tiny default
 
 --threads: torch threads of the single-process arms (loop, trl); the service's actors keep their own
 (cluster.torch_threads: 1 each on the default). On a machine shared with other jobs, OpenMP threads that outnumber
@@ -403,7 +403,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the loop and TRL arms")
     ap.add_argument("--arms", default=",".join(a for a in ALL_ARMS if a != "trl"))
     ap.add_argument("--trl-python", help="python of a virtual environment with trl (adds the trl arm)")
-    ap.add_argument("--smollm2", type=Path, help="folder with teacher/ and student/ (the SmolLM2 pair)")
+    ap.add_argument(
+        "--pair",
+        "--smollm2",
+        dest="smollm2",
+        type=Path,
+        help="folder with teacher/ and student/ (the SmolLM2 pair, or bench/gpt2_pair.py's)",
+    )
     ap.add_argument("--out", type=Path, help="JSON of every run (written after each arm)")
     ap.add_argument("--report", type=Path, help="print the tables of a saved --out file and exit")
     args = ap.parse_args()
