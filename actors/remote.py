@@ -53,17 +53,19 @@ class ReplayActor(ReplayBuffer):
 
     async def get(self, timeout: float | None = None) -> tuple[int, Any]:
         version, item = await super().get(timeout)
-        telemetry.gauge("distill_queue_depth").set(len(self.items))
-        telemetry.gauge("distill_weight_version_lag").set(self.learner_version - version)
+        self._report_taken(version)
         return version, item
 
     async def take(
         self, learner_version: int, batch_id: int | None = None, timeout: float | None = None
     ) -> dict[str, Any]:
-        out = await super().take(learner_version, batch_id, timeout)
-        telemetry.gauge("distill_queue_depth").set(len(self.items))
-        telemetry.gauge("distill_weight_version_lag").set(self.learner_version - out["info"].weight_version)
+        out = await super().take(learner_version, batch_id, timeout)  # by id: get() above is not called
+        self._report_taken(out["info"].weight_version)
         return out
+
+    def _report_taken(self, version: int) -> None:
+        telemetry.gauge("distill_queue_depth").set(len(self.items))
+        telemetry.gauge("distill_weight_version_lag").set(self.learner_version - version)
 
 
 def thread_env(cpus: float, threads: int | None = None) -> dict[str, str]:

@@ -24,7 +24,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ import torch
 from actors.engine import SegmentResult, VLLMEngine
 from common.mixture import STUDENT, TEACHER, draw_owners, run_length
 from common.rollout import Rollouts
+
+if TYPE_CHECKING:
+    from common.config import DistillConfig
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,32 @@ class SamplerSpec:
     # segment: their log-probs come with the generation; falls back to "pass" where the student engine cannot force
     # tokens, vLLM's V2 model runner) or "pass" (one prompt-log-prob pass afterwards)
     score_teacher_tokens: Literal["forced", "pass"] = "forced"
+
+
+def sampler_spec(
+    cfg: DistillConfig, student_dir: str, teacher_dir: str | None, eos_token_id: int, alpha: float, index: int = 0
+) -> SamplerSpec:
+    """The spec of sampler `index` of a run with config `cfg` (the service's sampler actors, and the benchmarks that
+    run the same sampler in one process). The teacher engine is loaded only when alpha > 0."""
+    c = cfg
+    longest = max(c.sampler.max_new_tokens, c.eval.max_new_tokens, c.data.max_response_tokens)
+    return SamplerSpec(
+        student_dir=student_dir,
+        teacher_dir=teacher_dir if alpha > 0 else None,
+        eos_token_id=eos_token_id,
+        max_new_tokens=c.sampler.max_new_tokens,
+        alpha=alpha,
+        temperature=c.sampler.temperature,
+        kv_cache_mb=c.sampler.kv_cache_mb,
+        seed=c.seed + 1000 * index,
+        gpu_memory_utilization=c.sampler.gpu_memory_utilization,
+        tensor_parallel_size=c.sampler.tensor_parallel_size,
+        max_model_len=c.data.max_prompt_tokens + longest + 8,
+        dtype=c.models.dtype,
+        enforce_eager=c.sampler.enforce_eager if c.sampler.enforce_eager is not None else c.cluster.sampler_gpus == 0,
+        block_size=c.sampler.block_size,
+        score_teacher_tokens=c.sampler.score_teacher_tokens,
+    )
 
 
 @dataclass

@@ -258,32 +258,15 @@ def run_stages(cfg: DistillConfig, steps: int, skip: int) -> dict[str, object]:
     """Sample, score, update and push one batch at a time with the service's classes, timing each alone."""
     import socket
 
-    from actors.sampler import Sampler, SamplerSpec
+    from actors.sampler import Sampler, sampler_spec
     from actors.teacher import Teacher
     from learner.worker import LearnerWorker
 
     s = Setup(cfg)
     c = cfg
     alpha = c.objective.alpha
-    max_len = c.data.max_prompt_tokens + max(
-        c.sampler.max_new_tokens, c.eval.max_new_tokens, c.data.max_response_tokens
-    )
     # the spec learner/recipe.py (start_actors) builds for the sampler actor
-    sampler = Sampler(
-        SamplerSpec(
-            student_dir=s.student_dir,
-            teacher_dir=s.teacher_dir if alpha > 0 else None,
-            eos_token_id=s.eos,
-            max_new_tokens=c.sampler.max_new_tokens,
-            alpha=alpha,
-            temperature=c.sampler.temperature,
-            kv_cache_mb=c.sampler.kv_cache_mb,
-            seed=c.seed,
-            max_model_len=max_len + 8,
-            dtype=c.models.dtype,
-            enforce_eager=True,
-        )
-    )
+    sampler = Sampler(sampler_spec(c, s.student_dir, s.teacher_dir, s.eos, alpha))
     vocab = len(s.tok)
     teacher = Teacher(
         s.teacher_dir,

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil  # noqa: E402
 
-from actors.sampler import Sampler, SamplerSpec  # noqa: E402
+from actors.sampler import Sampler, sampler_spec  # noqa: E402
 from bench.soak import fit  # noqa: E402
 from common.config import load_config, resolve_path  # noqa: E402
 from common.data import load_jsonl, tokenize_examples  # noqa: E402
@@ -66,21 +66,8 @@ def main() -> int:
         load_jsonl(resolve_path(cfg.data.train), limit=4000), tok, cfg.data.max_prompt_tokens, None
     )
     prompts = [it.prompt_ids for it in items]
-    c = cfg.sampler
-    spec = SamplerSpec(
-        student_dir=str(tiny.student),
-        teacher_dir=str(tiny.teacher),
-        eos_token_id=tok.eos_token_id,
-        max_new_tokens=c.max_new_tokens,
-        alpha=cfg.objective.alpha,
-        temperature=c.temperature,
-        kv_cache_mb=c.kv_cache_mb,
-        seed=cfg.seed,
-        max_model_len=cfg.data.max_prompt_tokens + c.max_new_tokens + 8,
-        block_size=c.block_size,
-        score_teacher_tokens=c.score_teacher_tokens,
-    )
-    sampler = Sampler(spec)
+    # the spec of the service's sampler actor (learner/recipe.py)
+    sampler = Sampler(sampler_spec(cfg, str(tiny.student), str(tiny.teacher), tok.eos_token_id, cfg.objective.alpha))
     state = {k: v.detach().clone() for k, v in load_model(str(tiny.student)).state_dict().items()}
     libc = ctypes.CDLL("libc.so.6") if args.trim else None
     rows: list[dict[str, float]] = []

@@ -24,7 +24,7 @@ import ray
 
 from actors.placement import Placement
 from actors.remote import make_replay, make_sampler, make_teacher
-from actors.sampler import SamplerSpec
+from actors.sampler import sampler_spec
 from common import storage
 from common.config import DistillConfig, dump_config, resolve_path, weight_sync_backend
 from common.data import (
@@ -157,32 +157,9 @@ class Recipe:
             for i in range(c.teacher.num_teachers)
         ]
         alpha = {"minillm": c.objective.alpha, "seqkd": 1.0}.get(c.method, 0.0)
-        max_len = (
-            c.data.max_prompt_tokens
-            + max(c.sampler.max_new_tokens, c.eval.max_new_tokens, c.data.max_response_tokens)
-            + 8
-        )
         self.samplers = [
             make_sampler(
-                SamplerSpec(
-                    student_dir=student_dir,
-                    teacher_dir=self.assets.teacher_dir if alpha > 0 else None,
-                    eos_token_id=self.tok.eos_token_id,
-                    max_new_tokens=c.sampler.max_new_tokens,
-                    alpha=alpha,
-                    temperature=c.sampler.temperature,
-                    kv_cache_mb=c.sampler.kv_cache_mb,
-                    seed=c.seed + 1000 * i,
-                    gpu_memory_utilization=c.sampler.gpu_memory_utilization,
-                    tensor_parallel_size=c.sampler.tensor_parallel_size,
-                    max_model_len=max_len,
-                    dtype=c.models.dtype,
-                    enforce_eager=c.sampler.enforce_eager
-                    if c.sampler.enforce_eager is not None
-                    else c.cluster.sampler_gpus == 0,
-                    block_size=c.sampler.block_size,
-                    score_teacher_tokens=c.sampler.score_teacher_tokens,
-                ),
+                sampler_spec(c, student_dir, self.assets.teacher_dir, self.tok.eos_token_id, alpha, i),
                 i,
                 c.cluster.sampler_cpus,
                 c.cluster.sampler_gpus,

@@ -116,11 +116,12 @@ def runs(tmp_path_factory, tiny_models):
 
 
 def _compare(a: dict[int, dict], b: dict[int, dict], steps: range) -> None:
+    missing = "<missing>"  # a key absent from a record is a difference, even when both lack it
     differ = [
-        f"step {s} {key}: resumed {b[s].get(key)!r} vs uninterrupted {a[s].get(key)!r}"
+        f"step {s} {key}: resumed {b[s].get(key, missing)!r} vs uninterrupted {a[s].get(key, missing)!r}"
         for s in steps
         for key in COMPARED
-        if b[s].get(key) != a[s].get(key)
+        if key not in a[s] or key not in b[s] or b[s][key] != a[s][key]
     ]
     assert not differ, "\n".join(differ)  # every difference, not only the first: they tell where it starts
 
