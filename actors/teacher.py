@@ -117,5 +117,20 @@ class Teacher:
             out.append(torch.cat(pieces).to(self.wire_dtype).cpu())
         return out if len(out) > 1 else out[0]  # type: ignore[return-value]
 
+    @torch.no_grad()
+    def lm_nll(self, batch: LMBatch) -> tuple[float, float]:
+        """The teacher's summed NLL of a ground-truth batch's targets and their count: the held-out loss the
+        student's is compared with (`method: heal`). Only two numbers leave the actor."""
+        n, length = batch.input_ids.shape
+        positions = torch.arange(length - 1).expand(n, -1)
+        total, count = 0.0, 0.0
+        for start in range(0, n, self.batch_size):
+            b = slice(start, start + self.batch_size)
+            logp = self._flat_logprobs(batch.input_ids[b], batch.attention_mask[b], positions[b], batch.loss_mask[b])
+            targets = batch.input_ids[b, 1:][batch.loss_mask[b] > 0].to(logp.device)
+            total -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
+            count += float(targets.numel())
+        return total, count
+
     def get_stats(self) -> dict[str, float]:
         return dict(self.stats)

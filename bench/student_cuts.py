@@ -1,6 +1,6 @@
 """Which layers should a student cut from the teacher keep? Validation NLL of each cut before any training.
 
-    python bench/student_cuts.py [--teacher runs/table1/models/teacher] [--examples 24]
+    python bench/student_cuts.py [--teacher runs/table1/models/teacher] [--examples 24] [--general]
 
 A cut keeps the teacher's embeddings, final norm and head, and the listed layers (as `python -m common.convert
 derive-student --layers ...` writes it). The NLL is per reference token on the first N Dolly validation examples,
@@ -24,6 +24,8 @@ CANDIDATES = {
     "first 6 + last 6 (12 layers)": list(range(6)) + list(range(24, 30)),
     "first 14 + last 2 (16 layers)": list(range(14)) + [28, 29],
     "first 8 + last 8 (16 layers)": list(range(8)) + list(range(22, 30)),
+    "first 9 + last 9 (18 layers)": list(range(9)) + list(range(21, 30)),
+    "every 5th + last 4 (10 layers)": list(range(0, 25, 5)) + list(range(25, 30)),
 }
 
 
@@ -56,17 +58,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", type=Path, default=ROOT / "runs" / "table1" / "models" / "teacher")
     parser.add_argument("--data", type=Path, default=ROOT / "../shared/data/dolly/valid.jsonl")
     parser.add_argument("--examples", type=int, default=24)
+    parser.add_argument("--general", action="store_true", help="held-out general text (method: heal's split)")
     args = parser.parse_args(argv)
     tok = load_tokenizer(args.teacher)
     teacher = load_model(args.teacher).eval()
-    pairs = [
-        (
-            tok(format_prompt(e.instruction, e.context)).input_ids[-96:],
-            tok(e.references[0]).input_ids[:48] + [tok.eos_token_id],
-        )
-        for e in load_jsonl(args.data, limit=args.examples)
-    ]
-    print(f"validation NLL per reference token, first {len(pairs)} examples of {args.data.name}")
+    if args.general:
+        from common.config import load_config
+        from common.preflight import heal_splits, read_general_text
+
+        cfg = load_config(None, ["method=heal"])
+        held_out = heal_splits(cfg, read_general_text(cfg), tok)[1][1][: args.examples]
+        pairs = [(b.prompt_ids, b.response_ids) for b in held_out]
+        print(f"held-out general-text NLL per token, {len(pairs)} blocks of {cfg.heal.block_tokens} tokens")
+    else:
+        pairs = [
+            (
+                tok(format_prompt(e.instruction, e.context)).input_ids[-96:],
+                tok(e.references[0]).input_ids[:48] + [tok.eos_token_id],
+            )
+            for e in load_jsonl(args.data, limit=args.examples)
+        ]
+        print(f"validation NLL per reference token, first {len(pairs)} examples of {args.data.name}")
     print(f"  teacher ({teacher.config.num_hidden_layers} layers): {nll_per_token(teacher, pairs):.3f}")
     for name, keep in CANDIDATES.items():
         cut = with_layers(teacher, keep)

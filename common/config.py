@@ -86,6 +86,20 @@ class DataConfig(_Section):
     pretrain_block_size: int = Field(128, gt=1)
 
 
+class HealConfig(_Section):
+    """method: heal: word-level KD from the teacher on general text (never the task's prompts or responses), to turn
+    a cut student back into a language model before any task training. Trains for learner.sft_steps at
+    learner.sft_batch_size and learner.sft_lr, loss objective.kd_ratio * KD + (1 - kd_ratio) * NLL, and keeps the
+    checkpoint with the lowest held-out NLL (evaluated every learner.sft_eval_every steps)."""
+
+    # the `context` passages of this Dolly-schema file (Wikipedia-style paragraphs); None: none
+    contexts_from: str | None = "../shared/data/dolly/train.jsonl"
+    text_files: list[str] = ["../shared/data/pretrain/openwebtext_sample.txt"]  # documents split on blank lines
+    block_tokens: int = Field(128, gt=1)  # tokens per training / held-out block
+    held_out: float = Field(0.05, gt=0, lt=1)  # share of the documents held out (never trained on)
+    max_valid_blocks: int = Field(64, gt=0)  # held-out blocks evaluated
+
+
 class SamplerConfig(_Section):
     num_samplers: int = Field(1, ge=1)
     max_new_tokens: int = Field(64, gt=0)
@@ -265,11 +279,12 @@ def weight_sync_backend(cluster: ClusterConfig) -> str:
 
 
 class DistillConfig(_Section):
-    method: Literal["minillm", "sft", "kd", "seqkd"] = "minillm"
+    method: Literal["minillm", "sft", "kd", "seqkd", "heal"] = "minillm"
     seed: int = 0
     output_dir: str = "runs/tiny"
     models: ModelsConfig = ModelsConfig()
     data: DataConfig = DataConfig()
+    heal: HealConfig = HealConfig()
     sampler: SamplerConfig = SamplerConfig()
     teacher: TeacherConfig = TeacherConfig()
     objective: ObjectiveConfig = ObjectiveConfig()

@@ -23,12 +23,17 @@ class ActorSlot:
         return {k: v for k, v in (("CPU", self.cpus), ("GPU", self.gpus)) if v > 0}
 
 
+def num_samplers(cfg: DistillConfig) -> int:
+    """Sampler actors the method runs: healing samples nothing (KD on given text, selection by held-out loss)."""
+    return 0 if cfg.method == "heal" else cfg.sampler.num_samplers
+
+
 def plan_slots(cfg: DistillConfig) -> list[ActorSlot]:
     c = cfg.cluster
     slots = [ActorSlot(f"learner-{i}", c.learner_cpus, c.learner_gpus) for i in range(cfg.learner.num_workers)]
     slots += [ActorSlot(f"teacher-{i}", c.teacher_cpus, c.teacher_gpus) for i in range(cfg.teacher.num_teachers)]
     # a tensor-parallel engine needs one GPU per shard inside the sampler's own bundle
-    slots += [ActorSlot(f"sampler-{i}", c.sampler_cpus, c.sampler_gpus) for i in range(cfg.sampler.num_samplers)]
+    slots += [ActorSlot(f"sampler-{i}", c.sampler_cpus, c.sampler_gpus) for i in range(num_samplers(cfg))]
     slots.append(ActorSlot("replay", c.replay_cpus, 0.0))
     return slots
 

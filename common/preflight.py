@@ -17,6 +17,7 @@ from typing import Any
 from common import storage
 from common.config import ConfigError, DistillConfig, resolve_path, storage_url
 from common.data import DataError, Example, TokenizedExample, load_jsonl, load_pretrain_blocks, tokenize_examples
+from common.healing import dolly_contexts, pack_blocks, split_documents, text_documents
 from common.models import ModelError, VocabInfo, check_compatible, load_tokenizer, max_positions, read_model_config
 
 Split = tuple[list[Example], list[TokenizedExample]]
@@ -68,8 +69,11 @@ def preflight(cfg: DistillConfig, cwd: Path | None = None) -> Checked:
     check_output_dir(resolve_path(cfg.output_dir, cwd or Path.cwd()))
     if cfg.storage.path is not None and storage.is_local(cfg.storage.path):  # a local folder: the same checks
         check_output_dir(Path(storage_url(cfg, cwd)), "storage.path")
-    train_examples = read_examples(cfg, "train", cfg.data.max_train_examples)
-    valid_examples = read_examples(cfg, "valid", cfg.data.max_valid_examples)
+    if cfg.method == "heal":
+        general = read_general_text(cfg)
+    else:
+        train_examples = read_examples(cfg, "train", cfg.data.max_train_examples)
+        valid_examples = read_examples(cfg, "valid", cfg.data.max_valid_examples)
     pretrain = pretrain_path(cfg)
     if pretrain is not None and not pretrain.is_file():
         raise DataError(f"data.pretrain: pre-training text not found: {pretrain}")
@@ -86,8 +90,11 @@ def preflight(cfg: DistillConfig, cwd: Path | None = None) -> Checked:
             check_compatible(assets.teacher_dir, resolve_path(cfg.models.sft_checkpoint), tokenizer)
     check_positions(cfg, configs)
 
-    train = tokenize_split(cfg, "train", train_examples, tokenizer)
-    valid = tokenize_split(cfg, "valid", valid_examples, tokenizer)
+    if cfg.method == "heal":
+        train, valid = heal_splits(cfg, general, tokenizer)
+    else:
+        train = tokenize_split(cfg, "train", train_examples, tokenizer)
+        valid = tokenize_split(cfg, "valid", valid_examples, tokenizer)
     check_batches(cfg, train[1], valid[1])
     if pretrain is not None:
         check_pretrain(cfg, pretrain, tokenizer)
@@ -123,6 +130,44 @@ def check_output_dir(path: Path, field: str = "output_dir") -> None:
 def read_examples(cfg: DistillConfig, split: str, limit: int | None) -> list[Example]:
     with about(f"data.{split}"):
         return load_jsonl(resolve_path(getattr(cfg.data, split)), limit=limit)
+
+
+def read_general_text(cfg: DistillConfig) -> list[str]:
+    """method: heal: the general-text documents (heal.contexts_from's passages, then heal.text_files)."""
+    h, docs = cfg.heal, []
+    if h.contexts_from:
+        with about("heal.contexts_from"):
+            docs += dolly_contexts(resolve_path(h.contexts_from))
+    for k, name in enumerate(h.text_files):
+        with about(f"heal.text_files[{k}]"):
+            docs += text_documents(resolve_path(name))
+    if len(docs) < 2:
+        raise DataError(
+            f"heal: {len(docs)} document(s) of general text in heal.contexts_from and heal.text_files; at least 2 "
+            "are needed (one to hold out)"
+        )
+    return docs
+
+
+def heal_splits(cfg: DistillConfig, docs: list[str], tokenizer) -> tuple[Split, Split]:
+    """Training and held-out blocks of general text, split by document (no held-out block shares one with
+    training); the held-out documents are drawn with a fixed seed, the same for every run and seed."""
+    h = cfg.heal
+    train_docs, valid_docs = split_documents(docs, h.held_out, seed=0)
+    train = pack_blocks(train_docs, tokenizer, h.block_tokens)
+    valid = pack_blocks(valid_docs, tokenizer, h.block_tokens, max_blocks=h.max_valid_blocks)
+    for name, blocks, n_docs in (("training", train, len(train_docs)), ("held-out", valid, len(valid_docs))):
+        if not blocks:
+            raise DataError(
+                f"heal: the {n_docs} {name} document(s) hold fewer than heal.block_tokens={h.block_tokens} tokens "
+                "(add text to heal.contexts_from / heal.text_files, or lower heal.block_tokens / raise heal.held_out)"
+            )
+    print(
+        f"[heal] general text: {len(train_docs)} training documents -> {len(train)} blocks of {h.block_tokens} "
+        f"tokens; {len(valid_docs)} held out -> {len(valid)} blocks evaluated",
+        flush=True,
+    )
+    return ([], train), ([], valid)
 
 
 def pretrain_path(cfg: DistillConfig) -> Path | None:
@@ -234,9 +279,12 @@ def check_positions(cfg: DistillConfig, configs: dict[str, tuple[str, dict]]) ->
         limit = max_positions(config)
         if limit is None:
             continue
-        needs = [sampled]  # samples are drawn from and scored by both models
-        if role == "student" or cfg.method == "kd":  # the learner trains on these; KD's teacher scores them
-            needs.append(trained)
+        if cfg.method == "heal":  # no sampling: both models read the blocks of general text
+            needs = [("heal.block_tokens", cfg.heal.block_tokens)]
+        else:
+            needs = [sampled]  # samples are drawn from and scored by both models
+            if role == "student" or cfg.method == "kd":  # the learner trains on these; KD's teacher scores them
+                needs.append(trained)
         if role == "student" and pretrain_path(cfg) is not None:
             needs.append(("data.pretrain_block_size", d.pretrain_block_size))
         for what, need in needs:

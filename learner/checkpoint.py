@@ -133,7 +133,7 @@ class ResumePoint:
     """The driver's part of a checkpoint (checkpoint.json), plus where it was read from."""
 
     path: str  # a location in durable storage (common/storage.py)
-    phase: str  # the phase to continue: "sft" / "kd" / "seqkd" / "minillm"
+    phase: str  # the phase to continue: "sft" / "kd" / "seqkd" / "heal" / "minillm"
     phase_step: int  # updates of that phase done
     global_step: int
     version: int  # weight version the samplers held

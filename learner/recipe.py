@@ -1,6 +1,6 @@
-"""The training recipe, top to bottom: set-up (every actor started here) -> the method (minillm, sft, kd, seqkd) ->
-clean-up. The driver schedules and logs; tensors go from actor to actor by reference (sampler -> teacher -> learner
-ranks, learner -> samplers), and only token ids, metrics and references come back here.
+"""The training recipe, top to bottom: set-up (every actor started here) -> the method (minillm, sft, kd, seqkd,
+heal) -> clean-up. The driver schedules and logs; tensors go from actor to actor by reference (sampler -> teacher ->
+learner ranks, learner -> samplers), and only token ids, metrics and references come back here.
 
 One MiniLLM step:  sampler.sample -> teacher.score (one shard per learner rank) -> replay queue (references)
                    -> learner ranks update on their shard -> weights pushed to the samplers (a new version).
@@ -36,6 +36,7 @@ from common.data import (
     iterate_pretrain,
     load_pretrain_blocks,
 )
+from common.placement import num_samplers
 from common.resumable import EVAL, TRAIN_BATCH, Counted, sampling_seed
 from common.rollout import merge_infos
 from learner.checkpoint import Checkpointer, ResumePoint, latest_complete, response_ids, restore_learner
@@ -168,7 +169,7 @@ class Recipe:
                 # a collective weight group cannot take a restarted member back: restarts need object_store pushes
                 max_restarts=c.cluster.max_actor_restarts if c.learner.weight_sync == "object_store" else 0,
             )
-            for i in range(c.sampler.num_samplers)
+            for i in range(num_samplers(c))
         ]
         if c.method == "minillm":
             self.replay = make_replay(
@@ -254,6 +255,8 @@ class Recipe:
             summary["sft_checkpoint"] = sft_dir
             summary.update(self.minillm_phase(sft_dir))
             return summary
+        if c.method == "heal":
+            return {**summary, **self.heal()}
         if not self.samplers:
             self.start_actors(self.assets.student_dir)
         items = self.train_items
@@ -268,6 +271,52 @@ class Recipe:
             self.learner.save(self.ckpt(name), self.assets.tokenizer_dir, c.checkpoint.save_dtype)
         summary.update({"start": res.as_dict(""), "final": res.as_dict(""), "best_valid_rouge_l": res.rouge_l})
         return summary
+
+    def heal(self) -> dict[str, Any]:
+        """Word-level KD from the teacher on general text (the recipe's validation set is then held-out general
+        text): the student's and the teacher's held-out NLL before, the student's after (lowest kept)."""
+        c = self.cfg
+        if not self.teachers:
+            self.start_actors(self.assets.student_dir)
+        resumed = self.resume_point is not None and self.resume_point.phase == "heal"
+        teacher_nll = self.teacher_valid_loss()
+        start_nll = None if resumed else self.valid_loss()
+        if start_nll is not None:
+            self.log.log({"phase": "heal-start", "global_step": 0, "valid_loss": start_nll})
+            print(
+                f"[heal] held-out NLL per token: student {start_nll:.3f}, teacher {teacher_nll:.3f} "
+                f"(gap {start_nll - teacher_nll:.3f})",
+                flush=True,
+            )
+        self.train_phase("heal", self.train_items, "valid_loss")
+        kept = self.valid_loss()
+        for name in ("best", "final"):  # the learner holds the kept weights (reloaded by train_phase)
+            assert self.learner is not None
+            self.learner.save(self.ckpt(name), self.assets.tokenizer_dir, c.checkpoint.save_dtype)
+        print(
+            f"[heal] kept: held-out NLL {kept:.3f} per token, teacher {teacher_nll:.3f} (gap {kept - teacher_nll:.3f})",
+            flush=True,
+        )
+        return {
+            "teacher_valid_loss": teacher_nll,
+            "start_valid_loss": start_nll,
+            "kept_valid_loss": kept,
+            "gap_to_teacher": kept - teacher_nll,
+            "train_blocks": len(self.train_items),
+            "valid_blocks": len(self.valid_items),
+        }
+
+    def teacher_valid_loss(self) -> float:
+        """The teacher's token-mean NLL on the validation items, the same rows as valid_loss."""
+        n, bs = self.cfg.learner.num_workers, self.cfg.learner.sft_batch_size
+        refs = []
+        for k, start in enumerate(range(0, len(self.valid_items), bs)):
+            chunk = self.valid_items[start : start + bs]
+            chunk = chunk[: (len(chunk) // n) * n]
+            if chunk:
+                refs.append(self.teachers[k % len(self.teachers)].lm_nll.remote(self._lm_batch(chunk)))
+        sums = ray.get(refs)
+        return sum(s for s, _ in sums) / max(sum(t for _, t in sums), 1.0)
 
     def teacher_responses(self) -> list[TokenizedExample]:
         """SeqKD data: the teacher's own samples (alpha = 1 through the samplers) for a shuffled draw of the
@@ -366,7 +415,7 @@ class Recipe:
         learner = self.learner
         assert learner is not None
         parts = [ray.put(p) for p in learner.split(batch)]
-        if kind != "kd":
+        if kind not in ("kd", "heal"):
             return learner.sft_step(parts)
         teacher = self.teachers[step % len(self.teachers)]
         scored = teacher.score_lm.options(num_returns=len(parts)).remote(*parts)

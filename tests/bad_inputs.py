@@ -143,6 +143,13 @@ def _short_pretrain(s: Setup, tmp: Path):
     return [f"data.pretrain={f}"], f"data.pretrain: {f}: fewer than 64 tokens of text"
 
 
+def _heal_too_little_text(s: Setup, tmp: Path):
+    f = _file(tmp, "little.txt", "One short document.\n\nAnother one.\n")
+    return ["method=heal", "heal.contexts_from=null", f"heal.text_files=[{f}]", "heal.block_tokens=64"], (
+        "heal: the 1 training document(s) hold fewer than heal.block_tokens=64 tokens"
+    )
+
+
 def _no_weights(s: Setup, tmp: Path):
     (tmp / "student").mkdir()
     (tmp / "student" / "config.json").write_text((s.student / "config.json").read_text())
@@ -258,6 +265,14 @@ CASES: dict[str, tuple[type[Exception], Make]] = {
         ),
     ),
     "pretrain-too-short": (DataError, _short_pretrain),
+    "heal-text-missing": (
+        DataError,
+        lambda s, t: (
+            ["method=heal", f"heal.text_files=[{t / 'none.txt'}]"],
+            f"heal.text_files[0]: text file not found: {t / 'none.txt'}",
+        ),
+    ),
+    "heal-too-little-text": (DataError, _heal_too_little_text),
     "teacher-missing": (
         ModelError,
         lambda s, t: (

@@ -47,3 +47,33 @@ def test_baseline_method_runs(method, tmp_path, tiny_models):
         assert [r["step"] for r in steps if r.get("best")] == expected
     for ckpt in ("best", "final"):
         assert (out / "checkpoints" / ckpt / "model.safetensors").is_file()
+
+
+def test_heal_runs_kd_on_general_text_and_keeps_the_lowest_held_out_loss(tmp_path, tiny_models):
+    """method=heal: no sampler, the teacher's and the student's held-out NLL on general text before, KD updates,
+    the checkpoint with the lowest held-out NLL kept and reloaded (re-measured after the reload)."""
+    out = tmp_path / "heal"
+    records, stdout = run_driver(
+        out,
+        "method=heal",
+        "learner.sft_steps=8",
+        "learner.sft_eval_every=4",
+        "learner.sft_batch_size=8",
+        "heal.block_tokens=64",
+        "heal.max_valid_blocks=16",
+        "objective.kd_ratio=1.0",
+    )
+    assert "1 teacher(s), 0 sampler(s) ready" in stdout
+    assert "[heal] held-out NLL per token: student" in stdout
+    steps = [r for r in records if r["phase"] == "heal"]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert all(r["kd"] > 0 and r["tokens"] == 8 * 63 for r in steps)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "heal" and summary["valid_blocks"] == 16
+    evaluated = {r["step"]: r["valid_loss"] for r in steps if "valid_loss" in r}
+    assert set(evaluated) == {4, 8}
+    assert summary["kept_valid_loss"] == pytest.approx(min(evaluated.values()), abs=1e-4)
+    assert summary["kept_valid_loss"] < summary["start_valid_loss"]  # 8 KD steps move a random student a lot
+    assert summary["teacher_valid_loss"] < summary["start_valid_loss"]
+    for ckpt in ("best", "final"):
+        assert (out / "checkpoints" / ckpt / "model.safetensors").is_file()
