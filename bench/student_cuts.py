@@ -43,7 +43,9 @@ def nll_per_token(model, pairs: list[tuple[list[int], list[int]]]) -> float:
 def with_layers(teacher, keep: list[int]):
     """A shallow copy of the teacher that runs only `keep` (shares its weights; nothing is copied)."""
     model = copy.copy(teacher)
-    model.model = copy.copy(teacher.model)
+    model._modules = dict(teacher._modules)  # a shallow copy shares the submodule dict: setting a child would
+    model.model = copy.copy(teacher.model)  # replace the teacher's too
+    model.model._modules = dict(teacher.model._modules)
     model.model.layers = torch.nn.ModuleList([teacher.model.layers[i] for i in keep])
     model.config = copy.deepcopy(teacher.config)
     model.config.num_hidden_layers = len(keep)
