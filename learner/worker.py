@@ -93,6 +93,9 @@ class LearnerWorker:
 
     # ----- set-up ------------------------------------------------------------------------------------
     def set_optimizer(self, lr: float) -> None:
+        # after an evaluation forward the root's parameters are unsharded tensors: the optimizer must hold the
+        # sharded ones, or its state matches no parameter when a checkpoint maps it to names
+        self._reshard()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.95)
         )

@@ -62,6 +62,7 @@ def test_heal_runs_kd_on_general_text_and_keeps_the_lowest_held_out_loss(tmp_pat
         "heal.block_tokens=64",
         "heal.max_valid_blocks=16",
         "objective.kd_ratio=1.0",
+        "checkpoint.every_steps=2",  # a state checkpoint after an evaluation forward (the optimizer's parameters)
     )
     assert "1 teacher(s), 0 sampler(s) ready" in stdout
     assert "[heal] held-out NLL per token: student" in stdout
@@ -77,3 +78,4 @@ def test_heal_runs_kd_on_general_text_and_keeps_the_lowest_held_out_loss(tmp_pat
     assert summary["teacher_valid_loss"] < summary["start_valid_loss"]
     for ckpt in ("best", "final"):
         assert (out / "checkpoints" / ckpt / "model.safetensors").is_file()
+    assert "[checkpoint] step 6 (heal 6)" in stdout
