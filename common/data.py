@@ -202,18 +202,23 @@ def iterate_batches(
         epoch += 1
 
 
-def load_pretrain_blocks(
-    path: str | Path, tokenizer: Tokenizer, block_size: int, max_blocks: int | None = None
-) -> torch.Tensor:
-    """Plain text (documents separated by blank lines) -> EOS-joined token stream cut into [N, block_size]."""
+def text_documents(path: str | Path, what: str = "text file") -> list[str]:
+    """Plain text, documents separated by blank lines."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"pre-training text not found: {path}")
+        raise DataError(f"{what} not found: {path}")
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    return [d.strip() for d in text.split("\n\n") if d.strip()]
+
+
+def eos_joined_blocks(
+    docs: Sequence[str], tokenizer: Tokenizer, block_size: int, max_blocks: int | None = None
+) -> list[list[int]]:
+    """The documents as one EOS-joined token stream cut into blocks of `block_size` (the ragged tail dropped);
+    tokenises only as many documents as `max_blocks` needs."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     needed = None if max_blocks is None else max_blocks * block_size
@@ -223,12 +228,18 @@ def load_pretrain_blocks(
             stream.append(eos)
         if needed is not None and len(stream) >= needed:
             break
-    n = len(stream) // block_size
-    if max_blocks is not None:
-        n = min(n, max_blocks)
-    if n == 0:
+    n = len(stream) // block_size if max_blocks is None else min(max_blocks, len(stream) // block_size)
+    return [stream[k * block_size : (k + 1) * block_size] for k in range(n)]
+
+
+def load_pretrain_blocks(
+    path: str | Path, tokenizer: Tokenizer, block_size: int, max_blocks: int | None = None
+) -> torch.Tensor:
+    """Plain text (documents separated by blank lines) -> EOS-joined token stream cut into [N, block_size]."""
+    blocks = eos_joined_blocks(text_documents(path, "pre-training text"), tokenizer, block_size, max_blocks)
+    if not blocks:
         raise DataError(f"{path}: fewer than {block_size} tokens of text")
-    return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
+    return torch.tensor(blocks, dtype=torch.long)
 
 
 def iterate_pretrain(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:

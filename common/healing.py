@@ -15,7 +15,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.data import DataError, TokenizedExample, Tokenizer
+from common.data import DataError, TokenizedExample, Tokenizer, eos_joined_blocks
 
 
 def dolly_contexts(path: str | Path) -> list[str]:
@@ -43,18 +43,6 @@ def dolly_contexts(path: str | Path) -> list[str]:
     return out
 
 
-def text_documents(path: str | Path) -> list[str]:
-    """Plain text, documents separated by blank lines."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"text file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    return [d.strip() for d in text.split("\n\n") if d.strip()]
-
-
 def split_documents(docs: Sequence[str], held_out: float, seed: int) -> tuple[list[str], list[str]]:
     """(training, held-out) documents: a seeded shuffle, the first `held_out` share held out (at least one each)."""
     if len(docs) < 2:
@@ -71,15 +59,5 @@ def pack_blocks(
     """The documents as one EOS-joined stream cut into blocks of `block_tokens` (the ragged tail dropped)."""
     if block_tokens < 2:
         raise DataError(f"blocks of {block_tokens} token(s): at least 2 are needed (one context, one target)")
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    needed = None if max_blocks is None else max_blocks * block_tokens
-    for doc in docs:
-        stream.extend(tokenizer.encode(doc, add_special_tokens=False))
-        if eos is not None:
-            stream.append(eos)
-        if needed is not None and len(stream) >= needed:
-            break
-    n = len(stream) // block_tokens if max_blocks is None else min(max_blocks, len(stream) // block_tokens)
-    blocks = [stream[k * block_tokens : (k + 1) * block_tokens] for k in range(n)]
+    blocks = eos_joined_blocks(docs, tokenizer, block_tokens, max_blocks)
     return [TokenizedExample(b[:1], b[1:], k) for k, b in enumerate(blocks)]

@@ -16,8 +16,16 @@ from typing import Any
 
 from common import storage
 from common.config import ConfigError, DistillConfig, resolve_path, storage_url
-from common.data import DataError, Example, TokenizedExample, load_jsonl, load_pretrain_blocks, tokenize_examples
-from common.healing import dolly_contexts, pack_blocks, split_documents, text_documents
+from common.data import (
+    DataError,
+    Example,
+    TokenizedExample,
+    load_jsonl,
+    load_pretrain_blocks,
+    text_documents,
+    tokenize_examples,
+)
+from common.healing import dolly_contexts, pack_blocks, split_documents
 from common.models import ModelError, VocabInfo, check_compatible, load_tokenizer, max_positions, read_model_config
 
 Split = tuple[list[Example], list[TokenizedExample]]

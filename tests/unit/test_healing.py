@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from common.data import DataError, collate_prompt_response
-from common.healing import dolly_contexts, pack_blocks, split_documents, text_documents
+from common.data import DataError, collate_prompt_response, text_documents
+from common.healing import dolly_contexts, pack_blocks, split_documents
 
 
 class CharTokenizer:
