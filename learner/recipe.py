@@ -45,6 +45,8 @@ from learner.run_log import RunLogger, RunStopped, copy_checkpoint
 from learner.validation import ValidationResult, validate
 
 Split = tuple[list[Example], list[TokenizedExample]]
+# an SFT run selecting by ROUGE-L also keeps, under this checkpoint name, its weights of lowest validation loss
+LOWEST_VALID_LOSS = "lowest_valid_loss"
 
 
 def one_line_error(exc: BaseException) -> str:
@@ -357,9 +359,14 @@ class Recipe:
         learner.set_lr(c.learner.sft_lr)
         best_dir, by_rouge = self.ckpt(f"{kind}_best"), select_by == "rouge_l"
         best = float("inf")  # lower is better: validation loss, or -ROUGE-L
+        # the paper's protocol picks SFT twice from one run: the SFT baseline by validation ROUGE-L, MiniLLM's
+        # initialisation by the lowest validation loss; a run selecting by ROUGE-L keeps the latter as well
+        lowest_dir = self.ckpt(LOWEST_VALID_LOSS) if by_rouge and kind == "sft" else None
+        lowest = float("inf")
         point, done = self._resume(kind), 0
         if point is not None:
             best, done = point.best if point.best is not None else best, point.phase_step
+            lowest = point.extra.get("lowest_valid_loss", lowest)
         elif by_rouge:
             best = -self.validation(f"{kind}-start").rouge_l
             learner.save(best_dir, self.assets.tokenizer_dir)
@@ -390,6 +397,9 @@ class Recipe:
                 if score < best:
                     best, record["best"] = score, True
                     learner.save(best_dir, self.assets.tokenizer_dir)
+                if lowest_dir is not None and loss < lowest:
+                    lowest, record["lowest_valid_loss"] = loss, True
+                    learner.save(lowest_dir, self.assets.tokenizer_dir)
                 print(
                     f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} {shown} "
                     f"(best {abs(best):.3f}, {time.time() - t0:.0f}s)",
@@ -400,9 +410,11 @@ class Recipe:
             self.log.log({**record, **time_in.pop()})
             self.count_bad(m, kind)
             if step < steps and self.ckpts.due(step - 1, step):  # at the end MiniLLM's start (or the run's end) saves
-                self.save_state(kind, step, best, batches.drawn)
-        if not storage.is_complete_dir(best_dir):  # no steps: the initial student is the phase's result
-            learner.save(best_dir, self.assets.tokenizer_dir)
+                extra = {"lowest_valid_loss": lowest} if lowest_dir is not None else None
+                self.save_state(kind, step, best, batches.drawn, extra=extra)
+        for kept in (best_dir, lowest_dir):
+            if kept is not None and not storage.is_complete_dir(kept):  # no steps: the initial student is the result
+                learner.save(kept, self.assets.tokenizer_dir)
         learner.load_state(best_dir)  # every rank reads it from storage
         # measured again on the weights just reloaded: what the phase hands on, not what it logged at the time
         self.log.log(
@@ -746,6 +758,7 @@ class Recipe:
         sft_dir: str | None = None,
         start: ValidationResult | None = None,
         last: ValidationResult | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         """A checkpoint of the whole training state at a point where nothing is in flight (see launch_limit)."""
         assert self.learner is not None
@@ -766,6 +779,7 @@ class Recipe:
                 sft_dir=sft_dir,
                 start=start.__dict__ if start else None,
                 last=last.__dict__ if last else None,
+                extra=extra or {},
             ),
         )
 

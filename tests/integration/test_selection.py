@@ -27,8 +27,12 @@ def _run(out: Path, rule: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_models):
-    root = tmp_path_factory.mktemp("selection")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("selection")
+
+
+@pytest.fixture(scope="module")
+def runs(root, tiny_models):
     return {rule: _run(root / rule, rule) for rule in ("rouge_l", "valid_loss")}
 
 
@@ -72,3 +76,14 @@ def test_loss_rule_keeps_the_loss_step(runs):
     assert [s for s, r in evals.items() if r.get("best")][-1] == best_step
     assert _kept_loss(records) == pytest.approx(evals[best_step]["valid_loss"], rel=1e-6, abs=0)
     assert not any("eval_rouge_l" in r for r in evals.values())  # this rule never samples during the phase
+
+
+def test_rouge_rule_also_keeps_the_lowest_loss_weights_for_minillm(runs, root):
+    """The paper starts MiniLLM from the SFT weights of lowest validation loss and selects the SFT baseline by
+    ROUGE-L: one SFT run under the ROUGE-L rule keeps both (checkpoints/lowest_valid_loss for the former)."""
+    evals = _evals(runs["rouge_l"])
+    loss_step = min(evals, key=lambda s: (evals[s]["valid_loss"], s))
+    assert [s for s, r in evals.items() if r.get("lowest_valid_loss")][-1] == loss_step
+    kept = root / "rouge_l" / "checkpoints" / "lowest_valid_loss"
+    assert (kept / "config.json").exists() and (kept / "model.safetensors").exists()
+    assert not (root / "valid_loss" / "checkpoints" / "lowest_valid_loss").exists()  # there `best` is that already
