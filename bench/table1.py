@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"models.teacher={teacher}",
                 f"models.student={sft_init() if control else student}",
             ]
+            if method in ("minillm", "sft-more"):  # the paper's rule: the best of the run's own checkpoints
+                overrides.append("learner.start_competes=false")
             if control:
                 overrides += [
                     f"learner.sft_steps={args.control_steps}",

@@ -181,6 +181,10 @@ class LearnerConfig(_Section):
     sft_init_select_by: Literal["valid_loss", "rouge_l"] = "valid_loss"
     baseline_select_by: Literal["valid_loss", "rouge_l"] = "rouge_l"
     minillm_select_by: Literal["rouge_l", "reverse_kl"] = "rouge_l"
+    # whether a phase's starting weights compete in its ROUGE-L / reverse-KL selection (they are still evaluated for
+    # the curve): true keeps the start when no trained checkpoint beats it on validation; false is the paper's rule,
+    # the best of the phase's own checkpoints, so a MiniLLM row is never a copy of the SFT it started from
+    start_competes: bool = True
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     # how weights reach the samplers: rank 0's full state dict through the Ray object store, or a packed broadcast
     # over a process group of rank 0 and the samplers (NCCL when both sides have GPUs, else gloo)

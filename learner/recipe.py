@@ -352,8 +352,9 @@ class Recipe:
     # ===== phases ====================================================================================
     def train_phase(self, kind: str, items: list[TokenizedExample], select_by: str) -> str:
         """Fine-tune the student (sft / seqkd: NLL on `items`; kd: word-level KD + NLL) for learner.sft_steps and
-        keep the checkpoint with the lowest validation loss or the highest validation ROUGE-L (`select_by`; the
-        initial student competes too with ROUGE-L). Returns the kept checkpoint, loaded back into the learner."""
+        keep the checkpoint with the lowest validation loss or the highest validation ROUGE-L (`select_by`; under
+        ROUGE-L the initial student competes too unless learner.start_competes is false). Returns the kept
+        checkpoint, loaded back into the learner."""
         c, learner = self.cfg, self.learner
         assert learner is not None
         learner.set_lr(c.learner.sft_lr)
@@ -368,8 +369,10 @@ class Recipe:
             best, done = point.best if point.best is not None else best, point.phase_step
             lowest = point.extra.get("lowest_valid_loss", lowest)
         elif by_rouge:
-            best = -self.validation(f"{kind}-start").rouge_l
-            learner.save(best_dir, self.assets.tokenizer_dir)
+            start_score = -self.validation(f"{kind}-start").rouge_l
+            if c.learner.start_competes:
+                best = start_score
+                learner.save(best_dir, self.assets.tokenizer_dir)
         batches = Counted(
             iterate_batches(items, c.learner.sft_batch_size, c.seed), point.prompt_batches if point else 0
         )
@@ -453,7 +456,7 @@ class Recipe:
         score_of = (lambda r: r.rouge_l) if lc.minillm_select_by == "rouge_l" else (lambda r: r.reverse_kl_token)
         if point is None:
             start = last = self.validation("minillm-start") if c.eval.at_start else None
-            best = score_of(start) if start is not None else None
+            best = score_of(start) if start is not None and lc.start_competes else None
             copy_checkpoint(sft_dir, self.ckpt("best"))
         else:
             start, last = (ValidationResult(**r) if r else None for r in (point.start, point.last))

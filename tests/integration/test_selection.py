@@ -87,3 +87,29 @@ def test_rouge_rule_also_keeps_the_lowest_loss_weights_for_minillm(runs, root):
     kept = root / "rouge_l" / "checkpoints" / "lowest_valid_loss"
     assert (kept / "config.json").exists() and (kept / "model.safetensors").exists()
     assert not (root / "valid_loss" / "checkpoints" / "lowest_valid_loss").exists()  # there `best` is that already
+
+
+def test_start_that_does_not_compete_is_never_kept(root, tiny_models):
+    """learner.start_competes=false (the paper's rule for a run that starts from a trained model): the phase keeps
+    its best trained checkpoint even when it does not beat the start. Here the random tiny student and its first
+    update at lr 1.0 both score ROUGE-L 0; under the default rule that tie keeps the start."""
+    records = run_driver(
+        root / "no-start",
+        *SHORT[:1],
+        "learner.sft_steps=2",
+        "learner.sft_eval_every=1",
+        "learner.sft_lr=1.0",
+        "learner.baseline_select_by=rouge_l",
+        "learner.start_competes=false",
+        "eval.num_prompts=16",
+        "eval.kl_prompts=4",
+        "eval.max_new_tokens=16",
+    )[0]
+    start = next(r for r in records if r.get("label") == "sft-start")
+    assert "best" not in start
+    evals = _evals(records)
+    assert evals[1]["eval_rouge_l"] <= start["eval_rouge_l"], "the start no longer wins: the test checks nothing"
+    assert sorted(evals) == [1, 2] and evals[1].get("best")  # the first trained checkpoint is the first candidate
+    best_step = max(evals, key=lambda s: (evals[s]["eval_rouge_l"], -s))
+    assert _kept_loss(records) == pytest.approx(evals[best_step]["valid_loss"], rel=1e-6, abs=0)
+    print(f"start ROUGE-L {start['eval_rouge_l']:.2f}, trained {[evals[s]['eval_rouge_l'] for s in (1, 2)]}")
