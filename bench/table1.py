@@ -234,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"models.teacher={teacher}",
                 f"models.student={sft_init() if control else student}",
             ]
-            if method in ("minillm", "sft-more"):  # the paper's rule: the best of the run's own checkpoints
-                overrides.append("learner.start_competes=false")
+            # the paper's rule: the best of the run's own checkpoints (a start that scored higher on validation would
+            # make MiniLLM's row a copy of SFT's, or a baseline's a copy of the untrained student)
+            overrides.append("learner.start_competes=false")
             if control:
                 overrides += [
                     f"learner.sft_steps={args.control_steps}",

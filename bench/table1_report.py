@@ -22,6 +22,8 @@ LABELS = {
     "seqkd": "SeqKD",
     "minillm": "MiniLLM",
     "sft-more": "SFT continued (control)",
+    # by hand, not a stage (docs/results.md gives the commands): SFT from the cut before healing, what healing buys
+    "sft-unhealed": "SFT w/o KD, from the unhealed cut",
 }
 STARTS_FROM_SFT = ("minillm", "sft-more")
 
