@@ -25,7 +25,7 @@ from common.metrics import rouge_l  # noqa: E402
 
 CONSTANT_ANSWERS = ("the", "The and of the a is to in and the")
 
-Key = tuple[str, int, int]  # dataset, seed, example index
+Key = tuple[str, int, int]  # dataset file name, seed, example index
 
 
 def load_samples(path: Path) -> dict[Key, dict]:
@@ -35,7 +35,8 @@ def load_samples(path: Path) -> dict[Key, dict]:
             continue
         try:
             r = json.loads(line)
-            rows[(r["dataset"], int(r["seed"]), int(r["index"]))] = r
+            # The file name, not the path as typed: `../data/test.jsonl` and `/abs/data/test.jsonl` are one split.
+            rows[(Path(r["dataset"]).name, int(r["seed"]), int(r["index"]))] = r
         except (ValueError, KeyError) as exc:
             raise SystemExit(f"{path}:{n}: not a `learner.evaluate --samples` line ({exc})") from exc
     return rows
@@ -57,15 +58,21 @@ def length_matched(base: dict[Key, dict], other: dict[Key, dict]) -> dict[str, f
     if not shared:
         raise SystemExit("the two samples files share no (dataset, seed, index): same data, seeds and limit?")
     ours, theirs = [], []
+    by_seed: dict[int, list[float]] = {}
     for key in shared:
         a, b = base[key], other[key]
         n = min(len(a["response"].split()), len(b["response"].split()))
         ours.append(rouge_l(_first_words(a["response"], n), a["references"]))
         theirs.append(rouge_l(_first_words(b["response"], n), b["references"]))
+        by_seed.setdefault(key[1], []).append(theirs[-1] - ours[-1])
+    # the spread of the difference across sampling seeds, as the raw scores' spread is reported
+    seed_diffs = [statistics.mean(d) for d in by_seed.values()]
     return {
         "pairs": len(shared),
         "base": statistics.mean(ours),
         "other": statistics.mean(theirs),
+        "diff_seed_std": statistics.pstdev(seed_diffs) if len(seed_diffs) > 1 else 0.0,
+        "seeds": len(seed_diffs),
         "base_words": statistics.mean(len(base[k]["response"].split()) for k in shared),
         "other_words": statistics.mean(len(other[k]["response"].split()) for k in shared),
     }
@@ -82,12 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     base = load_samples(args.base)
     for text, score in floors(base).items():
         print(f"constant answer {text!r}: ROUGE-L {score:.2f}")
-    print(f"{'model':<28} {'ROUGE-L':>8} {'words':>6} | length-matched: {'model':>6} {'base':>6} ({args.base.stem})")
+    print(
+        f"{'model':<28} {'ROUGE-L':>8} {'words':>6} | length-matched: {'model':>6} {'base':>6} "
+        f"{'diff':>6} {'+-':>5} ({args.base.stem}; +-: std of the diff across seeds)"
+    )
     for path in args.samples:
         other = load_samples(path)
         m = length_matched(base, other)
         raw = statistics.mean(r["rouge_l"] for r in other.values())
-        print(f"{path.stem:<28} {raw:>8.2f} {m['other_words']:>6.1f} | {'':>16}{m['other']:>6.2f} {m['base']:>6.2f}")
+        diff = m["other"] - m["base"]
+        print(
+            f"{path.stem:<28} {raw:>8.2f} {m['other_words']:>6.1f} | {'':>16}{m['other']:>6.2f} {m['base']:>6.2f} "
+            f"{diff:>+6.2f} {m['diff_seed_std']:>5.2f}"
+        )
     return 0
 
 

@@ -81,6 +81,16 @@ def by_reference_length(samples: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+def bucket_sizes(samples: dict) -> dict[str, int]:
+    """How many distinct test examples fall in each reference-length bucket."""
+    examples = {(k[0], k[2]): r for rows in samples.values() for k, r in rows.items()}
+    sizes: dict[str, int] = {}
+    for r in examples.values():
+        bucket = _bucket(len(r["references"][0].split()) if r["references"] else 0)
+        sizes[bucket] = sizes.get(bucket, 0) + 1
+    return sizes
+
+
 def at_cap_share(samples: dict, max_new_tokens: int) -> dict[str, float]:
     """Percentage of each model's responses that stopped at the length cap, not on their own."""
     return {
@@ -109,8 +119,9 @@ def table_markdown(
     max_new_tokens: int = 48,
     at_cap: dict[str, float] | None = None,
     buckets: dict[str, dict[str, float]] | None = None,
+    sizes: dict[str, int] | None = None,
 ) -> str:
-    matched, floor, at_cap, buckets = matched or {}, floor or {}, at_cap or {}, buckets or {}
+    matched, floor, at_cap, buckets, sizes = matched or {}, floor or {}, at_cap or {}, buckets or {}, sizes or {}
     lines = [
         "| model | ROUGE-L (5 seeds) | ROUGE-L vs SFT, length-matched | Dist-4 | test LM loss "
         "| reverse KL / response | reverse KL / token | forward KL / response | ExAccErr % | mean length "
@@ -122,6 +133,8 @@ def table_markdown(
         train = stages.get(f"train-{name}", {}).get("seconds")
         m = matched.get(name)
         vs_sft = "-" if m is None else f"{m['other']:.2f} vs {m['base']:.2f}"
+        if m is not None and "diff_seed_std" in m:
+            vs_sft += f" ({m['other'] - m['base']:+.2f} ± {m['diff_seed_std']:.2f})"
         lines.append(
             f"| {LABELS[name]} | {r['rouge_l_mean']:.2f} ± {r['rouge_l_std']:.2f} | {vs_sft} | "
             f"{_fmt(r['dist_4_mean'])} | {_fmt(r['lm_loss'], 3)} | {_fmt(r.get('reverse_kl_seq'))} | "
@@ -144,7 +157,8 @@ def table_markdown(
         lines += [
             "",
             "Length-matched: for every seed and prompt, the model's and SFT's responses are cut to the "
-            "shorter one's word count and scored again (model vs SFT), so the difference is not one of length. "
+            "shorter one's word count and scored again (model vs SFT), so the difference is not one of length; "
+            "in brackets the difference, ± its population std across the seeds' mean differences. "
             "No model at all: "
             + ", ".join(f'the constant answer "{t}" scores {v:.2f}' for t, v in floor.items())
             + " ROUGE-L on the same prompts "
@@ -154,9 +168,9 @@ def table_markdown(
         names = sorted({b for per in buckets.values() for b in per}, key=lambda b: int(b.strip(">").split("-")[0]))
         lines += [
             "",
-            "ROUGE-L by the reference's length in words (all seeds):",
+            "ROUGE-L by the reference's length in words (all seeds; n: test examples in the bucket):",
             "",
-            "| model | " + " | ".join(names) + " |",
+            "| model | " + " | ".join(f"{b} words (n = {sizes.get(b, 0)})" for b in names) + " |",
             "|---|" + "---|" * len(names),
         ]
         lines += [
@@ -234,7 +248,9 @@ def write_report(
         )
     )
     plotted = plot_curves(curves, curves_png)
-    table = table_markdown(rows, stages, test_limit, matched, floor, max_new_tokens, at_cap, buckets)
+    table = table_markdown(
+        rows, stages, test_limit, matched, floor, max_new_tokens, at_cap, buckets, bucket_sizes(samples)
+    )
     if plotted:
         table += f"\n\n![validation ROUGE-L and reverse KL over training]({curves_png.name})"
     begin, end = markers(name)

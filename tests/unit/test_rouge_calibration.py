@@ -57,3 +57,17 @@ def test_bad_samples_line_names_file_and_line(tmp_path):
     path.write_text(json.dumps(_row(10, 0, "x", ["y"])) + '\n{"seed": 1}\n')
     with pytest.raises(SystemExit, match="bad.jsonl:2"):
         load_samples(path)
+
+
+def test_one_split_typed_two_ways_is_one_dataset_and_the_diff_spread_is_across_seeds(tmp_path):
+    refs = ["cats sit on mats"]
+    base_rows = [_row(s, 0, "cats sit", refs) for s in (10, 20)]
+    other_rows = [_row(10, 0, "cats sit", refs), _row(20, 0, "dogs sit", refs)]
+    for r in base_rows:
+        r["dataset"] = "../data/test.jsonl"
+    for r in other_rows:
+        r["dataset"] = "/abs/data/test.jsonl"
+    m = length_matched(_write(tmp_path / "a.jsonl", base_rows), _write(tmp_path / "b.jsonl", other_rows))
+    assert m["pairs"] == 2 and m["seeds"] == 2
+    # per-seed differences 0 and 100/3 - 200/3: their population std is half the gap
+    assert m["diff_seed_std"] == pytest.approx(100 / 6)
