@@ -147,17 +147,20 @@ def test_prompt_logprobs_match_hf(engine, models):
         assert max((abs(x - y) for x, y in zip(g, ref, strict=True)), default=0.0) < TOL
 
 
+def _max_logprob_err(engine, seqs, model) -> float:
+    """Largest gap between the engine's prompt log-probs (from position 1) and the HF model's."""
+    got = engine.prompt_logprobs(seqs, [1] * len(seqs))
+    return max(
+        abs(x - y) for s, g in zip(seqs, got, strict=True) for x, y in zip(g, _hf_logprobs(model, s, 1), strict=True)
+    )
+
+
 def test_load_weights_switches_model_and_rejects_bad_pushes(engine, models):
     model_a, model_b = models["A"][1], models["B"][1]
     seqs = [s + [9, 10, 11, 12] for s in _prompts(4, seed=3)]
 
     def max_err(model):
-        got = engine.prompt_logprobs(seqs, [1] * len(seqs))
-        return max(
-            abs(x - y)
-            for s, g in zip(seqs, got, strict=True)
-            for x, y in zip(g, _hf_logprobs(model, s, 1), strict=True)
-        )
+        return _max_logprob_err(engine, seqs, model)
 
     assert max_err(model_a) < TOL
     try:
@@ -309,12 +312,7 @@ def test_push_into_a_tied_head_model_reaches_the_head(tied_models):
     seqs = [s + [9, 10, 11, 12] for s in _prompts(4, seed=5)]
 
     def max_err(model):
-        got = engine.prompt_logprobs(seqs, [1] * len(seqs))
-        return max(
-            abs(x - y)
-            for s, g in zip(seqs, got, strict=True)
-            for x, y in zip(g, _hf_logprobs(model, s, 1), strict=True)
-        )
+        return _max_logprob_err(engine, seqs, model)
 
     assert max_err(model_a) < TOL
     engine.load_weights(model_b.state_dict())
