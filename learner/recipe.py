@@ -112,6 +112,7 @@ class Recipe:
         self.generation = 0  # of the replay queue: bumped by a learner restart, older batches are refused
         self.student_dir: str | None = None  # the learner ranks' initial weights
         self.seqkd_items: list[TokenizedExample] | None = None
+        self.phase_start: ValidationResult | None = None  # the last train_phase's start validation (not on resume)
         self.sampled_ids: dict[int, Any] = {}  # batch id -> ref to its sampled token ids (logging.sampled_ids)
         self.resume_point: ResumePoint | None = None  # set by the driver when the run continues a checkpoint
         self.ckpts = Checkpointer(self.run_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep, dump_config(cfg))
@@ -271,7 +272,10 @@ class Recipe:
         for name in ("best", "final"):  # the learner holds the kept weights (reloaded by train_phase)
             assert self.learner is not None
             self.learner.save(self.ckpt(name), self.assets.tokenizer_dir, c.checkpoint.save_dtype)
-        summary.update({"start": res.as_dict(""), "final": res.as_dict(""), "best_valid_rouge_l": res.rouge_l})
+        # "final" is the kept weights (what checkpoints/final holds); "start" the initial student, when this
+        # process evaluated it (not after a resume, nor under select_by=valid_loss)
+        start = self.phase_start.as_dict("") if self.phase_start is not None else None
+        summary.update({"start": start, "final": res.as_dict(""), "best_valid_rouge_l": res.rouge_l})
         return summary
 
     def heal(self) -> dict[str, Any]:
@@ -368,8 +372,10 @@ class Recipe:
         if point is not None:
             best, done = point.best if point.best is not None else best, point.phase_step
             lowest = point.extra.get("lowest_valid_loss", lowest)
-        elif by_rouge:
-            start_score = -self.validation(f"{kind}-start").rouge_l
+        self.phase_start = None
+        if point is None and by_rouge:
+            self.phase_start = self.validation(f"{kind}-start")
+            start_score = -self.phase_start.rouge_l
             if c.learner.start_competes:
                 best = start_score
                 learner.save(best_dir, self.assets.tokenizer_dir)

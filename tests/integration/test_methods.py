@@ -45,6 +45,11 @@ def test_baseline_method_runs(method, tmp_path, tiny_models):
                 best = evals[f"{method}-step-{step}"]
                 expected.append(step)
         assert [r["step"] for r in steps if r.get("best")] == expected
+        # the summary's start is the initial student, its final the kept checkpoint
+        assert summary["start"]["rouge_l"] == pytest.approx(evals[f"{method}-start"], abs=1e-3)
+        assert summary["final"]["rouge_l"] == pytest.approx(evals[f"{method}-best"], abs=1e-3)
+    else:
+        assert summary["start"] is None  # not evaluated: the valid_loss rule needs no start sample
     for ckpt in ("best", "final"):
         assert (out / "checkpoints" / ckpt / "model.safetensors").is_file()
 
