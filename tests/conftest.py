@@ -31,9 +31,9 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def ray_module():
-    """Ray for one module, shut down after it, for modules that run before test_job_submission: its
-    `deploy/local_head.sh stop` (`ray stop --force`) ends every Ray on the machine, and a driver whose cluster dies is
-    exited by Ray (pytest with it). Reuses a session that is already up."""
+    """Ray for one module, shut down after it, for modules that must not share a Ray with the rest of the session
+    (test_job_submission's own head now stops only its own processes; this keeps each module's Ray apart anyway).
+    Reuses a session that is already up."""
     import ray
 
     owned = not ray.is_initialized()

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -63,7 +64,8 @@ def _ray(*args, env, timeout=300, check=True):
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     temp = tmp_path_factory.mktemp("rayhead")
-    gcs, dash, metrics = _free_port(), _free_port(), _free_port()
+    # every port this head binds by default is its own, so that it can run beside a user's Ray on the machine
+    gcs, dash, metrics, agent, client = (_free_port() for _ in range(5))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({"RAY_AUTH_MODE": "token", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "WANDB_MODE": "offline"})
     _ray(
@@ -79,6 +81,10 @@ def head(tmp_path_factory):
         str(dash),
         "--metrics-export-port",
         str(metrics),
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--ray-client-server-port",
+        str(client),
         "--num-cpus",
         "2",
         "--temp-dir",
@@ -94,7 +100,36 @@ def head(tmp_path_factory):
             "gcs": f"127.0.0.1:{gcs}",
         }
     finally:
-        _ray("stop", "--force", env=env, check=False)
+        _stop_head(temp, gcs)
+
+
+def _stop_head(temp: Path, gcs_port: int) -> None:
+    """Stop this test's head and nothing else: `ray stop --force` would kill every Ray process on the machine,
+    including a user's own cluster or job running beside the tests. The head's services name its temp dir (or,
+    for the client proxy, its GCS address) on their command line; workers and the job's driver descend from them."""
+    marks = (str(temp), f"127.0.0.1:{gcs_port}")
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if any(mark in line for mark in marks):
+            roots.append(proc)
+    procs = {p.pid: p for p in roots}
+    for root in roots:
+        try:
+            procs.update({c.pid: c for c in root.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
+    for proc in procs.values():
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def test_job_submit_runs_the_service_and_exports_metrics(head, tmp_path, tiny_models):
