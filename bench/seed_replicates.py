@@ -24,30 +24,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.rouge_calibration import length_matched, load_samples  # noqa: E402
+from bench.rouge_calibration import Key, length_matched, load_samples  # noqa: E402
+from bench.table1_report import at_cap_share  # noqa: E402
 
 COLUMNS = ("rouge_l", "matched_vs_base", "tokens", "at_cap_pct", "reverse_kl_token", "forward_kl_token", "lm_loss")
 
 
-def run_row(work: Path, run: str, base: dict, max_new_tokens: int) -> dict[str, float]:
-    """One evaluated run's figures (the first dataset of its eval file)."""
-    out, samples_path = work / "eval" / f"{run}.json", work / "eval" / f"{run}.samples.jsonl"
-    for path in (out, samples_path):
-        if not path.is_file():
-            raise SystemExit(f"no {path}: evaluate the run with `python -m learner.evaluate --out ... --samples ...`")
-    res = next(iter(json.loads(out.read_text())["datasets"].values()))
-    samples = load_samples(samples_path)
+def run_row(work: Path, run: str, samples: dict[Key, dict], base: dict, max_new_tokens: int) -> dict[str, float]:
+    """One evaluated run's figures (the first dataset of its eval file) beside its loaded samples."""
+    res = next(iter(json.loads((work / "eval" / f"{run}.json").read_text())["datasets"].values()))
     matched = length_matched(base, samples)
-    tokens = [r["tokens"] for r in samples.values()]
     return {
         "rouge_l": res["rouge_l_mean"],
         "matched_vs_base": matched["other"] - matched["base"],
-        "tokens": statistics.mean(tokens),
-        "at_cap_pct": 100 * sum(t >= max_new_tokens for t in tokens) / len(tokens),
+        "tokens": statistics.mean(r["tokens"] for r in samples.values()),
+        "at_cap_pct": at_cap_share({run: samples}, max_new_tokens)[run],
         "reverse_kl_token": res["reverse_kl_token"],
         "forward_kl_token": res["forward_kl_token"],
         "lm_loss": res["lm_loss"],
     }
+
+
+def load_run(work: Path, run: str) -> dict[Key, dict]:
+    """A run's samples, after checking that both of its evaluation files exist."""
+    out, samples_path = work / "eval" / f"{run}.json", work / "eval" / f"{run}.samples.jsonl"
+    for path in (out, samples_path):
+        if not path.is_file():
+            raise SystemExit(f"no {path}: evaluate the run with `python -m learner.evaluate --out ... --samples ...`")
+    return load_samples(samples_path)
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no {base_path}: --base names a run evaluated with --samples")
     base = load_samples(base_path)
     groups = dict(args.group)
-    rows = {run: run_row(args.work, run, base, args.max_new_tokens) for runs in groups.values() for run in runs}
+    samples = {run: load_run(args.work, run) for runs in groups.values() for run in runs}
+    rows = {run: run_row(args.work, run, samples[run], base, args.max_new_tokens) for run in samples}
 
     head = f"{'run':<16} {'ROUGE-L':>8} {'vs ' + args.base + ' (len-m.)':>16} {'tokens':>7} {'at cap %':>8} "
     head += f"{'rKL/tok':>8} {'fKL/tok':>8} {'LM loss':>8}"
@@ -100,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--pair {pair!r}: two --group names with the same number of runs")
         diffs = []
         for run_a, run_b in zip(groups[a], groups[b], strict=True):
-            m = length_matched(
-                load_samples(args.work / "eval" / f"{run_b}.samples.jsonl"),
-                load_samples(args.work / "eval" / f"{run_a}.samples.jsonl"),
-            )
+            m = length_matched(samples[run_b], samples[run_a])
             diffs.append(m["other"] - m["base"])
             print(f"{run_a} vs {run_b}, length-matched: {m['other']:.2f} vs {m['base']:.2f} ({diffs[-1]:+.2f})")
         mean, spread = mean_spread(diffs)
