@@ -83,9 +83,13 @@ def worktree(rev: str, work: Path) -> Path:
 
 
 def known_to(tree: Path, overrides: list[str]) -> list[str]:
-    """The overrides whose field a revision's config defines (eval.at_start did not always exist)."""
-    text = (tree / "common" / "config.py").read_text()
-    return [o for o in overrides if "." not in o.split("=")[0] or f"{o.split('=')[0].split('.')[-1]}:" in text]
+    """The overrides a revision's own load_config accepts, each tried alone (eval.at_start did not always exist)."""
+    code = "import json, sys\nfrom common.config import load_config\nok = []\nfor o in json.loads(sys.argv[1]):\n"
+    code += "    try:\n        load_config(None, [o]); ok.append(o)\n    except Exception:\n        pass\n"
+    code += "print(json.dumps(ok))"
+    cmd = [sys.executable, "-c", code, json.dumps(overrides)]
+    out = subprocess.run(cmd, cwd=tree, env=bench_env(cwd=tree), capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 # ===== the arms ======================================================================================
