@@ -54,14 +54,14 @@ def read_metrics(path: Path, phase: str | None = "minillm") -> list[dict[str, An
 
 # ===== memory ========================================================================================
 def status_mb(field: str, pid: int | str = "self") -> float:
-    """A /proc/PID/status field in MB (VmRSS, VmHWM, ...); 0 once the process is gone."""
+    """A /proc/PID/status field in MB (VmRSS, VmHWM, ...); 0 once the process is gone (or a zombie)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
-        return 0.0
-    raise RuntimeError(f"{field} not in /proc/{pid}/status")
+        pass
+    return 0.0
 
 
 def tree_memory_mb(pid: int) -> tuple[float, float]:

@@ -34,7 +34,7 @@ from typing import Any
 
 import psutil
 
-from bench.harness import ROOT, driver_command, fit, read_metrics
+from bench.harness import ROOT, driver_command, fit, read_metrics, status_mb
 
 
 def label(proc: psutil.Process, driver_pid: int) -> str:
@@ -105,7 +105,7 @@ class Watcher:
                 break
             for proc in me.children(recursive=True):
                 try:
-                    rss = proc.memory_info().rss / 2**20
+                    rss = status_mb("VmRSS", proc.pid)
                     # a worker's title changes with the task it runs: keep the first actor name seen for its pid
                     if proc.pid not in labels or not final(labels[proc.pid]):
                         labels[proc.pid] = label(proc, self.driver_pid)
