@@ -274,19 +274,22 @@ def report(bench: Bench) -> str:
     def med(arm: str, key: str) -> float:
         return median([r[key] for r in res.get(arm, []) if r.get(key) is not None])
 
+    def cell(arm: str, key: str, digits: int) -> str:
+        value = med(arm, key)
+        return "" if value != value else f"{value:.{digits}f}"
+
     lines.append(
-        "| arm | completion tok/s (median) | per repeat | step (s) | peak PSS, all processes (MB) | to step 1 (s) |"
+        "| arm | completion tok/s (median) | per repeat | step (s) | peak PSS, all processes (MB) | to step 1 (s) "
+        "| median step (s) | driver peak RSS (MB) |"
     )
-    lines.append("|---|---:|---|---:|---:|---:|")
+    lines.append("|---|---:|---|---:|---:|---:|---:|---:|")
     for arm in a.arms:
         if arm.startswith("stages") or arm not in res:
             continue
         per = " / ".join(f"{r['tok_per_s']:.0f}" for r in res[arm])
-        first = med(arm, "to_step1_s")
-        lines.append(
-            f"| {arm} | {med(arm, 'tok_per_s'):.0f} | {per} | {med(arm, 'step_s'):.2f} | {med(arm, 'peak_pss_mb'):.0f} "
-            f"| {'' if first != first else f'{first:.0f}'} |"
-        )
+        cells = [cell(arm, "tok_per_s", 0), per, cell(arm, "step_s", 2), cell(arm, "peak_pss_mb", 0)]
+        cells += [cell(arm, "to_step1_s", 0), cell(arm, "step_median_s", 2), cell(arm, "driver_peak_rss_mb", 0)]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     pairs = [
         ("service", "loop"),
         ("service-a0", "loop-a0"),
@@ -380,7 +383,7 @@ def main() -> None:
         raise SystemExit("--skip must be >= 1 (a step's wall time is measured from the step before it)")
     if args.report:  # the tables again from a saved run
         saved = json.loads(args.report.read_text())
-        args.arms = [a for a in [*ALL_ARMS, *saved["results"]] if a in saved["results"]]
+        args.arms = [a for a in dict.fromkeys([*ALL_ARMS, *saved["results"]]) if a in saved["results"]]
         bench = Bench(args, args.report.parent, saved["overrides"], saved["models"], saved["results"])
         print(f"started {saved['started']}\n\n{report(bench)}")
         return
