@@ -139,7 +139,8 @@ class Bench:
         def first_step() -> bool:
             return metrics.is_file() and '"phase": "minillm"' in metrics.read_text()
 
-        w = watch(driver_command(out_dir, overrides), tree, bench_env(cwd=tree), first_step, self.work / f"{tag}.log")
+        log = self.work / f"{tag}-{rep}.log"
+        w = watch(driver_command(out_dir, overrides), tree, bench_env(cwd=tree), first_step, log)
         if w.returncode != 0:
             raise SystemExit(f"{arm} failed:\n{w.output[-3000:]}")
         recs = read_metrics(metrics)
