@@ -16,7 +16,7 @@ COUNTERS = {
 }
 GAUGES = {
     "distill_learner_step_seconds": "wall time of the last learner update",
-    "distill_queue_depth": "batches waiting in the replay queue",
+    "distill_queue_depth": "batches waiting in the rollout queue",
     "distill_weight_version_lag": "learner version minus the version that sampled the batch it consumed",
     "distill_loss": "total loss of the last update",
     "distill_loss_single": "single-step (exact reverse-KL) term of the last update",

@@ -11,6 +11,8 @@ from typing import Protocol
 
 import torch
 
+from common.config import DistillConfig, resolve_path
+
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -256,3 +258,11 @@ def iterate_pretrain(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterat
             yield blocks[order[start : start + batch_size]]
         if blocks.shape[0] < batch_size:
             yield blocks
+
+
+def pretrain_batches(cfg: DistillConfig, tokenizer: Tokenizer) -> Iterator[torch.Tensor]:
+    """MiniLLM's L_PT batches (data.pretrain, up to 4096 blocks); none when there is no corpus or pt_weight is 0."""
+    if not cfg.data.pretrain or cfg.objective.pt_weight <= 0:
+        return iter(())
+    blocks = load_pretrain_blocks(resolve_path(cfg.data.pretrain), tokenizer, cfg.data.pretrain_block_size, 4096)
+    return iterate_pretrain(blocks, cfg.learner.pretrain_batch_size, cfg.seed)

@@ -50,17 +50,6 @@ class Checked:
     valid: Split
 
 
-def one_line(exc: BaseException) -> str:
-    """An error's message on one line (validation and YAML errors come as several)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    head, rest = lines[0], lines[1:]
-    if not rest:
-        return head
-    return head + (" " if head.endswith(":") else "; ") + "; ".join(rest)
-
-
 @contextmanager
 def about(field: str) -> Iterator[None]:
     """Prefix an input error raised inside with the config field it came from."""
