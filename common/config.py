@@ -76,9 +76,10 @@ class ModelsConfig(_Section):
 
 
 class DataConfig(_Section):
-    train: str = "../shared/data/dolly/train.jsonl"
-    valid: str = "../shared/data/dolly/valid.jsonl"
-    pretrain: str | None = "../shared/data/pretrain/tinyshakespeare.txt"
+    # the repository's own copy of Dolly and Tiny Shakespeare (data/README.md), relative to the repository root
+    train: str = "data/dolly/train.jsonl"
+    valid: str = "data/dolly/valid.jsonl"
+    pretrain: str | None = "data/pretrain/tinyshakespeare.txt"
     max_prompt_tokens: int = Field(256, gt=0)
     max_response_tokens: int = Field(128, gt=0)  # SFT targets longer than this are dropped (and counted)
     max_train_examples: int | None = Field(None, gt=0)
@@ -93,8 +94,8 @@ class HealConfig(_Section):
     checkpoint with the lowest held-out NLL (evaluated every learner.sft_eval_every steps)."""
 
     # the `context` passages of this Dolly-schema file (Wikipedia-style paragraphs); None: none
-    contexts_from: str | None = "../shared/data/dolly/train.jsonl"
-    text_files: list[str] = ["../shared/data/pretrain/openwebtext_sample.txt"]  # documents split on blank lines
+    contexts_from: str | None = "data/dolly/train.jsonl"
+    text_files: list[str] = ["data/pretrain/tinyshakespeare.txt"]  # documents split on blank lines
     block_tokens: int = Field(128, gt=1)  # tokens per training / held-out block
     held_out: float = Field(0.05, gt=0, lt=1)  # share of the documents held out (never trained on)
     max_valid_blocks: int = Field(64, gt=0)  # held-out blocks evaluated

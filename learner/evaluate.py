@@ -4,7 +4,7 @@ of the references (diversity, Appendix B.4). With --teacher: the reverse KL[q||p
 forward KL[p||q] on the teacher's samples (both exact over the vocabulary at each position) and the exposure
 bias ExAccErr (Appendix B.5) on the first --kl-prompts prompts.
 
-    python -m learner.evaluate --model runs/tiny/checkpoints/best --data ../shared/data/dolly/test.jsonl \
+    python -m learner.evaluate --model runs/tiny/checkpoints/best --data data/dolly/test.jsonl \
         [--data FILE2.jsonl ...] [--seeds 10 20 30 40 50] [--max-new-tokens 64] [--limit N] [--out results.json] \
         [--teacher DIR --kl-prompts 100] [--samples samples.jsonl]
 

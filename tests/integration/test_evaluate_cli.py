@@ -69,7 +69,7 @@ def test_evaluate_cli_writes_table_and_json(tiny_models, tmp_path):
 def test_evaluate_cli_teacher_measures(tiny_models, tmp_path):
     """--teacher adds reverse KL (student samples), forward KL (teacher samples) and ExAccErr; a model measured
     against itself has zero KL."""
-    data = Path(ROOT / "../shared/data/dolly/valid.jsonl").resolve()
+    data = Path(ROOT / "data/dolly/valid.jsonl").resolve()
     runs = {}
     for name, model in (("student", tiny_models.student), ("self", tiny_models.teacher)):
         out = tmp_path / f"{name}.json"
