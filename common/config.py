@@ -75,10 +75,30 @@ class ModelsConfig(_Section):
         return self
 
 
+class DataColumns(_Section):
+    """Column (field) names of the data's rows, where they differ from these."""
+
+    instruction: str = "instruction"  # dolly
+    context: str = "context"  # dolly
+    response: str = "response"  # dolly, prompt (optional there: references for evaluation)
+    category: str = "category"
+    messages: str = "messages"  # chat: [{role, content}, ...] (ShareGPT's {from, value} read too)
+    prompt: str = "prompt"  # prompt
+
+
 class DataConfig(_Section):
-    # the repository's own copy of Dolly and Tiny Shakespeare (data/README.md), relative to the repository root
+    # train / valid: a .jsonl / .json / .parquet file, a folder (datasets' save_to_disk, FOLDER:split for a
+    # DatasetDict, or a folder of such files) or a datasets Hub name `org/name[@revision]:split` (common/formats.py).
+    # Defaults: the repository's own copy of Dolly and Tiny Shakespeare (data/README.md), relative to the repository.
     train: str = "data/dolly/train.jsonl"
     valid: str = "data/dolly/valid.jsonl"
+    # dolly: instruction/context/response; chat: messages, the last assistant turn the response; prompt: a prompt
+    # column only (MiniLLM's phase needs no response; SFT, KD and SeqKD do)
+    format: Literal["dolly", "chat", "prompt"] = "dolly"
+    # how prompts become tokens (common/templates.py): auto is dolly for Dolly data and the tokenizer's chat template
+    # for chat / prompt data when it has one
+    template: Literal["auto", "chat", "dolly", "none"] = "auto"
+    columns: DataColumns = DataColumns()
     pretrain: str | None = "data/pretrain/tinyshakespeare.txt"
     max_prompt_tokens: int = Field(256, gt=0)
     max_response_tokens: int = Field(128, gt=0)  # SFT targets longer than this are dropped (and counted)
