@@ -55,10 +55,7 @@ def resolve_model(name: str) -> ResolvedModel:
     if parsed is None:
         return ResolvedModel(local)  # a missing folder: the folder checks name it
     repo_id, revision = parsed
-    try:
-        snapshot = download(repo_id, revision)
-    except ModelError as exc:
-        raise ModelError(f"{exc} (nor is it a folder: {local})") from None
+    snapshot = download(repo_id, revision)
     return ResolvedModel(Path(snapshot), repo_id, _commit_of(snapshot))
 
 
@@ -78,7 +75,7 @@ def download(repo_id: str, revision: str | None) -> str:
     try:
         return snapshot_download(repo_id, revision=revision, ignore_patterns=SKIPPED_FILES)
     except RevisionNotFoundError:
-        raise ModelError(f"the Hub model {repo_id} has no revision {revision!r}") from None
+        raise ModelError(f"the Hub model {repo_id} has no revision {revision!r} (a branch, tag or commit)") from None
     except (RepositoryNotFoundError, GatedRepoError) as exc:
         reason = "is gated: accept its licence on the Hub and set HF_TOKEN" if isinstance(exc, GatedRepoError) else ""
         raise ModelError(f"no Hub model {repo_id} ({reason or 'not found, or private: set HF_TOKEN'})") from None
@@ -86,9 +83,9 @@ def download(repo_id: str, revision: str | None) -> str:
         from huggingface_hub import constants
 
         raise ModelError(
-            f"{repo_id}{rev} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub cannot be "
-            f"reached{' (HF_HUB_OFFLINE is set)' if constants.is_offline_mode() else ''}: download it first "
-            f"(hf download {repo_id}{' --revision ' + revision if revision else ''}) or give a folder"
+            f"{repo_id}{rev} is not a folder, nor in the Hugging Face cache ({constants.HF_HUB_CACHE}), and the Hub "
+            f"cannot be reached{' (HF_HUB_OFFLINE is set)' if constants.is_offline_mode() else ''}: download it "
+            f"first (hf download {repo_id}{' --revision ' + revision if revision else ''})"
         ) from None
     except HfHubHTTPError as exc:
         raise ModelError(f"{repo_id}{rev}: the Hub answered {str(exc).splitlines()[0]}") from None
