@@ -30,8 +30,8 @@ def resolve_template(template: str, fmt: str, tokenizer: Any) -> str:
         return "chat" if fmt != "dolly" and has_chat_template(tokenizer) else "dolly"
     if template == "chat" and not has_chat_template(tokenizer):
         raise DataError(
-            "template chat: the tokenizer has no chat template (tokenizer_config.json chat_template or "
-            "chat_template.jinja): use data.template=dolly or none, or a tokenizer with one"
+            "chat, but the tokenizer has no chat template (tokenizer_config.json chat_template or "
+            "chat_template.jinja): use dolly or none, or a tokenizer with one"
         )
     return template
 
