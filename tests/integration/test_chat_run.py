@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from common.models import load_tokenizer
+from tests.bad_inputs import build_setup
 from tests.unit.test_formats import CHAT_TEMPLATE
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -18,27 +19,22 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _prompt_rows(path: Path, n: int, with_response: bool) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()[:n]]
-    out = []
-    for r in rows:
-        row = {"prompt": r["instruction"] + (f"\n\n{r['context']}" if r["context"] else "")}
-        if with_response:
-            row["response"] = r["response"]
-        out.append(row)
-    return out
+def _prompt_rows(start: int, n: int, with_response: bool) -> list[dict]:
+    rows = [{"prompt": f"Name a colour for item {i}."} for i in range(start, start + n)]
+    return [{**r, "response": f"Item {start + k} is blue."} if with_response else r for k, r in enumerate(rows)]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_models):
+def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
-    tok = load_tokenizer(tiny_models.tokenizer)
+    setup = build_setup(root / "setup")  # toy teacher and student, a BPE tokenizer trained on these prompts
+    tok = load_tokenizer(setup.tokenizer)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(str(root / "tokenizer"))
     gen = {"eos_token_id": tok.eos_token_id, "do_sample": True, "temperature": 0.7, "max_new_tokens": 24}
     (root / "tokenizer" / "generation_config.json").write_text(json.dumps(gen))
-    for name, src, n, refs in (("train", "train", 64, False), ("valid", "valid", 16, True)):
-        rows = _prompt_rows(ROOT / "data" / "dolly" / f"{src}.jsonl", n, refs)
+    for name, start, n, refs in (("train", 0, 32, False), ("valid", 100, 8, True)):
+        rows = _prompt_rows(start, n, refs)
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = root / "run"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -49,8 +45,8 @@ def run(tmp_path_factory, tiny_models):
             "learner.main",
             f"output_dir={out}",
             "models.source=local",
-            f"models.teacher={tiny_models.teacher}",
-            f"models.student={tiny_models.student}",
+            f"models.teacher={setup.teacher}",
+            f"models.student={setup.student}",
             f"models.tokenizer={root / 'tokenizer'}",
             "data.format=prompt",
             f"data.train={root / 'train.jsonl'}",

@@ -1,5 +1,7 @@
 """A clone with nothing beside it runs the embedded default: the repository alone (`git ls-files`) copied into an
-empty temporary folder, then preflight and a short `python -m learner.main` there, its own code on PYTHONPATH."""
+empty temporary folder, then preflight and a short `python -m learner.main` there, its own code on PYTHONPATH. As on
+a fresh machine, the tiny models are built from the clone's data into an empty cache (a short teacher training keeps
+the test short; the shared cache of the other tests is not touched)."""
 
 import os
 import shutil
@@ -26,9 +28,9 @@ def _clone(dest: Path) -> Path:
     return dest
 
 
-def test_fresh_clone_runs_the_default(tmp_path, tiny_models):
+def test_fresh_clone_runs_the_default(tmp_path):
     clone = _clone(tmp_path / "clone")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clone"]  # nothing beside the clone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clone"]  # nothing beside the clone (the cache comes later)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=str(clone), WANDB_MODE="offline")
 
@@ -52,6 +54,8 @@ def test_fresh_clone_runs_the_default(tmp_path, tiny_models):
             "-m",
             "learner.main",
             f"output_dir={run}",
+            f"models.tiny.cache_dir={tmp_path / 'cache'}",
+            "models.tiny.teacher_train_steps=10",
             "learner.sft_steps=4",
             "learner.sft_eval_every=4",
             "learner.minillm_steps=2",
