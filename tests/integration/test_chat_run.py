@@ -73,8 +73,13 @@ def run(tmp_path_factory):
 def test_prompt_data_runs_minillm(run):
     out, _ = run
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["phase"] == "minillm"] == [1, 2]
+    steps = [r for r in records if r["phase"] == "minillm"]
+    assert [r["step"] for r in steps] == [1, 2]
     assert not any(r["phase"] == "sft" for r in records)
+    # the learner scores each sampled response under the prompt ids the sampler continued: before the first update
+    # its log-probs of the sampled tokens are the sampler's (a prompt rendered differently would move them by far more)
+    print("logprob gap sampler vs learner, step 1:", steps[0]["logprob_gap_mean"], steps[0]["logprob_gap_max"])
+    assert steps[0]["logprob_gap_max"] < 1e-2
     assert json.loads((out / "summary.json").read_text())["final"] is not None
 
 
