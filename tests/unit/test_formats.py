@@ -198,3 +198,24 @@ def test_prompt_data_passes_for_minillm_without_sft(setup, chat_tokenizer, tmp_p
         f"data.valid: {prompts}:1: no 'response', and learner.minillm_select_by=rouge_l (validation ROUGE-L; "
         "reverse_kl needs none) needs a response in every row"
     )
+
+
+def test_a_hub_data_set_that_cannot_load_is_one_line(tmp_path):
+    """A datasets Hub name, offline and not cached: one line naming it (datasets' own error is many)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from common.formats import load_examples\n"
+        "from common.preflight import one_line\n"
+        "try:\n"
+        "    load_examples('some-org/some-set:train', 'chat')\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, one_line(exc))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip().startswith("DataError datasets Hub name some-org/some-set:train: "), proc.stdout
+    assert "\n" not in proc.stdout.strip()
