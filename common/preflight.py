@@ -280,9 +280,10 @@ def resolve_models(cfg: DistillConfig) -> Assets:
         from common.tiny import tiny_models_for
 
         built = tiny_models_for(cfg)
-        sft = str(resolve_model_field(cfg, "sft_checkpoint", {})) if used_sft_checkpoint(cfg) else None
-        return Assets(str(built.teacher), str(built.student), str(built.tokenizer), sft)
-    pinned: dict[str, str] = {}
+        pinned: dict[str, str] = {}
+        sft = str(resolve_model_field(cfg, "sft_checkpoint", pinned)) if used_sft_checkpoint(cfg) else None
+        return Assets(str(built.teacher), str(built.student), str(built.tokenizer), sft, tuple(pinned.items()))
+    pinned = {}
     teacher, student = resolve_model_field(cfg, "teacher", pinned), resolve_model_field(cfg, "student", pinned)
     tok = resolve_model_field(cfg, "tokenizer", pinned) if m.tokenizer else student
     sft_dir = resolve_model_field(cfg, "sft_checkpoint", pinned) if used_sft_checkpoint(cfg) else None
