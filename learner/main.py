@@ -82,6 +82,7 @@ def run(cfg: DistillConfig) -> Path:
     t_start = time.time()
     # every check that needs no cluster, before Ray starts and before the run folder exists
     ready = preflight(cfg)
+    cfg = ready.config  # Hub ids resolved to folders; config.yaml records them pinned to commits (ready.recorded)
     assets, tokenizer, vocab, train, valid = ready.assets, ready.tokenizer, ready.vocab, ready.train, ready.valid
     print(
         f"[models] teacher {assets.teacher_dir}\n[models] student {assets.student_dir} "
@@ -101,7 +102,7 @@ def run(cfg: DistillConfig) -> Path:
         truncate_metrics(run_dir, point.metrics_bytes)
         for name in ("sft_best", "best", "final"):
             storage.recover_dir(storage.join(run_dir, "checkpoints", name))
-    logger = RunLogger(run_dir, cfg, scratch=scratch)
+    logger = RunLogger(run_dir, ready.recorded, scratch=scratch)
     where = f" (driver scratch {scratch})" if run_dir != str(scratch) else ""
     print(f"[run] writing to {run_dir}{where}", flush=True)
     recipe = Recipe(cfg, assets, tokenizer, vocab.tokenizer_size, train, valid, logger, run_dir)

@@ -69,7 +69,12 @@ def validate(
     kl_sum, tokens, seqs = learner.reverse_kl(shards)
     responses = ray.get(rollouts_ref).response_ids[: len(items)]
     texts = [tokenizer.decode(strip_eos(r, (eos,)), skip_special_tokens=True) for r in responses]
-    rouge = corpus_rouge_l(texts, [examples[it.index].references for it in items])
+    # prompt-only rows (data.format=prompt without a response column) have no reference: ROUGE-L over the rest, NaN
+    # when none has one (such runs select by reverse KL; preflight refuses rouge_l selection for them)
+    scored = [
+        (t, examples[it.index].references) for t, it in zip(texts, items, strict=True) if examples[it.index].references
+    ]
+    rouge = corpus_rouge_l([t for t, _ in scored], [r for _, r in scored]) if scored else float("nan")
     mean_len = sum(len(r) for r in responses) / max(len(items), 1)
     return ValidationResult(rouge, kl_sum / max(seqs, 1), kl_sum / max(tokens, 1.0), mean_len)
 
