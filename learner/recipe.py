@@ -37,6 +37,7 @@ from common.data import (
     load_pretrain_blocks,
 )
 from common.placement import num_samplers
+from common.progress import progress_suffix
 from common.resumable import EVAL, TRAIN_BATCH, Counted, sampling_seed
 from common.rollout import merge_infos
 from learner.checkpoint import Checkpointer, ResumePoint, latest_complete, response_ids, restore_learner
@@ -411,11 +412,12 @@ class Recipe:
                     learner.save(lowest_dir, self.assets.tokenizer_dir)
                 print(
                     f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} {shown} "
-                    f"(best {abs(best):.3f}, {time.time() - t0:.0f}s)",
+                    f"(best {abs(best):.3f}) {progress_suffix(step, steps, time.time() - t0, done)}",
                     flush=True,
                 )
             elif step % c.logging.progress_every == 0:
-                print(f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+                shown = progress_suffix(step, steps, time.time() - t0, done)
+                print(f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} {shown}", flush=True)
             self.log.log({**record, **time_in.pop()})
             self.count_bad(m, kind)
             if step < steps and self.ckpts.due(step - 1, step):  # at the end MiniLLM's start (or the run's end) saves
@@ -481,6 +483,7 @@ class Recipe:
             flush=True,
         )
         t0, step = time.time(), point.phase_step if point else 0
+        first = step  # the rate counts this process's steps only (a resumed phase starts part-way)
         launched = prompts.drawn
         if point is None and self.ckpts.every > 0:  # the phase's start (SFT's end): a resume skips SFT from here
             self.save_state("minillm", 0, best, 0, pretrain.drawn, sft_dir, start, last)
@@ -544,7 +547,8 @@ class Recipe:
                         f"[minillm] step {step}/{steps} loss {m['loss']:.3f} (single {m['loss_single']:.3f} "
                         f"long {m['loss_long']:.3f} pt {m['loss_pt']:.3f}) rKL {m['reverse_kl']:.3f} "
                         f"len {record['mean_response_tokens']:.1f} rho [{m['rho_min']:.2f}, {m['rho_max']:.2f}] "
-                        f"clip {m['clip_fraction']:.2f} lag {lag} ({time.time() - t0:.0f}s)",
+                        f"clip {m['clip_fraction']:.2f} lag {lag} "
+                        f"{progress_suffix(step, steps, time.time() - t0, first)}",
                         flush=True,
                     )
             if self.ckpts.due(before, step, steps):
