@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -87,9 +88,9 @@ def watched_run(tmp_path_factory, tiny_models):
         )
         seen: set[str] = set()
         lines: list[str] = []
-        os.set_blocking(driver.stdout.fileno(), False)
+        reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
+        reader.start()
         while driver.poll() is None and time.time() - t0 < 900:
-            lines.append(driver.stdout.read() or "")
             try:  # gauges of actors that ended vanish from the endpoint: collect them while the run goes on
                 seen |= set(SERIES.findall(_get(f"http://127.0.0.1:{metrics}/metrics")))
             except OSError:
@@ -98,8 +99,7 @@ def watched_run(tmp_path_factory, tiny_models):
         if driver.poll() is None:
             driver.kill()
         driver.wait()
-        os.set_blocking(driver.stdout.fileno(), True)
-        lines.append(driver.stdout.read() or "")
+        reader.join(timeout=30)
         console = "".join(lines)
         assert driver.returncode == 0, console[-5000:]
         yield {
