@@ -30,6 +30,10 @@ start_prometheus() {
     echo "prometheus not installed: no time series (apt-get install prometheus, or see docs/monitoring.md)"
     return 0
   fi
+  if [[ -f $pidfile ]] && grep -qa -- "$MONITORING_DIR/prometheus.yml" "/proc/$(cat "$pidfile")/cmdline" 2>/dev/null; then
+    echo "prometheus already running (pid $(cat "$pidfile")): http://127.0.0.1:$PROMETHEUS_PORT"
+    return 0
+  fi
   mkdir -p "$MONITORING_DIR/data"
   # the discovery file Ray keeps in its temp dir (targets: every node's metrics endpoint)
   sed "s#/tmp/ray/prom_metrics_service_discovery.json#$RAY_TEMP_DIR/prom_metrics_service_discovery.json#" \
