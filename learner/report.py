@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import io
 import json
 import sys
 import tempfile
@@ -162,8 +161,8 @@ def write_at_end(run_dir: str) -> None:
     except ImportError as exc:
         print(f"[report] not written: {exc.name or exc} is not installed (pip install -e '.[report]')", flush=True)
     except Exception as exc:  # noqa: BLE001 - the run's results are already in storage
-        text = io.StringIO(str(exc)).readline().strip()
-        print(f"[report] not written: {type(exc).__name__}: {text}", flush=True)
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"[report] not written: {type(exc).__name__}: {first}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
