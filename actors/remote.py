@@ -20,11 +20,13 @@ class SamplerActor(Sampler):
     def sample(self, *args: Any, **kwargs: Any) -> Rollouts:
         out = super().sample(*args, **kwargs)
         telemetry.counter("distill_sampled_tokens").inc(out.num_tokens)
+        telemetry.add("distill_sampler_busy_seconds", out.seconds)
         return out
 
     def load_weights(self, state_dict: Any, version: int) -> int:
         v = super().load_weights(state_dict, version)  # receive_weights() comes through here too
         telemetry.gauge("distill_weight_version").set(v)
+        telemetry.add("distill_weight_pushes", 1)
         return v
 
 
@@ -34,6 +36,7 @@ class TeacherActor(Teacher):
     def score(self, rollouts: Rollouts, num_shards: int = 1, rows: list[int] | None = None, batch_id: int = -1) -> list:
         out = super().score(rollouts, num_shards, rows, batch_id)
         telemetry.counter("distill_teacher_scored_tokens").inc(out[0].response_tokens)
+        telemetry.add("distill_teacher_busy_seconds", out[0].score_seconds)
         return out
 
 

@@ -293,6 +293,8 @@ class LoggingConfig(_Section):
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "minillm-service"
     progress_every: int = Field(10, gt=0)
+    # report.html with plots of metrics.jsonl in the run folder at the end of a run (learner/report.py; matplotlib)
+    report: bool = True
     # every MiniLLM batch's sampled token ids in metrics.jsonl (`sampled_ids`, on the first update of its
     # collection): an audit of what was sampled, e.g. that a resumed run samples what the uninterrupted one did
     sampled_ids: bool = False

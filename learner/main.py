@@ -119,6 +119,10 @@ def run(cfg: DistillConfig) -> Path:
         logger.close()
         if ray.is_initialized():
             ray.shutdown()
+        if cfg.logging.report:  # of a finished run, and of what a failed one logged
+            from learner.report import write_at_end
+
+            write_at_end(run_dir)
     return run_dir
 
 

@@ -20,6 +20,7 @@ import ray
 from common import storage
 from common.config import DistillConfig, resolve_path
 from common.data import LMBatch, TokenizedExample, iterate_batches, pretrain_batches
+from common.progress import progress_suffix
 from common.resumable import Counted
 from common.rollout import merge_infos
 from learner.actor_set import ActorSet
@@ -215,11 +216,12 @@ class Recipe:
                     record["lowest_valid_loss"] = True
                 print(
                     f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} {shown} "
-                    f"(best {best.score:.3f}, {time.time() - t0:.0f}s)",
+                    f"(best {best.score:.3f}) {progress_suffix(step, steps, time.time() - t0, done)}",
                     flush=True,
                 )
             elif step % c.logging.progress_every == 0:
-                print(f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} ({time.time() - t0:.0f}s)", flush=True)
+                shown = progress_suffix(step, steps, time.time() - t0, done)
+                print(f"[{kind}] step {step}/{steps} loss {m['loss']:.3f} {shown}", flush=True)
             self.log.log({**record, **time_in.pop()})
             if self.state.non_finite.limit_reached(m, kind):
                 self.save_final_and_stop(kind)
@@ -271,6 +273,7 @@ class Recipe:
         if point is None or not storage.is_complete_dir(best.path):  # resumed into another folder: from SFT's
             copy_checkpoint(sft_dir, best.path)
         steps, time_in, t0, step = lc.minillm_steps, Sections(), time.time(), point.phase_step if point else 0
+        first = step  # the rate counts this process's steps only (a resumed phase starts part-way)
         print(f"[minillm] {steps} updates: {plan.describe(c)}", flush=True)
         kept = {"sft_dir": sft_dir, "start": start, "last": last}  # saved with every MiniLLM checkpoint
         if point is None and self.state.saver.every > 0:  # the phase's start (SFT's end): a resume skips SFT from here
@@ -319,7 +322,7 @@ class Recipe:
                 if self.state.non_finite.limit_reached(m, "minillm"):
                     self.save_final_and_stop("minillm")
                 if step % c.logging.progress_every == 0 or step == steps:
-                    print_minillm_progress(record, steps, time.time() - t0)
+                    print_minillm_progress(record, steps, progress_suffix(step, steps, time.time() - t0, first))
             # ---- checkpoint
             if self.state.saver.due(before, step, steps):
                 kept.update(last=last)

@@ -60,6 +60,7 @@ class RunLogger:
             local.write_bytes(storage.read_bytes(self._metrics_url) if storage.exists(self._metrics_url) else b"")
         self._metrics = local.open("a", encoding="utf-8")
         self._t0 = time.time()
+        self._cfg = cfg
         self._wandb = None
         if cfg.logging.wandb_mode != "disabled":
             try:
@@ -81,9 +82,24 @@ class RunLogger:
         record.setdefault("time", round(time.time() - self._t0, 3))
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+        self._export(record)
         if self._wandb is not None:
             step = record.get("global_step")
             self._wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=step)
+
+    def _export(self, record: dict[str, Any]) -> None:
+        """The record's progress, faults and validation results as the driver's Ray metrics (Prometheus/Grafana)."""
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return
+            from actors import telemetry
+
+            total = self._cfg.learner.minillm_steps if record.get("phase") == "minillm" else self._cfg.learner.sft_steps
+            telemetry.record_run(record, total)
+        except Exception:  # noqa: BLE001 - metrics must never stop training
+            pass
 
     def metrics_bytes(self) -> int:
         """metrics.jsonl's length so far (a checkpoint records it: a resumed run continues from there)."""
@@ -168,12 +184,13 @@ def minillm_update_record(
     }
 
 
-def print_minillm_progress(record: dict[str, Any], steps: int, seconds: float) -> None:
+def print_minillm_progress(record: dict[str, Any], steps: int, progress: str) -> None:
+    """One MiniLLM update's line; `progress` is the elapsed/rate/time-left tail (common.progress)."""
     r = record
     print(
         f"[minillm] step {r['step']}/{steps} loss {r['loss']:.3f} (single {r['loss_single']:.3f} "
         f"long {r['loss_long']:.3f} pt {r['loss_pt']:.3f}) rKL {r['reverse_kl']:.3f} "
         f"len {r['mean_response_tokens']:.1f} rho [{r['rho_min']:.2f}, {r['rho_max']:.2f}] "
-        f"clip {r['clip_fraction']:.2f} lag {r['version_lag']} ({seconds:.0f}s)",
+        f"clip {r['clip_fraction']:.2f} lag {r['version_lag']} {progress}",
         flush=True,
     )
