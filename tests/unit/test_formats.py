@@ -8,9 +8,10 @@ import pytest
 
 from common.config import load_config
 from common.data import DataError, tokenize_examples
+from common.errors import one_line_error
 from common.formats import load_examples
 from common.models import load_tokenizer
-from common.preflight import one_line, preflight
+from common.preflight import preflight
 from common.templates import render_prompt_ids, render_prompt_text, resolve_template
 from tests.bad_inputs import build_setup
 
@@ -132,7 +133,9 @@ def test_bad_chat_rows_name_the_row(tmp_path, row, need, message):
     path = write_jsonl(tmp_path / "c.jsonl", [chat_row(0), row])
     with pytest.raises(DataError) as err:
         load_examples(str(path), "chat", need_response=need)
-    assert one_line(err.value) == f"{path}:2: {message}" or one_line(err.value).startswith(f"{path}:2: {message}")
+    assert one_line_error(err.value, with_type=False) == f"{path}:2: {message}" or one_line_error(
+        err.value, with_type=False
+    ).startswith(f"{path}:2: {message}")
     if "content" in str(row) and isinstance(row.get("messages"), list) and row["messages"]:
         try:
             pq.write_table(pa.Table.from_pylist([chat_row(0), row]), tmp_path / "c.parquet")
@@ -152,7 +155,7 @@ def test_prompt_data_is_refused_for_sft_in_one_line(setup, tmp_path):
     cfg = load_config(None, _argv(setup, tmp_path / "run", "method=sft", "data.format=prompt", f"data.train={prompts}"))
     with pytest.raises(DataError) as err:
         preflight(cfg, cwd=tmp_path)
-    assert one_line(err.value) == (
+    assert one_line_error(err.value, with_type=False) == (
         "data.format=prompt: the data has prompts only, and method=sft trains on responses (give chat or dolly "
         "data, or run method=minillm with models.sft_checkpoint or learner.sft_steps=0)"
     )
@@ -194,7 +197,7 @@ def test_prompt_data_passes_for_minillm_without_sft(setup, chat_tokenizer, tmp_p
     )
     with pytest.raises(DataError) as err:
         preflight(cfg, cwd=tmp_path)
-    assert one_line(err.value) == (
+    assert one_line_error(err.value, with_type=False) == (
         f"data.valid: {prompts}:1: no 'response', and learner.minillm_select_by=rouge_l (validation ROUGE-L; "
         "reverse_kl needs none) needs a response in every row"
     )
@@ -208,11 +211,11 @@ def test_a_hub_data_set_that_cannot_load_is_one_line(tmp_path):
 
     code = (
         "from common.formats import load_examples\n"
-        "from common.preflight import one_line\n"
+        "from common.errors import one_line_error\n"
         "try:\n"
         "    load_examples('some-org/some-set:train', 'chat')\n"
         "except Exception as exc:\n"
-        "    print(type(exc).__name__, one_line(exc))\n"
+        "    print(type(exc).__name__, one_line_error(exc, with_type=False))\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     root = Path(__file__).resolve().parents[2]

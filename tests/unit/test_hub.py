@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from common.config import dump_config, load_config
+from common.errors import one_line_error
 from common.hub import parse_hub_id, resolve_model
 from common.models import ModelError
-from common.preflight import one_line, preflight
+from common.preflight import preflight
 from tests.bad_inputs import build_setup
 from tests.hub_cache import add_model, commit_hash
 
@@ -85,7 +86,7 @@ def test_preflight_takes_ids_and_records_commits(offline, tmp_path):
 def test_wrong_id_or_revision_is_one_line(offline, name, message):
     with pytest.raises(ModelError) as err:
         resolve_model(name)
-    assert message in one_line(err.value) and "HF_HUB_OFFLINE is set" in str(err.value)
+    assert message in one_line_error(err.value, with_type=False) and "HF_HUB_OFFLINE is set" in str(err.value)
 
 
 @pytest.mark.parametrize("field, name", [("teacher", "toy-org/no-such-model"), ("student", f"{STUDENT}@v9")])
