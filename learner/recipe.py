@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
 from actors.placement import Placement
 from actors.remote import make_replay, make_sampler, make_teacher
@@ -41,6 +42,8 @@ from common.resumable import EVAL, TRAIN_BATCH, Counted, sampling_seed
 from common.rollout import merge_infos
 from learner.checkpoint import Checkpointer, ResumePoint, latest_complete, response_ids, restore_learner
 from learner.group import LearnerFailed, LearnerGroup
+from learner.lr_schedule import lr_at
+from learner.onpolicy_loss import teacher_transport
 from learner.run_log import RunLogger, RunStopped, copy_checkpoint
 from learner.validation import ValidationResult, validate
 
@@ -389,8 +392,9 @@ class Recipe:
         )
         t0 = time.time()
         for step in range(done + 1, steps + 1):
+            lr = lr_at(step - 1, c.learner.sft_lr, c.learner.sft_lr_schedule, c.learner.sft_warmup_steps, steps)
             with time_in("update"):
-                m = self.lm_update(kind, self._lm_batch(next(batches)), step)
+                m = self.lm_update(kind, self._lm_batch(next(batches)), step, lr)
             self.global_step += 1
             record: dict[str, Any] = {"phase": kind, "global_step": self.global_step, "step": step, **m}
             if step % c.learner.sft_eval_every == 0 or step == steps:
@@ -431,16 +435,17 @@ class Recipe:
         )
         return best_dir
 
-    def lm_update(self, kind: str, batch: LMBatch, step: int) -> dict[str, float]:
-        """One SFT / SeqKD / KD update; for KD the teacher scores each rank's part and sends it to that rank."""
+    def lm_update(self, kind: str, batch: LMBatch, step: int, lr: float | None = None) -> dict[str, float]:
+        """One SFT / SeqKD / KD update at `lr`; for KD the teacher scores each rank's part and sends it to that
+        rank."""
         learner = self.learner
         assert learner is not None
         parts = [ray.put(p) for p in learner.split(batch)]
         if kind not in ("kd", "heal"):
-            return learner.sft_step(parts)
+            return learner.sft_step(parts, lr)
         teacher = self.teachers[step % len(self.teachers)]
         scored = teacher.score_lm.options(num_returns=len(parts)).remote(*parts)
-        return learner.kd_step(parts, scored if isinstance(scored, list) else [scored])
+        return learner.kd_step(parts, scored if isinstance(scored, list) else [scored], lr)
 
     def minillm_phase(self, sft_dir: str) -> dict[str, Any]:
         """Algorithm 1 with the paper's PPO schedule: collect rollouts_per_collection rollouts (teacher-mixed samples,
@@ -493,6 +498,8 @@ class Recipe:
                 taken = [self.take_batch(inflight) for _ in range(batches_per)]
             self.consumed.extend(t["info"].batch_id for t in taken)
             info = merge_infos([t["info"] for t in taken])
+            n_updates = min(updates_per, steps - step)
+            pt_ids = [next(pretrain, None) for _ in range(n_updates)]
             with time_in("update"):
                 updates = learner.minillm_collection(
                     [t["shards"] for t in taken],
@@ -500,7 +507,9 @@ class Recipe:
                     lc.ppo_epochs,
                     minibatch,
                     lc.micro_batch_size,
-                    [next(pretrain, None) for _ in range(min(updates_per, steps - step))],
+                    pt_ids,
+                    [lr_at(step + i, lc.lr, lc.lr_schedule, lc.warmup_steps, steps) for i in range(n_updates)],
+                    self.pretrain_teacher(pt_ids, step),
                 )
             lag, before = self.version - info.weight_version, step
             if any(not u.get("skipped") for u in updates):  # the weights changed: a new version for the samplers
@@ -565,6 +574,23 @@ class Recipe:
             "teacher_stats": ray.get(self.teachers[0].get_stats.remote()),
         }
 
+    def pretrain_teacher(self, pt_batches: list[Any], step: int) -> list[list[Any]] | None:
+        """The teacher's log-probs on each rank's part of each update's pre-training block, as references
+        (objective.pt_kd_ratio > 0: L_PT's teacher part); None when L_PT is plain NLL."""
+        c, learner = self.cfg, self.learner
+        assert learner is not None
+        if c.objective.resolved_pt_kd_ratio == 0 or c.objective.pt_weight == 0 or pt_batches[0] is None:
+            return None
+        out = []
+        for i, pt in enumerate(pt_batches):
+            parts = [
+                LMBatch(p, torch.ones_like(p), torch.ones_like(p[:, 1:]).float()) for p in learner.pretrain_parts(pt)
+            ]
+            teacher = self.teachers[(step + i) % len(self.teachers)]
+            scored = teacher.score_lm.options(num_returns=len(parts)).remote(*parts)
+            out.append(scored if isinstance(scored, list) else [scored])
+        return out
+
     # ===== batches and failures =================================================================
     def launch_batch(self, batch_id: int, batch: list[TokenizedExample]) -> tuple[int, list, Any]:
         """Sample -> score -> queue one batch; returns (id, prompts, the producer's ref). Actors round-robin."""
@@ -578,7 +604,7 @@ class Recipe:
         info, *shards = (
             self.teachers[batch_id % len(self.teachers)]
             .score.options(num_returns=1 + n)
-            .remote(rollouts, n, None, batch_id)
+            .remote(rollouts, n, None, batch_id, teacher_transport(self.cfg.objective, self.cfg.teacher.transport))
         )
         return batch_id, batch, self.replay.put_batch.remote(info, shards, None, self.generation)
 
