@@ -122,6 +122,7 @@ def divergence_token_losses(
     old_logprobs: Tensor | None = None,
     teacher_token_logprobs: Tensor | None = None,
     alpha: float = 0.0,
+    sampled: Tensor | None = None,
 ) -> DivergenceTerms:
     """kind (gkd | skew_kl | skew_rkl) with its parameter (beta or skew) at every position, weighted per token.
 
@@ -129,7 +130,8 @@ def divergence_token_losses(
     single-step one, w_t = q_theta(y_t) / p~(y_t) detached, p~ = alpha p + (1 - alpha) q_old: 1 exactly at
     alpha = 0 before the first update of a collection, the token-level correction for teacher-mixed sampling and
     later PPO epochs otherwise. On the data set's responses (GKD's 1 - lambda part) there is no sampling
-    distribution to correct: the weight is 1 (TRL's choice)."""
+    distribution to correct: the weight is 1 (TRL's choice); `sampled` (bool, like `mask`) marks the sampled tokens
+    when a batch mixes both (None: all sampled)."""
     fn = DIVERGENCES[kind]
     mask = mask.to(student_logits.dtype)
     real = mask > 0
@@ -147,6 +149,8 @@ def divergence_token_losses(
         old = torch.where(real, old_logprobs.to(logq.dtype), torch.zeros_like(mask))
         log_rho = _token_logprob(logq, safe) - mixture_logprob(logp_y.detach(), old.detach(), alpha)
         rho = torch.exp(torch.where(real, log_rho, torch.zeros_like(log_rho))).detach() * mask
+        if sampled is not None:
+            rho = torch.where(sampled, rho, mask)
     return DivergenceTerms(rho * divergence, divergence.detach(), rho)
 
 

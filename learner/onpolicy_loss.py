@@ -110,8 +110,11 @@ def token_terms(
     teacher_y: Tensor,
     signal: Tensor | None,
     alpha: float,
+    sampled: Tensor | None = None,
 ) -> OnPolicyTerms:
-    """The per-token terms of `obj` at flat positions [N] (all real: the learner passes response tokens only)."""
+    """The per-token terms of `obj` at flat positions [N] (all real: the learner passes response tokens only);
+    `sampled` [N] bool marks tokens of sampled responses where a batch also holds the data set's (gkd, lambda < 1:
+    those weigh 1)."""
     ones = torch.ones(tokens.shape[0], device=logits.device)
     if obj.kind == "sampled_rkl":
         assert signal is not None
@@ -131,6 +134,7 @@ def token_terms(
             old_logprobs=old,
             teacher_token_logprobs=teacher_y,
             alpha=alpha,
+            sampled=sampled,
         )
         kl = reverse_kl_per_token(logits.detach(), teacher, ones)
         logq = torch.log_softmax(logits.detach().float(), -1).gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)

@@ -39,7 +39,7 @@ from common.data import (
 )
 from common.placement import num_samplers
 from common.resumable import EVAL, TRAIN_BATCH, Counted, sampling_seed
-from common.rollout import merge_infos
+from common.rollout import data_rollouts, merge_infos, with_data_responses
 from learner.checkpoint import Checkpointer, ResumePoint, latest_complete, response_ids, restore_learner
 from learner.group import LearnerFailed, LearnerGroup
 from learner.lr_schedule import lr_at
@@ -598,7 +598,24 @@ class Recipe:
         sampler = self.samplers[batch_id % len(self.samplers)]
         # the batch's own seed: sampled again (a restarted sampler, a resume) it is the same batch
         sampler.reseed.remote(sampling_seed(self.cfg.seed, TRAIN_BATCH, batch_id))  # runs before its sample
-        rollouts = sampler.sample.remote([it.prompt_ids for it in batch], [it.index for it in batch])
+        o = self.cfg.objective
+        # GKD's lambda: that share of the batch's prompts is sampled, the rest keeps the data set's responses
+        k = round(o.on_policy_fraction * len(batch)) if o.kind == "gkd" else len(batch)
+        if k == len(batch):
+            rollouts = sampler.sample.remote([it.prompt_ids for it in batch], [it.index for it in batch])
+        else:
+            rest = batch[k:]
+            data = data_rollouts(
+                [it.prompt_ids for it in rest],
+                [it.response_ids for it in rest],
+                [it.index for it in rest],
+                self.version,
+            )
+            if k == 0:
+                rollouts = ray.put(data)
+            else:
+                sampled = sampler.sample.remote([it.prompt_ids for it in batch[:k]], [it.index for it in batch[:k]])
+                rollouts = ray.remote(num_cpus=0)(with_data_responses).remote(sampled, data)
         if self.cfg.logging.sampled_ids:
             self.sampled_ids[batch_id] = ray.remote(num_cpus=0)(response_ids).remote(rollouts)
         info, *shards = (

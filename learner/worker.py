@@ -195,6 +195,8 @@ class LearnerWorker(FSDPStudent):
         flat_signal = signal[where] if signal is not None else None
         weights = update_weights(o, p.mask, totals, parts).to(dev)[where]
         tokens, old, teacher_y = p.tokens.to(dev)[where], old[where], teacher_y[where]
+        # GKD's data rows (on_policy_fraction < 1) have no sampling distribution: their tokens weigh 1
+        sampled = None if p.from_data is None else (~p.from_data.to(dev)).unsqueeze(-1).expand_as(where)[where]
         teacher = self._device_teacher(shard)
         eps = o.clip_eps or 0.0
 
@@ -208,6 +210,7 @@ class LearnerWorker(FSDPStudent):
                 teacher_y[sl],
                 flat_signal[sl] if flat_signal is not None else None,
                 alpha,
+                sampled[sl] if sampled is not None else None,
             )
             w = weights[sl]
             loss = o.single_weight * (w * terms.single).sum() + o.long_weight * (w * terms.long).sum()

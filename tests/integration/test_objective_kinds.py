@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 STEPS = 3
 KINDS = {
-    "gkd": ["objective.kind=gkd", "objective.beta=0.5"],
+    # half of each batch sampled, half the data set's responses (GKD's lambda)
+    "gkd": ["objective.kind=gkd", "objective.beta=0.5", "objective.on_policy_fraction=0.5"],
     "skew_kl": ["objective.kind=skew_kl"],
     "skew_rkl": ["objective.kind=skew_rkl"],
     "sampled_rkl": ["objective.kind=sampled_rkl", "objective.discount=0.9"],

@@ -205,3 +205,17 @@ def test_sampled_rkl_expected_gradient_is_the_sequence_reverse_kl_gradient(v, t,
     torch.testing.assert_close(expected_grad(1.0), exact, atol=1e-10, rtol=1e-8)
     # the test can fail: a discount < 1 (Thinking Machines use 0) is a biased gradient of the reverse KL
     assert (expected_grad(0.0) - exact).abs().max() > 1e-3
+
+
+def test_data_rows_of_a_mixed_batch_weigh_one():
+    """GKD with on_policy_fraction < 1: the data set's responses share a batch with sampled ones; only the sampled
+    tokens carry the importance weight."""
+    logits, teacher, tokens, mask, old = _random_case(seed=8)
+    exact_y = teacher.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    sampled = torch.tensor([True, False, True, False]).unsqueeze(-1).expand_as(mask)
+    kw = dict(tokens=tokens, old_logprobs=old, teacher_token_logprobs=exact_y, alpha=0.2)
+    mixed = divergence_token_losses("gkd", 0.5, logits, teacher, mask, sampled=sampled, **kw)
+    all_sampled = divergence_token_losses("gkd", 0.5, logits, teacher, mask, **kw)
+    torch.testing.assert_close(mixed.loss[sampled], all_sampled.loss[sampled])
+    torch.testing.assert_close(mixed.loss[~sampled], all_sampled.divergence[~sampled])
+    torch.testing.assert_close(mixed.rho[~sampled], mask[~sampled])
