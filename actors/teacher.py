@@ -4,8 +4,8 @@ one shard per learner rank so each rank fetches just its own part.
 Transports (`teacher.transport`): `dense` full-vocabulary log-probs in the compute dtype, or `topk` (top-k ids and
 log-probs plus the exact tail mass); with either, the exact log-prob of every sampled token. `token` (per call, for
 objectives that use only the sampled token, objective.kind=sampled_rkl) sends that log-prob alone: no per-token
-vocabulary rows at all. The head and the
-log-softmax run only where a response token is predicted, in chunks of `chunk_tokens` positions."""
+vocabulary rows at all. The head and the log-softmax run only where a response token is predicted, in chunks of
+`chunk_tokens` positions."""
 
 from __future__ import annotations
 
