@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import ray
+import torch
 
 from actors.rollout_queue import TakenBatch
-from common.config import DistillConfig, LearnerConfig
-from common.data import TokenizedExample
+from common.config import DistillConfig, LearnerConfig, ObjectiveConfig
+from common.data import LMBatch, TokenizedExample
 from common.errors import one_line_error
 from common.resumable import TRAIN_BATCH, Counted, sampling_seed
 from common.rollout import data_rollouts, with_data_responses
@@ -209,3 +210,19 @@ class RolloutPipeline:
         """The phase is over: producers that ran ahead are not needed any more."""
         for launch in self.in_flight:
             ray.cancel(launch.queued)
+
+
+def pretrain_teacher_scores(
+    teachers: list[Any], learner: Any, obj: ObjectiveConfig, pt_batches: list[Any], step: int
+) -> list[list[Any]] | None:
+    """The teacher's log-probs on each learner rank's part of each update's pre-training block, as references
+    (objective.pt_kd_ratio > 0: L_PT's teacher part, the released scripts' kd_ratio); None when L_PT is plain NLL."""
+    if obj.resolved_pt_kd_ratio == 0 or obj.pt_weight == 0 or not pt_batches or pt_batches[0] is None:
+        return None
+    out = []
+    for i, pt in enumerate(pt_batches):
+        ranks = learner.pretrain_parts(pt) or []
+        parts = [LMBatch(p, torch.ones_like(p), torch.ones_like(p[:, 1:]).float()) for p in ranks]
+        scored = teachers[(step + i) % len(teachers)].score_lm.options(num_returns=len(parts)).remote(*parts)
+        out.append(scored if isinstance(scored, list) else [scored])
+    return out

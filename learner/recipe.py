@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 import ray
-import torch
 
 from common import storage
 from common.config import DistillConfig, resolve_path
@@ -28,7 +27,7 @@ from learner.actor_set import ActorSet
 from learner.best import BestCheckpoint, score_of
 from learner.group import LearnerFailed, LearnerGroup
 from learner.lr_schedule import lr_at
-from learner.pipeline import CollectionPlan, RolloutPipeline
+from learner.pipeline import CollectionPlan, RolloutPipeline, pretrain_teacher_scores
 from learner.recovery import FailureBudget, replace_learner_group
 from learner.run_log import (
     RunLogger,
@@ -254,25 +253,6 @@ class Recipe:
         scored = teacher.score_lm.options(num_returns=len(parts)).remote(*parts)
         return self.learner.kd_step(parts, scored if isinstance(scored, list) else [scored], lr)
 
-    def pretrain_teacher(self, pt_batches: list[Any], step: int) -> list[list[Any]] | None:
-        """The teacher's log-probs on each rank's part of each update's pre-training block, as references
-        (objective.pt_kd_ratio > 0: L_PT's teacher part); None when L_PT is plain NLL."""
-        c = self.cfg
-        if (
-            c.objective.resolved_pt_kd_ratio == 0
-            or c.objective.pt_weight == 0
-            or not pt_batches
-            or pt_batches[0] is None
-        ):
-            return None
-        teachers, out = self.actors.teachers, []
-        for i, pt in enumerate(pt_batches):
-            ranks = self.learner.pretrain_parts(pt) or []
-            parts = [LMBatch(p, torch.ones_like(p), torch.ones_like(p[:, 1:]).float()) for p in ranks]
-            scored = teachers[(step + i) % len(teachers)].score_lm.options(num_returns=len(parts)).remote(*parts)
-            out.append(scored if isinstance(scored, list) else [scored])
-        return out
-
     def minillm_phase(self, sft_dir: str) -> dict[str, Any]:
         """Algorithm 1 with the paper's PPO schedule: collect rollouts_per_collection rollouts (teacher-mixed samples,
         scored) -> ppo_epochs passes of mini-batch updates (single + long + L_PT) -> publish the weights. Sampling of
@@ -326,7 +306,7 @@ class Recipe:
                     lc.micro_batch_size,
                     pt,
                     lrs,
-                    self.pretrain_teacher(pt, step),
+                    pretrain_teacher_scores(self.actors.teachers, learner, c.objective, pt, step),
                 )
             # ---- publish the weights (a new version, when they changed)
             lag, before = self.weights.version - info.weight_version, step
