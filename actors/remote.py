@@ -33,8 +33,15 @@ class SamplerActor(Sampler):
 class TeacherActor(Teacher):
     """Teacher plus dashboard metrics."""
 
-    def score(self, rollouts: Rollouts, num_shards: int = 1, rows: list[int] | None = None, batch_id: int = -1) -> list:
-        out = super().score(rollouts, num_shards, rows, batch_id)
+    def score(
+        self,
+        rollouts: Rollouts,
+        num_shards: int = 1,
+        rows: list[int] | None = None,
+        batch_id: int = -1,
+        transport: str | None = None,
+    ) -> list:
+        out = super().score(rollouts, num_shards, rows, batch_id, transport)
         telemetry.counter("distill_teacher_scored_tokens").inc(out[0].response_tokens)
         telemetry.add("distill_teacher_busy_seconds", out[0].score_seconds)
         return out

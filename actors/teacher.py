@@ -2,8 +2,10 @@
 one shard per learner rank so each rank fetches just its own part.
 
 Transports (`teacher.transport`): `dense` full-vocabulary log-probs in the compute dtype, or `topk` (top-k ids and
-log-probs plus the exact tail mass); with either, the exact log-prob of every sampled token. The head and the
-log-softmax run only where a response token is predicted, in chunks of `chunk_tokens` positions."""
+log-probs plus the exact tail mass); with either, the exact log-prob of every sampled token. `token` (per call, for
+objectives that use only the sampled token, objective.kind=sampled_rkl) sends that log-prob alone: no per-token
+vocabulary rows at all. The head and the log-softmax run only where a response token is predicted, in chunks of
+`chunk_tokens` positions."""
 
 from __future__ import annotations
 
@@ -15,6 +17,11 @@ from common.data import LMBatch
 from common.logprobs import TopKLogprobs, topk_logprobs, vocab_log_softmax
 from common.models import DTYPES, final_hidden_states, load_model
 from common.rollout import BatchInfo, Rollouts, ScoredShard, gather_positions, pack_rollouts, shard_rows, slice_packed
+
+
+def _check_transport(transport: str) -> None:
+    if transport not in ("dense", "topk", "token"):
+        raise ValueError(f"unknown teacher transport {transport!r} (use 'dense', 'topk' or 'token')")
 
 
 class Teacher:
@@ -29,8 +36,7 @@ class Teacher:
         dtype: str = "float32",
         chunk_tokens: int = 1024,
     ):
-        if transport not in ("dense", "topk"):
-            raise ValueError(f"unknown teacher transport {transport!r} (use 'dense' or 'topk')")
+        _check_transport(transport)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(teacher_dir, dtype).to(self.device).eval()
         self.head = self.model.get_output_embeddings()
@@ -54,16 +60,28 @@ class Teacher:
             ]
         )
 
-    def _pack_teacher(self, logp: torch.Tensor) -> torch.Tensor | TopKLogprobs:
-        if self.transport == "topk":
+    def _pack_teacher(self, logp: torch.Tensor, transport: str) -> torch.Tensor | TopKLogprobs:
+        if transport == "token":  # [N, 0]: every row/concat operation on shards still works, and 0 bytes travel
+            return torch.zeros(logp.shape[0], 0, dtype=self.wire_dtype)
+        if transport == "topk":
             top = topk_logprobs(logp, min(self.top_k, logp.shape[-1]))
             return TopKLogprobs(top.ids.cpu(), top.logprobs.cpu(), top.tail.cpu())
         return logp.to(self.wire_dtype).cpu()
 
     @torch.no_grad()
-    def score(self, rollouts: Rollouts, num_shards: int = 1, rows: list[int] | None = None, batch_id: int = -1) -> list:
+    def score(
+        self,
+        rollouts: Rollouts,
+        num_shards: int = 1,
+        rows: list[int] | None = None,
+        batch_id: int = -1,
+        transport: str | None = None,
+    ) -> list:
         """[BatchInfo, shard_0, ..., shard_{n-1}]: call with `.options(num_returns=1 + num_shards)` so the driver
-        holds references only. `rows` scores a subset of the rollouts (the in-run evaluation's KL prompts)."""
+        holds references only. `rows` scores a subset of the rollouts (the in-run evaluation's KL prompts);
+        `transport` overrides the actor's (token: the sampled tokens' log-probs only)."""
+        transport = transport or self.transport
+        _check_transport(transport)
         t0, c0 = time.perf_counter(), time.process_time()
         if rows is not None:
             rollouts = rollouts.select(rows)
@@ -81,7 +99,7 @@ class Teacher:
                 token_lp[b][real] = logp.gather(-1, sampled).squeeze(-1).cpu()
                 pieces.append(logp)
             logp = torch.cat(pieces) if pieces else torch.zeros(0, self.vocab_size)
-            shards.append(ScoredShard(part, token_lp, self._pack_teacher(logp)))
+            shards.append(ScoredShard(part, token_lp, self._pack_teacher(logp, transport)))
         elapsed = time.perf_counter() - t0
         n_tok = rollouts.num_tokens
         self.stats["scored_tokens"] += n_tok

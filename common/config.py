@@ -147,7 +147,26 @@ class TeacherConfig(_Section):
     top_k: int = Field(64, gt=0)
 
 
+ObjectiveKind = Literal["minillm", "gkd", "skew_kl", "skew_rkl", "sampled_rkl"]
+LrSchedule = Literal["constant", "cosine", "linear"]
+
+
 class ObjectiveConfig(_Section):
+    # the loss of the on-policy phase (method: minillm), docs/objectives.md: minillm (the paper's single-step +
+    # long-term terms), gkd (TRL's JSD(beta)), skew_kl / skew_rkl (DistiLLM), sampled_rkl (the sampled token's
+    # reverse KL as a PPO advantage; the teacher sends only that token's log-prob)
+    kind: ObjectiveKind = "minillm"
+    # minillm only: paper (the paper's formulas) or lmops (the released code's conventions, docs/objectives.md)
+    variant: Literal["paper", "lmops"] = "paper"
+    beta: float = Field(0.5, ge=0, le=1)  # gkd: JSD(beta); 0 forward KL, 1 reverse KL (TRL's convention)
+    # gkd: share lambda of each batch's sequences sampled by the student; the rest are the data set's responses
+    on_policy_fraction: float = Field(1.0, ge=0, le=1)
+    skew: float = Field(0.1, ge=0, le=1)  # skew_kl / skew_rkl: the mixture weight a (DistiLLM's default 0.1)
+    # sampled_rkl and variant=lmops: gamma of the returns; None: 1 for sampled_rkl (unbiased), 0.95 for lmops
+    discount: float | None = Field(None, ge=0, le=1)
+    # L_PT's teacher part: (1 - r) NLL + r * teacher cross-entropy on the pre-training text; None: 0 (the paper),
+    # 0.5 for variant=lmops (the released scripts)
+    pt_kd_ratio: float | None = Field(None, ge=0, le=1)
     alpha: float = Field(0.2, ge=0, le=1)  # teacher mix-in strength of the sampling distribution
     clip_eps: float | None = Field(0.2, gt=0)  # PPO clip of rho in the long-term term; None disables
     length_norm: bool = True
@@ -162,6 +181,28 @@ class ObjectiveConfig(_Section):
     # update of a collection (rho = 1 exactly there, as in the reference code and veRL); the gap between the two is
     # logged either way (logprob_gap_mean / _max)
     old_logprobs: Literal["sampler", "learner"] = "sampler"
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ObjectiveConfig:
+        if self.variant == "lmops" and self.kind != "minillm":
+            raise ValueError(f"objective.variant=lmops is a variant of kind=minillm (got kind={self.kind})")
+        if self.discount is not None and self.kind != "sampled_rkl" and self.variant != "lmops":
+            raise ValueError("objective.discount applies to kind=sampled_rkl and variant=lmops only")
+        if self.on_policy_fraction < 1 and self.kind != "gkd":
+            raise ValueError(f"objective.on_policy_fraction < 1 applies to kind=gkd only (got kind={self.kind})")
+        return self
+
+    @property
+    def resolved_discount(self) -> float:
+        if self.discount is not None:
+            return self.discount
+        return 0.95 if self.variant == "lmops" else 1.0
+
+    @property
+    def resolved_pt_kd_ratio(self) -> float:
+        if self.pt_kd_ratio is not None:
+            return self.pt_kd_ratio
+        return 0.5 if self.variant == "lmops" else 0.0
 
 
 class LearnerConfig(_Section):
@@ -196,6 +237,14 @@ class LearnerConfig(_Section):
     sft_steps: int = Field(200, ge=0)
     sft_batch_size: int = Field(16, gt=0)
     sft_eval_every: int = Field(50, gt=0)
+    # lr schedules (learner/lr_schedule.py, Hugging Face's formulas): warm-up over the first warmup_steps updates,
+    # then constant, cosine or linear decay to 0 at the phase's last update. lr_schedule / warmup_steps: the
+    # distillation phase (minillm_steps updates at lr); sft_*: SFT and the SFT-like methods (sft, kd, seqkd, heal:
+    # sft_steps updates at sft_lr). The lr of every update is in metrics.jsonl.
+    lr_schedule: LrSchedule = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    sft_lr_schedule: LrSchedule = "constant"
+    sft_warmup_steps: int = Field(0, ge=0)
     # checkpoint selection, the paper's rules by default: MiniLLM's Phase 1 (its SFT init) keeps the lowest
     # validation loss; the SFT / KD / SeqKD baselines keep the highest validation ROUGE-L of their samples (costs
     # sampling at every evaluation); MiniLLM's best/ is the highest validation ROUGE-L (or the lowest reverse KL)
@@ -346,8 +395,12 @@ class DistillConfig(_Section):
         block = self.sampler.block_size
         if block is not None and self.cluster.sampler_gpus == 0 and block % 32:
             raise ValueError(f"sampler.block_size={block}: vLLM-cpu takes KV block sizes that are multiples of 32")
-        n = self.learner.num_workers
         lc = self.learner
+        if lc.warmup_steps > lc.minillm_steps:
+            raise ValueError(f"learner.warmup_steps={lc.warmup_steps} exceeds learner.minillm_steps={lc.minillm_steps}")
+        if lc.sft_warmup_steps > lc.sft_steps:
+            raise ValueError(f"learner.sft_warmup_steps={lc.sft_warmup_steps} exceeds learner.sft_steps={lc.sft_steps}")
+        n = self.learner.num_workers
         per_collection = lc.rollouts_per_collection or lc.batch_size
         minibatch = lc.minibatch_size or per_collection
         if per_collection % lc.batch_size:

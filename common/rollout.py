@@ -22,6 +22,8 @@ class Rollouts:
     finished: list[bool] = field(default_factory=list)  # ended with EOS (not cut at the length limit)
     seconds: float = 0.0  # wall time the sampler spent on this batch
     cpu_seconds: float = 0.0  # the sampler process's CPU time on it (every thread): wall / CPU tells waiting from work
+    # per row: the data set's response, not a sample (GKD's 1 - on_policy_fraction share); empty: all sampled
+    from_data: list[bool] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -42,6 +44,7 @@ class Rollouts:
             pick(self.finished),
             self.seconds,
             self.cpu_seconds,
+            pick(self.from_data),
         )
 
 
@@ -140,6 +143,7 @@ class PackedRollouts:
     tokens: torch.Tensor  # [B, T] response tokens (pad where mask is 0)
     mask: torch.Tensor  # [B, T] float, 1 on real response tokens
     old_logprobs: torch.Tensor  # [B, T] float
+    from_data: torch.Tensor | None = None  # [B] bool: the data set's response (no sampling distribution); None: none
 
 
 def pack_sequences(
@@ -169,7 +173,41 @@ def pack_sequences(
 
 
 def pack_rollouts(rollouts: Rollouts, pad_id: int) -> PackedRollouts:
-    return pack_sequences(rollouts.prompt_ids, rollouts.response_ids, pad_id, rollouts.old_logprobs)
+    packed = pack_sequences(rollouts.prompt_ids, rollouts.response_ids, pad_id, rollouts.old_logprobs)
+    if any(rollouts.from_data):
+        packed.from_data = torch.tensor(rollouts.from_data, dtype=torch.bool)
+    return packed
+
+
+def data_rollouts(prompts: list[list[int]], responses: list[list[int]], index: list[int], version: int) -> Rollouts:
+    """The data set's responses to `prompts` as rollouts (GKD's off-policy share): no sampler, no q_old."""
+    return Rollouts(
+        [list(p) for p in prompts],
+        [list(r) for r in responses],
+        [[0.0] * len(r) for r in responses],
+        [[0] * len(r) for r in responses],
+        version,
+        list(index),
+        [True] * len(prompts),
+        from_data=[True] * len(prompts),
+    )
+
+
+def with_data_responses(sampled: Rollouts, data: Rollouts) -> Rollouts:
+    """One batch: the sampled rows, then the data set's rows (flagged), at the sampled rows' weight version."""
+    flags = (sampled.from_data or [False] * len(sampled)) + (data.from_data or [True] * len(data))
+    return Rollouts(
+        sampled.prompt_ids + data.prompt_ids,
+        sampled.response_ids + data.response_ids,
+        sampled.old_logprobs + data.old_logprobs,
+        sampled.owners + data.owners,
+        sampled.weight_version,
+        sampled.prompt_index + data.prompt_index,
+        sampled.finished + data.finished,
+        sampled.seconds,
+        sampled.cpu_seconds,
+        flags,
+    )
 
 
 def gather_positions(states: torch.Tensor, predict_pos: torch.Tensor) -> torch.Tensor:
@@ -187,6 +225,7 @@ def slice_packed(p: PackedRollouts, rows: slice | torch.Tensor) -> PackedRollout
         p.tokens[rows],
         p.mask[rows],
         p.old_logprobs[rows],
+        p.from_data[rows] if p.from_data is not None else None,
     )
 
 
@@ -231,6 +270,11 @@ def concat_shards(shards: list[ScoredShard], pad_id: int = 0) -> ScoredShard:
         torch.cat([_pad_to(p.tokens, resp, pad_id) for p in ps]),
         torch.cat([_pad_to(p.mask, resp, 0.0) for p in ps]),
         torch.cat([_pad_to(p.old_logprobs, resp, 0.0) for p in ps]),
+        None
+        if all(p.from_data is None for p in ps)
+        else torch.cat(
+            [p.from_data if p.from_data is not None else torch.zeros(len(p.tokens), dtype=torch.bool) for p in ps]
+        ),
     )
     token_lp = torch.cat([_pad_to(s.teacher_token_logprobs, resp, 0.0) for s in shards])
     teachers = [s.teacher for s in shards]

@@ -56,14 +56,16 @@ class LearnerActor(LearnerWorker):
             telemetry.record_update(result)
         return result
 
-    def sft_step(self, batch: LMBatch) -> dict[str, float]:
-        return self._record(super().sft_step(batch))
+    def sft_step(self, batch: LMBatch, lr: float | None = None) -> dict[str, float]:
+        return self._record(super().sft_step(batch, lr))
 
-    def kd_step(self, batch: LMBatch, teacher_logprobs: torch.Tensor) -> dict[str, float]:
-        return self._record(super().kd_step(batch, teacher_logprobs))
+    def kd_step(self, batch: LMBatch, teacher_logprobs: torch.Tensor, lr: float | None = None) -> dict[str, float]:
+        return self._record(super().kd_step(batch, teacher_logprobs, lr))
 
-    def minillm_collection(self, *args: Any) -> list[dict[str, float]]:
-        results = super().minillm_collection(*args)
+    def minillm_collection(self, *args: Any, **kwargs: Any) -> list[dict[str, float]]:
+        if kwargs.get("pt_teacher") is not None:  # references inside a list are not resolved by Ray: fetch them
+            kwargs["pt_teacher"] = ray.get(kwargs["pt_teacher"])
+        results = super().minillm_collection(*args, **kwargs)
         for r in results:
             self._record(r)
         return results
@@ -177,12 +179,14 @@ class LearnerGroup:
         ]
 
     # ----- steps: one input per rank -----------------------------------------------------------------
-    def sft_step(self, parts: list[LMBatch | Ref]) -> dict[str, float]:
-        return RankUpdate.reduce(self._get([a.sft_step.remote(p) for a, p in zip(self.actors, parts, strict=True)]))
+    def sft_step(self, parts: list[LMBatch | Ref], lr: float | None = None) -> dict[str, float]:
+        return RankUpdate.reduce(self._get([a.sft_step.remote(p, lr) for a, p in zip(self.actors, parts, strict=True)]))
 
-    def kd_step(self, parts: list[LMBatch | Ref], teacher: list[torch.Tensor | Ref]) -> dict[str, float]:
+    def kd_step(
+        self, parts: list[LMBatch | Ref], teacher: list[torch.Tensor | Ref], lr: float | None = None
+    ) -> dict[str, float]:
         return RankUpdate.reduce(
-            self._get([a.kd_step.remote(p, t) for a, p, t in zip(self.actors, parts, teacher, strict=True)])
+            self._get([a.kd_step.remote(p, t, lr) for a, p, t in zip(self.actors, parts, teacher, strict=True)])
         )
 
     def minillm_collection(
@@ -193,21 +197,40 @@ class LearnerGroup:
         minibatch_size: int,
         micro_batch_size: int | None,
         pt_batches: list[torch.Tensor | None],
+        lrs: list[float] | None = None,
+        pt_teacher: list[list[Ref]] | None = None,
     ) -> list[dict[str, float]]:
         """Every update of one collection (`shards[b][r]`: sampled batch b's shard for rank r): `epochs` passes in
         mini-batches of `minibatch_size` sequences (split over the ranks), micro-batches of `micro_batch_size` per
-        rank. One metrics dict per update."""
+        rank, update i at lr `lrs[i]`; `pt_teacher[i][r]`: the teacher's log-probs on rank r's part of update i's
+        pre-training block (objective.pt_kd_ratio > 0; the parts `pretrain_parts` cuts). One metrics dict per
+        update."""
         rows = minibatch_size // self.n
         micro = micro_batch_size or rows
-        pt_rows = shard_rows(len(pt_batches[0]), self.n) if pt_batches and pt_batches[0] is not None else None
-        pts = [[None if pt is None or pt_rows is None else pt[pt_rows[r]] for pt in pt_batches] for r in range(self.n)]
+        parts = [self.pretrain_parts(pt) for pt in pt_batches]
+        pts = [[None if part is None else part[r] for part in parts] for r in range(self.n)]
         per_rank = self._get(
             [
-                a.minillm_collection.remote(alpha, epochs, rows, micro, pts[r], *[batch[r] for batch in shards])
+                a.minillm_collection.remote(
+                    alpha,
+                    epochs,
+                    rows,
+                    micro,
+                    pts[r],
+                    *[batch[r] for batch in shards],
+                    lrs=lrs,
+                    pt_teacher=[update[r] for update in pt_teacher] if pt_teacher is not None else None,
+                )
                 for r, a in enumerate(self.actors)
             ]
         )
         return [RankUpdate.reduce([updates[i] for updates in per_rank]) for i in range(len(per_rank[0]))]
+
+    def pretrain_parts(self, pt_ids: torch.Tensor | None) -> list[torch.Tensor] | None:
+        """The rows of a pre-training block each rank takes."""
+        if pt_ids is None:
+            return None
+        return [pt_ids[sl] for sl in shard_rows(len(pt_ids), self.n)]
 
     def eval_nll(self, batch: LMBatch) -> tuple[float, float]:
         """(sum of token NLL, tokens) over the batch, added across ranks."""

@@ -20,13 +20,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import ray
+import torch
 
 from actors.rollout_queue import TakenBatch
-from common.config import DistillConfig, LearnerConfig
-from common.data import TokenizedExample
+from common.config import DistillConfig, LearnerConfig, ObjectiveConfig
+from common.data import LMBatch, TokenizedExample
 from common.errors import one_line_error
 from common.resumable import TRAIN_BATCH, Counted, sampling_seed
+from common.rollout import data_rollouts, with_data_responses
 from learner.checkpoint import response_ids
+from learner.onpolicy_loss import teacher_transport
 from learner.recovery import FailureBudget, wait_for
 from learner.run_log import RunStopped
 
@@ -100,11 +103,29 @@ class RolloutPipeline:
         sampler = self.actors.samplers[batch_id % len(self.actors.samplers)]
         # the batch's own seed: sampled again (a restarted sampler, a resume) it is the same batch
         sampler.reseed.remote(sampling_seed(self.cfg.seed, TRAIN_BATCH, batch_id))  # runs before its sample
-        rollouts = sampler.sample.remote([it.prompt_ids for it in batch], [it.index for it in batch])
+        o = self.cfg.objective
+        # GKD's lambda: that share of the batch's prompts is sampled, the rest keeps the data set's responses
+        k = round(o.on_policy_fraction * len(batch)) if o.kind == "gkd" else len(batch)
+        if k == len(batch):
+            rollouts = sampler.sample.remote([it.prompt_ids for it in batch], [it.index for it in batch])
+        else:
+            rest = batch[k:]
+            data = data_rollouts(
+                [it.prompt_ids for it in rest],
+                [it.response_ids for it in rest],
+                [it.index for it in rest],
+                self.weights.version,
+            )
+            if k == 0:
+                rollouts = ray.put(data)
+            else:
+                sampled = sampler.sample.remote([it.prompt_ids for it in batch[:k]], [it.index for it in batch[:k]])
+                rollouts = ray.remote(num_cpus=0)(with_data_responses).remote(sampled, data)
         if self.cfg.logging.sampled_ids:
             self.sampled_ids[batch_id] = ray.remote(num_cpus=0)(response_ids).remote(rollouts)
         teacher = self.actors.teachers[batch_id % len(self.actors.teachers)]
-        info, *shards = teacher.score.options(num_returns=1 + n).remote(rollouts, n, None, batch_id)
+        transport = teacher_transport(o, self.cfg.teacher.transport)  # sampled_rkl: the sampled tokens' only
+        info, *shards = teacher.score.options(num_returns=1 + n).remote(rollouts, n, None, batch_id, transport)
         return Launch(batch_id, batch, info, shards, self._queue(info, shards))
 
     def _queue(self, info: Any, shards: list[Any]) -> Any:
@@ -189,3 +210,19 @@ class RolloutPipeline:
         """The phase is over: producers that ran ahead are not needed any more."""
         for launch in self.in_flight:
             ray.cancel(launch.queued)
+
+
+def pretrain_teacher_scores(
+    teachers: list[Any], learner: Any, obj: ObjectiveConfig, pt_batches: list[Any], step: int
+) -> list[list[Any]] | None:
+    """The teacher's log-probs on each learner rank's part of each update's pre-training block, as references
+    (objective.pt_kd_ratio > 0: L_PT's teacher part, the released scripts' kd_ratio); None when L_PT is plain NLL."""
+    if obj.resolved_pt_kd_ratio == 0 or obj.pt_weight == 0 or not pt_batches or pt_batches[0] is None:
+        return None
+    out = []
+    for i, pt in enumerate(pt_batches):
+        ranks = learner.pretrain_parts(pt) or []
+        parts = [LMBatch(p, torch.ones_like(p), torch.ones_like(p[:, 1:]).float()) for p in ranks]
+        scored = teachers[(step + i) % len(teachers)].score_lm.options(num_returns=len(parts)).remote(*parts)
+        out.append(scored if isinstance(scored, list) else [scored])
+    return out

@@ -26,7 +26,8 @@ from common.rollout import merge_infos
 from learner.actor_set import ActorSet
 from learner.best import BestCheckpoint, score_of
 from learner.group import LearnerFailed, LearnerGroup
-from learner.pipeline import CollectionPlan, RolloutPipeline
+from learner.lr_schedule import lr_at
+from learner.pipeline import CollectionPlan, RolloutPipeline, pretrain_teacher_scores
 from learner.recovery import FailureBudget, replace_learner_group
 from learner.run_log import (
     RunLogger,
@@ -195,9 +196,11 @@ class Recipe:
             f"[{kind}] {steps} steps, batch {c.learner.sft_batch_size}, lr {c.learner.sft_lr}, select by {select_by}",
             flush=True,
         )
+        lc = c.learner
         for step in range(done + 1, steps + 1):
+            lr = lr_at(step - 1, lc.sft_lr, lc.sft_lr_schedule, lc.sft_warmup_steps, steps)  # the schedule's
             with time_in("update"):
-                m = self.lm_update(kind, lm_batch(next(batches), self.tok.pad_token_id), step)
+                m = self.lm_update(kind, lm_batch(next(batches), self.tok.pad_token_id), step, lr)
             self.state.global_step += 1
             record: dict[str, Any] = {"phase": kind, "global_step": self.state.global_step, "step": step, **m}
             if step % c.learner.sft_eval_every == 0 or step == steps:
@@ -240,14 +243,15 @@ class Recipe:
         )
         return best.path
 
-    def lm_update(self, kind: str, batch: LMBatch, step: int) -> dict[str, float]:
-        """One SFT / SeqKD / KD update; for KD the teacher scores each rank's part and sends it to that rank."""
+    def lm_update(self, kind: str, batch: LMBatch, step: int, lr: float | None = None) -> dict[str, float]:
+        """One SFT / SeqKD / KD update at `lr`; for KD the teacher scores each rank's part and sends it to that
+        rank."""
         parts = [ray.put(p) for p in self.learner.split(batch)]
         if kind not in ("kd", "heal"):
-            return self.learner.sft_step(parts)
+            return self.learner.sft_step(parts, lr)
         teacher = self.actors.teachers[step % len(self.actors.teachers)]
         scored = teacher.score_lm.options(num_returns=len(parts)).remote(*parts)
-        return self.learner.kd_step(parts, scored if isinstance(scored, list) else [scored])
+        return self.learner.kd_step(parts, scored if isinstance(scored, list) else [scored], lr)
 
     def minillm_phase(self, sft_dir: str) -> dict[str, Any]:
         """Algorithm 1 with the paper's PPO schedule: collect rollouts_per_collection rollouts (teacher-mixed samples,
@@ -291,10 +295,18 @@ class Recipe:
             info = merge_infos([t.info for t in taken])
             # ---- update
             pt = [next(pretrain, None) for _ in range(min(plan.updates, steps - step))]
+            lrs = [lr_at(step + i, lc.lr, lc.lr_schedule, lc.warmup_steps, steps) for i in range(len(pt))]
             with time_in("update"):
                 shards, alpha = [t.shards for t in taken], c.objective.alpha
                 updates = learner.minillm_collection(
-                    shards, alpha, lc.ppo_epochs, plan.minibatch, lc.micro_batch_size, pt
+                    shards,
+                    alpha,
+                    lc.ppo_epochs,
+                    plan.minibatch,
+                    lc.micro_batch_size,
+                    pt,
+                    lrs,
+                    pretrain_teacher_scores(self.actors.teachers, learner, c.objective, pt, step),
                 )
             # ---- publish the weights (a new version, when they changed)
             lag, before = self.weights.version - info.weight_version, step

@@ -37,6 +37,7 @@ class RankUpdate:
     tokens: float | None = _across(SUM)  # response (or target) tokens of the rank's part
     grad_norm: float | None = _across(MAX)  # global (the same on every rank)
     skipped: float | None = _across(MAX)  # 1 if the step was skipped (non-finite): the same on every rank
+    lr: float | None = _across(MAX)  # the update's learning rate (the schedule's): the same on every rank
     step_seconds: float | None = _across(MAX)  # the slowest rank's
     step_cpu_seconds: float | None = _across(SUM)
     # sampler-vs-learner |log q(y_t)| gap, first update of a MiniLLM collection only

@@ -24,13 +24,12 @@ from common.rollout import ScoredShard, concat_shards, gather_positions, select_
 from learner.chunked_head import ChunkedLMHead
 from learner.fsdp_student import FSDPStudent
 from learner.objectives import (
-    minillm_token_losses,
     reverse_kl_per_token,
-    sequence_future_reward,
     token_nll,
     token_weights,
     word_kd_token_losses,
 )
+from learner.onpolicy_loss import sequence_signal, token_terms, update_weights
 from learner.update_stats import RankUpdate
 
 
@@ -52,6 +51,13 @@ class LearnerWorker(FSDPStudent):
         self.lm_head = ChunkedLMHead(self.head, vocab_size, learner.logit_chunk_tokens)
 
     # ----- the shared machinery ----------------------------------------------------------------------
+    def _set_lr(self, lr: float | None) -> float:
+        """The lr of the next optimizer step (the driver's schedule, learner/lr_schedule.py); None keeps it."""
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        return float(self.optimizer.param_groups[0]["lr"])
+
     def _totals(self, mask: torch.Tensor) -> tuple[float, float]:
         """(tokens, sequences with any token) of a mini-batch over all ranks (collective)."""
         return self._global_sum(float(mask.sum())), self._global_sum(float((mask.sum(-1) > 0).sum()))
@@ -63,16 +69,17 @@ class LearnerWorker(FSDPStudent):
         return token_weights(mask.float(), mode, tokens, seqs).to(self.device)
 
     def _lm_terms(
-        self, batch: LMBatch, mode: str, teacher: torch.Tensor | None = None
+        self, batch: LMBatch, mode: str, teacher: torch.Tensor | None = None, kd_ratio: float | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Weighted NLL (and, with a KD teacher [N, V], the weighted forward KL) at the target positions."""
+        """Weighted NLL (and, with a KD teacher [N, V], the weighted forward KL, share `kd_ratio`, default
+        objective.kd_ratio) at the target positions."""
         mask = batch.loss_mask
         where = mask.to(self.device) > 0
         hidden = self._hidden(batch.input_ids, batch.attention_mask)[:, :-1][where]
         targets = batch.input_ids[:, 1:].to(self.device)[where]
         weights = self._weights(mask, mode)[where]
         kd_teacher = teacher.to(self.device) if teacher is not None else None
-        r = self.obj.kd_ratio
+        r = self.obj.kd_ratio if kd_ratio is None else kd_ratio
 
         def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             logits = self.lm_head.logits(h)
@@ -86,16 +93,18 @@ class LearnerWorker(FSDPStudent):
         return self.lm_head.chunked(hidden, fn)
 
     # ----- steps -------------------------------------------------------------------------------------
-    def sft_step(self, batch: LMBatch) -> dict[str, float]:
-        """NLL on ground-truth (or teacher-sampled, for SeqKD) responses. Returns this rank's share of the global
-        loss (ranks' shares add up) and its token count."""
+    def sft_step(self, batch: LMBatch, lr: float | None = None) -> dict[str, float]:
+        """NLL on ground-truth (or teacher-sampled, for SeqKD) responses, at `lr` (None: the optimizer's). Returns
+        this rank's share of the global loss (ranks' shares add up) and its token count."""
         t0, c0 = time.perf_counter(), time.process_time()
         self.model.train()
         loss, m = self._lm_terms(batch, self.obj.reduction)
         before = self.skipped
+        lr_used = self._set_lr(lr)
         norm = self._step(loss)
         return RankUpdate(
             loss=loss.item(),
+            lr=lr_used,
             grad_norm=norm,
             skipped=float(self.skipped - before),
             tokens=float(m["nll"].numel()),
@@ -103,16 +112,18 @@ class LearnerWorker(FSDPStudent):
             step_cpu_seconds=time.process_time() - c0,
         ).as_dict()
 
-    def kd_step(self, batch: LMBatch, teacher_logprobs: torch.Tensor) -> dict[str, float]:
-        """Word-level KD: kd_ratio * forward KL[p || q] + (1 - kd_ratio) * NLL on ground-truth responses.
+    def kd_step(self, batch: LMBatch, teacher_logprobs: torch.Tensor, lr: float | None = None) -> dict[str, float]:
+        """Word-level KD: kd_ratio * forward KL[p || q] + (1 - kd_ratio) * NLL on ground-truth responses, at `lr`.
         `teacher_logprobs` is [N, V] at this rank's target positions (row-major over `batch.loss_mask`)."""
         t0, c0 = time.perf_counter(), time.process_time()
         self.model.train()
         loss, m = self._lm_terms(batch, self.obj.reduction, teacher_logprobs)
         before = self.skipped
+        lr_used = self._set_lr(lr)
         norm = self._step(loss)
         return RankUpdate(
             loss=loss.item(),
+            lr=lr_used,
             skipped=float(self.skipped - before),
             kd_sum=m["kd"].sum().item(),
             nll_sum=m["nll"].sum().item(),
@@ -129,11 +140,15 @@ class LearnerWorker(FSDPStudent):
         _, m = self._lm_terms(batch, "token")
         return m["nll"].sum().item(), float(m["nll"].numel())
 
-    def _pt_loss(self, pt_ids: torch.Tensor | None) -> torch.Tensor:
+    def _pt_loss(self, pt_ids: torch.Tensor | None, teacher: torch.Tensor | None = None) -> torch.Tensor:
+        """L_PT: NLL on the pre-training block, or with the teacher's log-probs on it (objective.pt_kd_ratio > 0)
+        (1 - r) NLL + r KL[p || q] (the released code's teacher cross-entropy minus p's entropy: same gradient)."""
         if pt_ids is None or self.obj.pt_weight == 0:
             return torch.zeros((), device=self.device)
         ones = torch.ones_like(pt_ids)
-        return self._lm_terms(LMBatch(pt_ids, ones, ones[:, 1:].float()), "token")[0]
+        kd = teacher.to(self.device) if teacher is not None else None
+        ratio = self.obj.resolved_pt_kd_ratio if teacher is not None else 0.0
+        return self._lm_terms(LMBatch(pt_ids, ones, ones[:, 1:].float()), "token", kd, ratio)[0]
 
     def _device_teacher(self, shard: ScoredShard) -> torch.Tensor | TopKLogprobs:
         t = shard.teacher
@@ -166,33 +181,36 @@ class LearnerWorker(FSDPStudent):
         return out
 
     def _minillm_loss(
-        self, shard: ScoredShard, alpha: float, totals: tuple[float, float]
+        self, shard: ScoredShard, alpha: float, totals: tuple[float, float], parts: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """This micro-batch's share of single + long (weights normalised by the mini-batch's `totals`)."""
+        """This micro-batch's share of single + long for objective.kind (learner/onpolicy_loss.py; weights
+        normalised by the mini-batch's `totals`, or lmops' mean of the `parts` micro-batch means)."""
         p, dev, o = shard.packed, self.device, self.obj
         where = p.mask.to(dev) > 0
         old = p.old_logprobs.to(dev)
         teacher_y = shard.teacher_token_logprobs.to(dev)
-        # R_{t+1} needs whole sequences; it uses no logits, so it is computed up front and the rest goes by chunks
-        reward = torch.where(where, teacher_y - old, torch.zeros_like(old))
-        future = sequence_future_reward(reward, where.float(), o.length_norm)[where]
-        weights = self._weights(p.mask, o.reduction, totals)[where]
+        # returns / advantages need whole sequences; they use no logits, so they are computed up front and the
+        # rest goes by chunks (lmops' whitening sums over the ranks here: every rank calls it per micro-batch)
+        signal = sequence_signal(o, teacher_y, old, where.to(old.dtype), self._global_sum)
+        flat_signal = signal[where] if signal is not None else None
+        weights = update_weights(o, p.mask, totals, parts).to(dev)[where]
         tokens, old, teacher_y = p.tokens.to(dev)[where], old[where], teacher_y[where]
+        # GKD's data rows (on_policy_fraction < 1) have no sampling distribution: their tokens weigh 1
+        sampled = None if p.from_data is None else (~p.from_data.to(dev)).unsqueeze(-1).expand_as(where)[where]
         teacher = self._device_teacher(shard)
         eps = o.clip_eps or 0.0
 
         def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            ones = torch.ones(h.shape[0], device=dev)
-            terms = minillm_token_losses(
+            terms = token_terms(
+                o,
                 self.lm_head.logits(h),
                 teacher[sl],
                 tokens[sl],
-                ones,
                 old[sl],
+                teacher_y[sl],
+                flat_signal[sl] if flat_signal is not None else None,
                 alpha,
-                o.clip_eps,
-                teacher_token_logprobs=teacher_y[sl],
-                future_reward=future[sl],
+                sampled[sl] if sampled is not None else None,
             )
             w = weights[sl]
             loss = o.single_weight * (w * terms.single).sum() + o.long_weight * (w * terms.long).sum()
@@ -216,11 +234,15 @@ class LearnerWorker(FSDPStudent):
         micro_rows: int,
         pt_batches: list[torch.Tensor | None],
         *shards: ScoredShard,
+        lrs: list[float] | None = None,
+        pt_teacher: list[torch.Tensor] | None = None,
     ) -> list[dict[str, float]]:
         """MiniLLM's Phase 2 on one collection (this rank's rows of every sampled batch in it): `epochs` passes in
         shuffled mini-batches of `minibatch_rows` sequences (the same on every rank), one optimizer step each,
         gradients accumulated over micro-batches of `micro_rows`; as many updates as `pt_batches` has entries (one
-        pre-training batch or None per update). Returns each update's metrics (this rank's shares).
+        pre-training batch or None per update), update i at lr `lrs[i]` (None: the optimizer's); `pt_teacher[i]`: the
+        teacher's log-probs [N, V] on update i's pre-training block (objective.pt_kd_ratio > 0). Returns each
+        update's metrics (this rank's shares).
 
         log q_old is the sampler's, or (objective.old_logprobs = learner) this learner's own before the first update,
         so rho = 1 there. The first update reports the sampler-vs-learner log-prob gap (numeric only at lag 0)."""
@@ -248,6 +270,8 @@ class LearnerWorker(FSDPStudent):
                     [select_rows(collection, rows[i : i + micro_rows]) for i in range(0, len(rows), micro_rows)],
                     alpha,
                     next(pts, None),
+                    lrs[len(results)] if lrs is not None else None,
+                    pt_teacher[len(results)] if pt_teacher is not None else None,
                 )
                 if not results:  # the first update: weights = the sampling weights when the batch has lag 0
                     if gap is not None:
@@ -261,7 +285,14 @@ class LearnerWorker(FSDPStudent):
                     return results
         return results
 
-    def _minillm_update(self, micro: list[ScoredShard], alpha: float, pt_ids: torch.Tensor | None) -> RankUpdate:
+    def _minillm_update(
+        self,
+        micro: list[ScoredShard],
+        alpha: float,
+        pt_ids: torch.Tensor | None,
+        lr: float | None = None,
+        pt_teacher: torch.Tensor | None = None,
+    ) -> RankUpdate:
         t0, c0 = time.perf_counter(), time.process_time()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -272,9 +303,9 @@ class LearnerWorker(FSDPStudent):
         for i, shard in enumerate(micro):
             if many:  # reduce gradients across ranks once, after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
-            loss, m = self._minillm_loss(shard, alpha, totals)
+            loss, m = self._minillm_loss(shard, alpha, totals, len(micro) * self.world_size)
             if i == len(micro) - 1 and pt_ids is not None and self.obj.pt_weight > 0:
-                l_pt = self._pt_loss(pt_ids)
+                l_pt = self._pt_loss(pt_ids, pt_teacher)
                 loss = loss + self.obj.pt_weight * l_pt
                 sums["loss_pt"] += l_pt.item()
             self._backward(loss)
@@ -288,10 +319,12 @@ class LearnerWorker(FSDPStudent):
         if many:
             self.model.set_requires_gradient_sync(True)
         skipped_before = self.skipped
+        lr_used = self._set_lr(lr)
         norm = self._step(loss_value=sums["loss"])
         has = sums["tokens"] > 0
         return RankUpdate(
             loss=sums["loss"],
+            lr=lr_used,
             loss_single=sums["single"],
             loss_long=sums["long"],
             loss_pt=sums["loss_pt"],

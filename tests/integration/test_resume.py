@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from learner.checkpoint import check_complete, find_resume
+from learner.lr_schedule import lr_at
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -22,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS, KILL_AFTER = 6, 4
 COMPARED = ["loss", "loss_single", "loss_long", "loss_pt", "reverse_kl", "rho_min", "rho_max", "grad_norm"]
 COMPARED += ["sampled_ids", "weight_version", "rollout_version", "mean_response_tokens", "batch_ids"]
-COMPARED += ["logprob_gap_mean", "logprob_gap_max"]
+COMPARED += ["logprob_gap_mean", "logprob_gap_max", "lr"]
+WARMUP = 5  # the kill after step KILL_AFTER falls inside the lr warm-up: the resumed updates get the same lrs
 
 
 def _args(out: Path, tiny_models, *extra: str, sft: bool = False) -> list[str]:
@@ -49,6 +51,8 @@ def _args(out: Path, tiny_models, *extra: str, sft: bool = False) -> list[str]:
         "checkpoint.keep=3",
         "logging.wandb_mode=disabled",
         "logging.sampled_ids=true",
+        f"learner.warmup_steps={WARMUP}",
+        "learner.lr_schedule=cosine",
         *extra,
     ]
 
@@ -135,6 +139,10 @@ def test_resume_after_sigkill_equals_uninterrupted(runs, tiny_models):
     # the kill, whatever the timing (batches are consumed in launch order: step s takes batch s - 1)
     _compare(a, b, range(1, STEPS + 1))
     assert [a[s]["batch_ids"] for s in sorted(a)] == [[s - 1] for s in sorted(a)]
+    # the lrs are the schedule's (tiny.yaml's lr 3e-4), warm-up across the kill included
+    assert [b[s]["lr"] for s in sorted(b)] == pytest.approx(
+        [lr_at(s - 1, 3e-4, "cosine", WARMUP, STEPS) for s in sorted(b)]
+    )
     evals = [[r for r in _records(d) if r["phase"] == "eval"] for d in (runs / "uninterrupted", runs / "killed")]
     assert [e["eval_reverse_kl_seq"] for e in evals[1]] == [e["eval_reverse_kl_seq"] for e in evals[0]]
     summary = json.loads((runs / "killed" / "summary.json").read_text())
