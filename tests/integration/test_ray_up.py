@@ -248,10 +248,13 @@ def test_ray_up_job_submit_ray_down(ssh_head):
     try:
         up = _run(["ray", "up", "-y", "--no-config-cache", str(config)], env, 600)
         assert "3.11" in up.stdout + up.stderr  # the head's setup command printed its Python
-        # the README's step that reads the head's token from the laptop, as written there
-        read = f"ray exec {config} 'ray get-auth-token' 2>/dev/null | tail -n 1"
+        # the README's two ways to bring the head's token to a laptop, as written there
+        read = f"ray exec {config} 'ray get-auth-token' 2>/dev/null | grep -oE '[0-9a-f]{{64}}' | tail -n 1"
         head_token = _run(["bash", "-c", read], env, 120)
         assert head_token.stdout.strip() == token, head_token.stdout[-2000:]
+        copy = ssh_head["laptop"] / "head_token"
+        _run(["ray", "rsync-down", str(config), "~/.ray/auth_token", str(copy)], env, 120)
+        assert copy.read_text().strip() == token
         local = _free_port()
         forward = subprocess.Popen(
             ["ray", "dashboard", str(config), "--port", str(local), "--remote-port", str(ports["dashboard-port"])],
