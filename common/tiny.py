@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -102,13 +103,17 @@ def build_tiny_models(
     """Build (or reuse from cache) the tokenizer, teacher and student of the embedded default."""
     if not train_path.is_file():
         raise DataError(f"data file not found: {train_path}")
-    root = Path(spec.cache_dir).expanduser() / _spec_hash(spec, train_path)
-    out = TinyModels(root / "tokenizer", root / "teacher", root / "student")
-    if (root / "DONE").is_file():
-        return out
-    print(f"[tiny] building tokenizer, teacher and student in {root} (once; cached afterwards)", flush=True)
+    final = Path(spec.cache_dir).expanduser() / _spec_hash(spec, train_path)
+    done = TinyModels(final / "tokenizer", final / "teacher", final / "student")
+    if (final / "DONE").is_file():
+        return done
+    print(f"[tiny] building tokenizer, teacher and student in {final} (once; cached afterwards)", flush=True)
+    # built in a folder of this process's own, renamed into place when whole: processes building the same models at
+    # once (tests side by side) never delete or overwrite each other's half-built files
+    root = final.with_name(f"{final.name}.building-{os.getpid()}")
     if root.exists():
         shutil.rmtree(root)
+    out = TinyModels(root / "tokenizer", root / "teacher", root / "student")
     examples = load_jsonl(train_path)
     texts = [ex.prompt + ex.response for ex in examples]
     tokenizer = train_tokenizer(texts, spec.vocab_size)
@@ -129,7 +134,13 @@ def build_tiny_models(
     student = build_llama(_model_config(spec.student, vocab, eos), seed + 1)
     save_hf(student, tokenizer, out.student)
     (root / "DONE").write_text("ok\n")
-    return out
+    if final.exists() and not (final / "DONE").is_file():
+        shutil.rmtree(final, ignore_errors=True)  # a half-built folder of an older version of this code
+    try:
+        root.rename(final)
+    except OSError:  # another process finished first: its models are the same build
+        shutil.rmtree(root, ignore_errors=True)
+    return done
 
 
 def tiny_models_for(cfg: DistillConfig | None = None) -> TinyModels:

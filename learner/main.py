@@ -78,6 +78,7 @@ def run(cfg: DistillConfig) -> Path:
     from learner.checkpoint import find_resume, truncate_metrics
     from learner.recipe import Recipe
     from learner.run_log import RunLogger, prepare_run_dir
+    from learner.shared_paths import check_shared_paths
 
     t_start = time.time()
     # every check that needs no cluster, before Ray starts and before the run folder exists
@@ -95,6 +96,7 @@ def run(cfg: DistillConfig) -> Path:
     point = find_resume(cfg.resume, store)  # a bad resume= path fails here, before Ray
     print(f"[ray] {connect_ray(cfg)}", flush=True)
     check_resources(cfg)
+    check_shared_paths(cfg, store, assets)  # several nodes: storage.path and the model folders on every one
     # resuming a checkpoint of this run folder writes on in it; one from elsewhere starts this folder afresh
     same_folder = point is not None and point.path.startswith(store.rstrip("/") + "/")
     run_dir = prepare_run_dir(store, resume=same_folder)
