@@ -97,7 +97,10 @@ def _eos_ids(*configs: Mapping[str, Any]) -> set[int]:
 
 
 class VLLMEngine:
-    """A vLLM engine (``vllm.LLM``, in-process) over a local Hugging Face causal-LM folder, token ids only."""
+    """A vLLM engine (``vllm.LLM``, in-process) over a local Hugging Face causal-LM folder, token ids only.
+
+    Its method count is its API, not several jobs: nine are read-only properties of the loaded engine, four are
+    one-line pass-throughs to the sessions (engine_sessions.py), the rest generate, score and take weights."""
 
     def __init__(
         self,

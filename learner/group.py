@@ -72,7 +72,8 @@ class LearnerActor(LearnerWorker):
 
 
 class LearnerGroup:
-    """Driver-side handle on the learner ranks."""
+    """Driver-side handle on the learner ranks: one method per call the driver makes on them (each fans the call
+    out to every rank and turns a dead rank into LearnerFailed), which is why it has more than a dozen."""
 
     def __init__(
         self,

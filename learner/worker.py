@@ -34,6 +34,9 @@ from learner.update_stats import RankUpdate
 
 
 class LearnerWorker(FSDPStudent):
+    """A learner rank's update steps: one public method per kind of update or evaluation the driver asks for (SFT,
+    KD, a MiniLLM collection, validation NLL, reverse KL); FSDP set-up and weights out live in FSDPStudent."""
+
     def __init__(
         self,
         student_dir: str,
