@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.logprobs import TopKLogprobs
+from common.logprobs import TeacherHidden, TopKLogprobs, cat_teacher
+
+TeacherWire = torch.Tensor | TopKLogprobs | TeacherHidden
 
 
 @dataclass
@@ -51,13 +53,14 @@ class ScoredShard:
     log-probs at their response positions. The teacher builds one per rank, so each rank fetches only its own.
 
     `teacher` holds one row per real response token, in row-major order of `packed.mask` (no padding rows):
-    dense [N, V] log-probs in the transport dtype, or TopKLogprobs ([N, k] ids and log-probs, [N] exact tail).
+    dense [N, V] log-probs in the transport dtype, TopKLogprobs ([N, k] ids and log-probs, [N] exact tail), or
+    TeacherHidden ([N, d] final hidden states; the learner applies the teacher's output layer chunk by chunk).
     `teacher_token_logprobs` [b, T] is the teacher's exact log p(y_t) of each sampled token, whatever the transport.
     """
 
     packed: PackedRollouts
     teacher_token_logprobs: torch.Tensor
-    teacher: torch.Tensor | TopKLogprobs
+    teacher: TeacherWire
 
     def __len__(self) -> int:
         return self.packed.tokens.shape[0]
@@ -69,7 +72,7 @@ class ScoredShard:
     @property
     def teacher_bytes(self) -> int:
         t = self.teacher
-        return t.nbytes if isinstance(t, TopKLogprobs) else t.numel() * t.element_size()
+        return t.nbytes if isinstance(t, TopKLogprobs | TeacherHidden) else t.numel() * t.element_size()
 
 
 @dataclass
@@ -213,7 +216,7 @@ def select_rows(shard: ScoredShard, rows: torch.Tensor) -> ScoredShard:
     rows = rows.long()
     packed = slice_packed(p, rows)
     flat = _flat_rows(p.mask, rows)
-    teacher = shard.teacher[flat]  # TopKLogprobs indexes all three fields
+    teacher = shard.teacher[flat]  # TopKLogprobs indexes all three fields, TeacherHidden its states
     return ScoredShard(packed, shard.teacher_token_logprobs[rows], teacher)
 
 
@@ -233,12 +236,5 @@ def concat_shards(shards: list[ScoredShard], pad_id: int = 0) -> ScoredShard:
         torch.cat([_pad_to(p.old_logprobs, resp, 0.0) for p in ps]),
     )
     token_lp = torch.cat([_pad_to(s.teacher_token_logprobs, resp, 0.0) for s in shards])
-    teachers = [s.teacher for s in shards]
-    if isinstance(teachers[0], TopKLogprobs):
-        tops = [t for t in teachers if isinstance(t, TopKLogprobs)]
-        teacher: torch.Tensor | TopKLogprobs = TopKLogprobs(
-            torch.cat([t.ids for t in tops]), torch.cat([t.logprobs for t in tops]), torch.cat([t.tail for t in tops])
-        )
-    else:
-        teacher = torch.cat([t for t in teachers if isinstance(t, torch.Tensor)])
+    teacher = cat_teacher([s.teacher for s in shards])
     return ScoredShard(packed, token_lp, teacher)
