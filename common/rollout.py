@@ -238,3 +238,40 @@ def concat_shards(shards: list[ScoredShard], pad_id: int = 0) -> ScoredShard:
     token_lp = torch.cat([_pad_to(s.teacher_token_logprobs, resp, 0.0) for s in shards])
     teacher = cat_teacher([s.teacher for s in shards])
     return ScoredShard(packed, token_lp, teacher)
+
+
+def row_widths(p: PackedRollouts) -> list[int]:
+    """Each row's forward width: its real prompt + response tokens (what a trimmed micro-batch pads to)."""
+    return [int(n) for n in p.attention_mask.sum(-1).tolist()]
+
+
+def token_micro_batches(widths: list[int], max_rows: int, max_tokens: int | None) -> list[slice]:
+    """Consecutive micro-batches of at most `max_rows` rows and, with `max_tokens`, at most that many padded tokens
+    (rows x the widest row's width); a row wider than the budget goes alone. The order is kept, so the gradient sum
+    is the rows-only split's up to summation order."""
+    out, start = [], 0
+    while start < len(widths):
+        end, widest = start + 1, widths[start]
+        while end < len(widths) and end - start < max_rows:
+            wider = max(widest, widths[end])
+            if max_tokens is not None and (end - start + 1) * wider > max_tokens:
+                break
+            end, widest = end + 1, wider
+        out.append(slice(start, end))
+        start = end
+    return out
+
+
+def trim_packed(p: PackedRollouts) -> PackedRollouts:
+    """Drop the columns no row of `p` uses (right padding left over from a wider collection): a micro-batch then
+    costs its own width, not the collection's. Real positions are unchanged (causal attention, right padding)."""
+    width = max(1, int(p.attention_mask.sum(-1).max().item())) if len(p.input_ids) else 1
+    resp = max(1, int(p.mask.sum(-1).max().item())) if len(p.mask) else 1
+    return PackedRollouts(
+        p.input_ids[:, :width],
+        p.attention_mask[:, :width],
+        p.predict_pos[:, :resp],
+        p.tokens[:, :resp],
+        p.mask[:, :resp],
+        p.old_logprobs[:, :resp],
+    )
