@@ -275,3 +275,9 @@ def trim_packed(p: PackedRollouts) -> PackedRollouts:
         p.mask[:, :resp],
         p.old_logprobs[:, :resp],
     )
+
+
+def trim_shard(shard: ScoredShard) -> ScoredShard:
+    """trim_packed of a shard, its teacher token log-probs cut alike (the flat teacher rows are unchanged)."""
+    packed = trim_packed(shard.packed)
+    return ScoredShard(packed, shard.teacher_token_logprobs[:, : packed.tokens.shape[1]], shard.teacher)

@@ -114,6 +114,7 @@ class LearnerGroup:
         placements: list[dict] | None = None,
         threads: int | None = None,
         timeout_s: float | None = None,
+        teacher_dir: str | None = None,  # teacher.transport=hidden: each rank loads the teacher's output layer
     ):
         from actors.remote import thread_env
 
@@ -139,6 +140,7 @@ class LearnerGroup:
                 world_size=num_workers,
                 dtype=dtype,
                 seed=seed,
+                teacher_dir=teacher_dir,
             )
             for r in range(num_workers)
         ]

@@ -203,6 +203,7 @@ class Recipe:
             placements=[where(f"learner-{r}") for r in range(c.learner.num_workers)],
             threads=c.cluster.torch_threads,
             timeout_s=c.cluster.task_timeout_s,
+            teacher_dir=self.assets.teacher_dir if c.teacher.transport == "hidden" else None,
         )
 
     def _connect_weight_group(self) -> None:

@@ -29,9 +29,19 @@ from torch.utils.checkpoint import checkpoint
 
 from common.config import LearnerConfig, ObjectiveConfig
 from common.data import LMBatch
-from common.logprobs import TopKLogprobs
+from common.logprobs import TeacherHidden, TopKLogprobs
+from common.memory import peak_mb, reset_peak
 from common.models import DTYPES, final_hidden_states, load_model
-from common.rollout import ScoredShard, concat_shards, gather_positions, select_rows
+from common.rollout import (
+    ScoredShard,
+    concat_shards,
+    gather_positions,
+    row_widths,
+    select_rows,
+    token_micro_batches,
+    trim_shard,
+)
+from common.teacher_head import TeacherHead, expand_teacher
 from learner.objectives import (
     minillm_token_losses,
     reverse_kl_per_token,
@@ -57,6 +67,7 @@ class LearnerWorker:
         init_method: str,
         dtype: str = "float32",
         seed: int = 0,
+        teacher_dir: str | None = None,
     ):
         backend = learner.backend
         if backend == "auto":
@@ -76,6 +87,8 @@ class LearnerWorker:
         master = torch.float32 if learner.master_weights == "float32" else compute
         mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute != master else None
         model = load_model(student_dir, "float32").to(device=self.device, dtype=master)
+        if learner.activation_checkpointing:  # each layer's inside recomputed in backward; before FSDP wraps it
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # a CPU learner on a GPU node needs an explicit CPU mesh: FSDP2's default mesh moves shards to CUDA whenever
         # a GPU is visible. Elsewhere the default mesh is the same one.
         cpu_on_gpu_node = self.device.type == "cpu" and torch.cuda.is_available()
@@ -86,6 +99,11 @@ class LearnerWorker:
         self.model = model
         self.master_dtype = master
         self.head = model.get_output_embeddings()
+        # teacher.transport=hidden: the teacher's output layer, frozen, in the compute dtype, on every rank whole
+        # (not sharded, no optimizer state): it turns each chunk of teacher hidden states into log-probs
+        self.teacher_head = (
+            TeacherHead.from_folder(teacher_dir, vocab_size, compute, self.device) if teacher_dir else None
+        )
         self.weight_sender = None  # set by init_weight_sender on rank 0 (learner.weight_sync=collective)
         self.set_optimizer(learner.lr)
         self.steps = 0  # optimizer steps taken
@@ -186,7 +204,7 @@ class LearnerWorker:
         return token_weights(mask.float(), mode, tokens, seqs).to(self.device)
 
     def _lm_terms(
-        self, batch: LMBatch, mode: str, teacher: torch.Tensor | None = None
+        self, batch: LMBatch, mode: str, teacher: torch.Tensor | TeacherHidden | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted NLL (and, with a KD teacher [N, V], the weighted forward KL) at the target positions."""
         mask = batch.loss_mask
@@ -194,7 +212,7 @@ class LearnerWorker:
         hidden = self._hidden(batch.input_ids, batch.attention_mask)[:, :-1][where]
         targets = batch.input_ids[:, 1:].to(self.device)[where]
         weights = self._weights(mask, mode)[where]
-        kd_teacher = teacher.to(self.device) if teacher is not None else None
+        kd_teacher = teacher.to(self.device) if isinstance(teacher, torch.Tensor) else teacher
         r = self.obj.kd_ratio
 
         def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -203,7 +221,7 @@ class LearnerWorker:
             nll = token_nll(logits, targets[sl], ones)
             if kd_teacher is None:
                 return (weights[sl] * nll).sum(), {"nll": nll.detach()}
-            kd = word_kd_token_losses(logits, kd_teacher[sl], ones)
+            kd = word_kd_token_losses(logits, expand_teacher(kd_teacher[sl], self.teacher_head), ones)
             return (weights[sl] * (r * kd + (1 - r) * nll)).sum(), {"nll": nll.detach(), "kd": kd.detach()}
 
         return self._chunked(hidden, fn)
@@ -213,6 +231,7 @@ class LearnerWorker:
         """NLL on ground-truth (or teacher-sampled, for SeqKD) responses. Returns this rank's share of the global
         loss (ranks' shares add up) and its token count."""
         t0, c0 = time.perf_counter(), time.process_time()
+        reset_peak(self.device)
         self.model.train()
         loss, m = self._lm_terms(batch, self.obj.reduction)
         before = self.skipped
@@ -222,14 +241,16 @@ class LearnerWorker:
             "grad_norm": norm,
             "skipped": float(self.skipped - before),
             "tokens": float(m["nll"].numel()),
+            "peak_memory_mb": peak_mb(self.device),
             "step_seconds": time.perf_counter() - t0,
             "step_cpu_seconds": time.process_time() - c0,
         }
 
-    def kd_step(self, batch: LMBatch, teacher_logprobs: torch.Tensor) -> dict[str, float]:
+    def kd_step(self, batch: LMBatch, teacher_logprobs: torch.Tensor | TeacherHidden) -> dict[str, float]:
         """Word-level KD: kd_ratio * forward KL[p || q] + (1 - kd_ratio) * NLL on ground-truth responses.
         `teacher_logprobs` is [N, V] at this rank's target positions (row-major over `batch.loss_mask`)."""
         t0, c0 = time.perf_counter(), time.process_time()
+        reset_peak(self.device)
         self.model.train()
         loss, m = self._lm_terms(batch, self.obj.reduction, teacher_logprobs)
         before = self.skipped
@@ -241,6 +262,7 @@ class LearnerWorker:
             "nll_sum": m["nll"].sum().item(),
             "tokens": float(m["nll"].numel()),
             "grad_norm": norm,
+            "peak_memory_mb": peak_mb(self.device),
             "step_seconds": time.perf_counter() - t0,
             "step_cpu_seconds": time.process_time() - c0,
         }
@@ -258,8 +280,11 @@ class LearnerWorker:
         ones = torch.ones_like(pt_ids)
         return self._lm_terms(LMBatch(pt_ids, ones, ones[:, 1:].float()), "token")[0]
 
-    def _device_teacher(self, shard: ScoredShard) -> torch.Tensor | TopKLogprobs:
+    def _device_teacher(self, shard: ScoredShard) -> torch.Tensor | TopKLogprobs | TeacherHidden:
+        """This micro-batch's teacher data on the device (hidden states: each chunk's go when it is expanded)."""
         t = shard.teacher
+        if isinstance(t, TeacherHidden):
+            return t
         if isinstance(t, torch.Tensor):
             return t.to(self.device)
         return TopKLogprobs(t.ids.to(self.device), t.logprobs.to(self.device), t.tail.to(self.device))
@@ -308,7 +333,7 @@ class LearnerWorker:
             ones = torch.ones(h.shape[0], device=dev)
             terms = minillm_token_losses(
                 self._logits(h),
-                teacher[sl],
+                expand_teacher(teacher[sl], self.teacher_head),
                 tokens[sl],
                 ones,
                 old[sl],
@@ -371,11 +396,7 @@ class LearnerWorker:
             order = torch.randperm(n_rows, generator=gen) if n_rows > minibatch_rows else torch.arange(n_rows)
             for start in range(0, n_rows, minibatch_rows):
                 rows = order[start : start + minibatch_rows]
-                m = self._minillm_update(
-                    [select_rows(collection, rows[i : i + micro_rows]) for i in range(0, len(rows), micro_rows)],
-                    alpha,
-                    next(pts, None),
-                )
+                m = self._minillm_update(self._micro_batches(collection, rows, micro_rows), alpha, next(pts, None))
                 if not results:  # the first update: weights = the sampling weights when the batch has lag 0
                     m.update(
                         gap
@@ -392,11 +413,27 @@ class LearnerWorker:
                     return results
         return results
 
+    def _micro_batches(self, collection: ScoredShard, rows: torch.Tensor, micro_rows: int) -> list[ScoredShard]:
+        """A mini-batch's micro-batches: `micro_rows` sequences each, and with learner.micro_batch_tokens at most
+        that many padded tokens, each trimmed to its own width."""
+        budget = self.cfg.micro_batch_tokens
+        if budget is None:
+            return [select_rows(collection, rows[i : i + micro_rows]) for i in range(0, len(rows), micro_rows)]
+        widths = row_widths(select_rows(collection, rows).packed)
+        out = []
+        for sl in token_micro_batches(widths, micro_rows, budget):
+            out.append(trim_shard(select_rows(collection, rows[sl])))
+        return out
+
     def _minillm_update(self, micro: list[ScoredShard], alpha: float, pt_ids: torch.Tensor | None) -> dict[str, float]:
         t0, c0 = time.perf_counter(), time.process_time()
+        reset_peak(self.device)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        totals = self._totals(torch.cat([s.packed.mask for s in micro]))  # micro-batches share the collection's width
+        masks = [s.packed.mask for s in micro]
+        tokens_all = self._global_sum(float(sum(m.sum() for m in masks)))
+        seqs_all = self._global_sum(float(sum((m.sum(-1) > 0).sum() for m in masks)))
+        totals = (tokens_all, seqs_all)
         sums: dict[str, float] = defaultdict(float)
         rho_min, rho_max, gap_max = float("inf"), float("-inf"), 0.0
         many = len(micro) > 1
@@ -436,6 +473,7 @@ class LearnerWorker:
             "gap_max_first": gap_max,
             "grad_norm": norm,
             "skipped": float(self.skipped - skipped_before),
+            "peak_memory_mb": peak_mb(self.device),
             "step_seconds": time.perf_counter() - t0,
             "step_cpu_seconds": time.process_time() - c0,
         }
@@ -452,16 +490,12 @@ class LearnerWorker:
         Returns (sum, tokens, sequences)."""
         p, dev = shard.packed, self.device
         where = p.mask.to(dev) > 0
-        teacher = shard.teacher
-        teacher = (
-            teacher.to(dev)
-            if isinstance(teacher, torch.Tensor)
-            else TopKLogprobs(teacher.ids.to(dev), teacher.logprobs.to(dev), teacher.tail.to(dev))
-        )
+        teacher = self._device_teacher(shard)
         hidden = gather_positions(self._hidden(p.input_ids, p.attention_mask), p.predict_pos.to(dev))[where]
 
         def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            kl = reverse_kl_per_token(self._logits(h), teacher[sl], torch.ones(h.shape[0], device=dev))
+            piece = expand_teacher(teacher[sl], self.teacher_head)
+            kl = reverse_kl_per_token(self._logits(h), piece, torch.ones(h.shape[0], device=dev))
             return kl.sum(), {}
 
         total, _ = self._chunked(hidden, fn)

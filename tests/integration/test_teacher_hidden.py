@@ -95,3 +95,103 @@ def test_output_transforms_from_config():
         output_transform({"model_type": "minicpm"})
     with pytest.raises(ModelError, match="logit_scale"):
         output_transform(json.loads('{"logit_scale": -1}'))
+
+
+# ---- the learner with its copy of the teacher's output layer: hidden == dense (float32) ----------------------
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    import socket
+
+    import torch.distributed as dist
+
+    root = tmp_path_factory.mktemp("hidden-pair")
+    build_llama_dir(root / "teacher", VOCAB, seed=5, hidden=64)
+    build_llama_dir(root / "student", VOCAB, seed=6, hidden=64, tied=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    yield root, init
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _worker(pair, hidden: bool, lr: float = 0.0, chunk: int = 4):
+    from common.config import LearnerConfig, ObjectiveConfig
+    from learner.worker import LearnerWorker
+
+    root, init = pair
+    cfg = LearnerConfig(lr=max(lr, 1e-9), grad_clip=None, logit_chunk_tokens=chunk)
+    teacher_dir = str(root / "teacher") if hidden else None
+    w = LearnerWorker(str(root / "student"), cfg, ObjectiveConfig(), VOCAB, 0, 1, init, seed=0, teacher_dir=teacher_dir)
+    for group in w.optimizer.param_groups:
+        group["lr"] = lr
+    return w
+
+
+def _scored(pair, transport: str, seed: int = 0):
+    root, _ = pair
+    teacher = Teacher(str(root / "teacher"), VOCAB, EOS, batch_size=3, chunk_tokens=5, transport=transport)
+    rollouts = _rollouts(VOCAB, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    rollouts.old_logprobs = [(-torch.rand(len(r), generator=g) * 3 - 0.5).tolist() for r in rollouts.response_ids]
+    _, shard = teacher.score(rollouts)
+    return shard
+
+
+def _grads(w) -> dict:
+    return {n: p.grad.detach().clone() for n, p in w.model.named_parameters() if p.grad is not None}
+
+
+def _assert_rel(got: dict, want: dict, tol: float = 1e-6) -> None:
+    assert got.keys() == want.keys() and len(want) > 5
+    for name in want:
+        scale = want[name].abs().max().item()
+        assert (got[name] - want[name]).abs().max().item() <= tol * max(scale, 1e-12), name
+
+
+def test_minillm_step_hidden_equals_dense(pair):
+    dense, hidden = _scored(pair, "dense"), _scored(pair, "hidden")
+    assert torch.equal(dense.teacher_token_logprobs, hidden.teacher_token_logprobs)  # rewards: the same inputs
+    pt = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(9))
+    wd = _worker(pair, hidden=False)
+    md, gd = wd.minillm_step(dense, 0.2, pt), _grads(wd)
+    wh = _worker(pair, hidden=True)
+    mh, gh = wh.minillm_step(hidden, 0.2, pt), _grads(wh)
+    _assert_rel(gh, gd)
+    for key in ("loss", "loss_single", "loss_long", "loss_pt", "kl_sum", "rho_sum", "rho_min", "rho_max", "tokens"):
+        assert mh[key] == pytest.approx(md[key], rel=1e-6, abs=1e-9), key
+    assert hidden.teacher_bytes * 1.4 < dense.teacher_bytes  # d = 64 + 0 vs V = 96 floats a token here
+    kl_d, kl_h = wd.reverse_kl(dense), wh.reverse_kl(hidden)  # the in-run evaluation's reverse KL
+    assert kl_h[0] == pytest.approx(kl_d[0], rel=1e-6) and kl_h[1:] == kl_d[1:]
+
+
+def test_kd_step_hidden_equals_dense(pair):
+    from common.data import LMBatch
+
+    root, _ = pair
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, VOCAB, (4, 10), generator=g)
+    batch = LMBatch(ids, torch.ones_like(ids), (torch.rand(4, 9, generator=g) > 0.4).float())
+    targets = {
+        t: Teacher(str(root / "teacher"), VOCAB, EOS, batch_size=3, chunk_tokens=5, transport=t).score_lm(batch)
+        for t in ("dense", "hidden")
+    }
+    assert isinstance(targets["hidden"], TeacherHidden)
+    wd = _worker(pair, hidden=False)
+    md, gd = wd.kd_step(batch, targets["dense"]), _grads(wd)
+    wh = _worker(pair, hidden=True)
+    mh, gh = wh.kd_step(batch, targets["hidden"]), _grads(wh)
+    _assert_rel(gh, gd)
+    for key in ("loss", "kd_sum", "nll_sum", "tokens"):
+        assert mh[key] == pytest.approx(md[key], rel=1e-6), key
+
+
+def test_several_minillm_steps_hidden_equal_dense(pair):
+    """Four updates with a real learning rate on the same sampled batches: every loss equal (float32)."""
+    shards = {t: [_scored(pair, t, seed) for seed in range(4)] for t in ("dense", "hidden")}
+    losses = {}
+    for transport in ("dense", "hidden"):
+        w = _worker(pair, hidden=transport == "hidden", lr=1e-2)
+        losses[transport] = [w.minillm_step(s, 0.2)["loss"] for s in shards[transport]]
+    assert losses["hidden"] == pytest.approx(losses["dense"], rel=1e-6)
+    assert len(set(losses["dense"])) == 4  # the weights moved between the steps
