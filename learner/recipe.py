@@ -163,7 +163,9 @@ class Recipe:
         alpha = {"minillm": c.objective.alpha, "seqkd": 1.0}.get(c.method, 0.0)
         self.samplers = [
             make_sampler(
-                sampler_spec(c, student_dir, self.assets.teacher_dir, self.tok.eos_token_id, alpha, i),
+                sampler_spec(
+                    c, student_dir, self.assets.teacher_dir, self.tok.eos_token_id, alpha, i, vocab_size=self.vocab
+                ),
                 i,
                 c.cluster.sampler_cpus,
                 c.cluster.sampler_gpus,
