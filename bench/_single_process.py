@@ -32,10 +32,10 @@ def _early_threads() -> str:
 
 
 os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _early_threads()
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engines, as in the service's actors
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.engine_env import set_engine_env  # noqa: E402
+
+set_engine_env(quiet=True)  # in-process engines, as in the service's actors
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402

@@ -38,7 +38,9 @@ def _early_threads() -> str:
 
 # OpenMP reads its thread count once, when torch loads
 os.environ["OMP_NUM_THREADS"] = _early_threads()
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+from common.engine_env import set_engine_env  # noqa: E402
+
+set_engine_env()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -30,9 +30,11 @@ import time
 import tracemalloc
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engines in this process: its RSS is theirs
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.engine_env import set_engine_env  # noqa: E402
+
+set_engine_env()  # the engines in this process: its RSS is theirs
 
 import psutil  # noqa: E402
 

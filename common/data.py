@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -166,6 +166,11 @@ class LMBatch:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+
+def strip_eos(ids: list[int], eos_ids: Collection[int]) -> list[int]:
+    """A response without the EOS (stop token) that ends it: what is decoded, scored and counted."""
+    return ids[:-1] if ids and ids[-1] in eos_ids else ids
 
 
 def collate_prompt_response(

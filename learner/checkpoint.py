@@ -95,7 +95,7 @@ def save_learner_state(worker: Any, path: str) -> dict[str, Any]:
 
 
 def load_learner_state(worker: Any, path: str) -> dict[str, Any]:
-    """Collective: the inverse of save_learner_state. The optimizer must already be the phase's (set_lr first):
+    """Collective: the inverse of save_learner_state. The optimizer must already be the phase's (reset_optimizer first):
     its state and learning rate are overwritten here."""
     import torch
     import torch.distributed.checkpoint as dcp
@@ -117,7 +117,7 @@ def load_learner_state(worker: Any, path: str) -> dict[str, Any]:
         state = {"model": get_model_state_dict(worker.model)}
         dcp.load(state, storage_reader=_reader(path))
         set_model_state_dict(worker.model, state["model"])
-        worker.set_optimizer(mine["lr"])  # fresh, as it was when saved
+        worker.reset_optimizer(mine["lr"])  # fresh, as it was when saved
     worker.steps, worker.skipped = mine["steps"], mine["skipped"]
     torch.set_rng_state(mine["torch_rng"])
     if mine["cuda_rng"] is not None and torch.cuda.is_available():

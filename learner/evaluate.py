@@ -20,13 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from common.data import DataError, load_jsonl
+from common.data import DataError, load_jsonl, strip_eos
 from common.metrics import distinct_n, exposure_accumulated_error, mean_and_spread, rouge_l_scores
 from common.models import ModelError, check_compatible, load_model, load_tokenizer
-
-
-def _strip_eos(outs) -> list[list[int]]:
-    return [o.token_ids[:-1] if o.finished_eos else o.token_ids for o in outs]
 
 
 def teacher_analysis(
@@ -96,6 +92,7 @@ def evaluate_model(
     if teacher_dir is not None:
         teacher = load_model(teacher_dir).eval()
         teacher_engine = VLLMEngine(teacher_dir, kv_cache_bytes=kv_cache_mb << 20, seed=seeds[0], max_model_len=max_len)
+    stops = {eos, *engine.eos_token_ids}  # what generate stops on (finished_eos)
     results: dict = {"model": str(model_dir), "seeds": seeds, "max_new_tokens": max_new_tokens, "datasets": {}}
     for path, examples in datasets.items():
         prompts, refs, kept, skipped = [], [], [], 0
@@ -113,7 +110,8 @@ def evaluate_model(
             t0 = time.time()
             engine.reseed(seed)
             outs = engine.generate(prompts, max_new_tokens, temperature=1.0, stop_token_ids=[eos])
-            responses = _strip_eos(outs)
+            # an output that finished on EOS ends with one of these (vLLM checks stop tokens before the length)
+            responses = [strip_eos(o.token_ids, stops) for o in outs]
             first_samples = first_samples or [o.token_ids for o in outs]
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
             scores = rouge_l_scores(texts, refs)  # scored once: the seed's mean and, with --samples, each response

@@ -21,12 +21,10 @@ import torch
 from common.config import LearnerConfig, ObjectiveConfig
 from common.data import LMBatch
 from common.rollout import ScoredShard, shard_rows
+from learner.update_stats import RankUpdate
 from learner.worker import LearnerWorker
 
 Ref = Any  # a ray.ObjectRef, resolved by Ray into the value before the method runs
-
-_MIN = ("rho_min",)
-_MAX = ("rho_max", "step_seconds", "grad_norm", "gap_max", "skipped")  # skipped: the same on every rank
 
 
 class LearnerFailed(RuntimeError):
@@ -73,28 +71,6 @@ class LearnerActor(LearnerWorker):
         for r in results:
             self._record(r)
         return results
-
-
-def combine(results: list[dict[str, float]]) -> dict[str, float]:
-    """Ranks' metrics -> the step's: shares of global sums add up; extremes take the min / max; then means."""
-    out = {}
-    for k in results[0]:
-        values = [r[k] for r in results]
-        out[k] = min(values) if k in _MIN else max(values) if k in _MAX else sum(values)
-    tokens = max(out.get("tokens", 0.0), 1.0)
-    for total, mean in (
-        ("kl_sum", "reverse_kl"),
-        ("rho_sum", "rho_mean"),
-        ("kd_sum", "kd"),
-        ("nll_sum", "nll"),
-        ("clip_sum", "clip_fraction"),
-    ):
-        if total in out:
-            out[mean] = out.pop(total) / tokens
-    if "gap_sum" in out:  # sampler-vs-learner |log q(y_t)| gap (first update of a collection)
-        out["logprob_gap_mean"] = out.pop("gap_sum") / max(out.pop("gap_tokens"), 1.0)
-        out["logprob_gap_max"] = out.pop("gap_max")
-    return out
 
 
 class LearnerGroup:
@@ -208,10 +184,12 @@ class LearnerGroup:
 
     # ----- steps: one input per rank -----------------------------------------------------------------
     def sft_step(self, parts: list[LMBatch | Ref]) -> dict[str, float]:
-        return combine(self._get([a.sft_step.remote(p) for a, p in zip(self.actors, parts, strict=True)]))
+        return RankUpdate.reduce(self._get([a.sft_step.remote(p) for a, p in zip(self.actors, parts, strict=True)]))
 
     def kd_step(self, parts: list[LMBatch | Ref], teacher: list[torch.Tensor | Ref]) -> dict[str, float]:
-        return combine(self._get([a.kd_step.remote(p, t) for a, p, t in zip(self.actors, parts, teacher, strict=True)]))
+        return RankUpdate.reduce(
+            self._get([a.kd_step.remote(p, t) for a, p, t in zip(self.actors, parts, teacher, strict=True)])
+        )
 
     def minillm_collection(
         self,
@@ -235,13 +213,13 @@ class LearnerGroup:
                 for r, a in enumerate(self.actors)
             ]
         )
-        return [combine([updates[i] for updates in per_rank]) for i in range(len(per_rank[0]))]
+        return [RankUpdate.reduce([updates[i] for updates in per_rank]) for i in range(len(per_rank[0]))]
 
     def minillm_step(
         self, shards: list[ScoredShard | Ref], alpha: float, pt_ids: torch.Tensor | None
     ) -> dict[str, float]:
         pts: list[Any] = [None] * self.n if pt_ids is None else [pt_ids[s] for s in shard_rows(len(pt_ids), self.n)]
-        return combine(
+        return RankUpdate.reduce(
             self._get([a.minillm_step.remote(s, alpha, pt) for a, s, pt in zip(self.actors, shards, pts, strict=True)])
         )
 
@@ -286,8 +264,9 @@ class LearnerGroup:
     def load_state(self, student_dir: str) -> None:
         self._each("load_state", student_dir)
 
-    def set_lr(self, lr: float) -> None:
-        self._each("set_optimizer", lr)
+    def reset_optimizer(self, lr: float) -> None:
+        """A fresh optimizer at `lr` on every rank (its state starts from zero)."""
+        self._each("reset_optimizer", lr)
 
     def shutdown(self) -> None:
         try:

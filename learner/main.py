@@ -18,6 +18,7 @@ from pathlib import Path
 
 from common.config import ConfigError, DistillConfig, load_config, resolve_path, storage_url
 from common.data import DataError
+from common.engine_env import IN_PROCESS_ENGINE
 from common.models import ModelError
 from common.preflight import one_line, preflight
 from learner.run_log import RunStopped
@@ -30,7 +31,7 @@ def connect_ray(cfg: DistillConfig) -> str:
     import ray
 
     env = {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        **IN_PROCESS_ENGINE,
         "TOKENIZERS_PARALLELISM": "false",
         "WANDB_MODE": os.environ.get("WANDB_MODE", cfg.logging.wandb_mode),
     }

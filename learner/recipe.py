@@ -364,7 +364,7 @@ class Recipe:
         checkpoint, loaded back into the learner."""
         c, learner = self.cfg, self.learner
         assert learner is not None
-        learner.set_lr(c.learner.sft_lr)
+        learner.reset_optimizer(c.learner.sft_lr)
         best_dir, by_rouge = self.ckpt(f"{kind}_best"), select_by == "rouge_l"
         best = float("inf")  # lower is better: validation loss, or -ROUGE-L
         # the paper's protocol picks SFT twice from one run: the SFT baseline by validation ROUGE-L, MiniLLM's
@@ -452,7 +452,7 @@ class Recipe:
         c, learner = self.cfg, self.learner
         assert learner is not None and self.replay is not None
         lc = c.learner
-        learner.set_lr(lc.lr)
+        learner.reset_optimizer(lc.lr)
         point = self._resume("minillm")
         pretrain = Counted(self._pretrain_batches(), point.pretrain_batches if point else 0)
         prompts = Counted(
@@ -741,7 +741,7 @@ class Recipe:
             return None
         assert self.learner is not None
         t0 = time.time()
-        restore_learner(self.learner, point)  # after set_lr: the optimizer is the phase's, its state overwritten
+        restore_learner(self.learner, point)  # after reset_optimizer: the phase's optimizer, its state overwritten
         self.global_step, self.bad_in_row = point.global_step, point.bad_in_row
         if point.version > self.version:  # a new driver: the samplers get the checkpoint's weights under its version
             self.version = point.version - 1

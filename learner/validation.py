@@ -8,7 +8,7 @@ from typing import Any
 
 import ray
 
-from common.data import Example, TokenizedExample
+from common.data import Example, TokenizedExample, strip_eos
 from common.metrics import corpus_rouge_l
 from learner.group import LearnerGroup
 
@@ -27,10 +27,6 @@ class ValidationResult:
             f"{prefix}reverse_kl_token": self.reverse_kl_token,
             f"{prefix}response_tokens": self.mean_response_tokens,
         }
-
-
-def _strip_eos(ids: list[int], eos: int) -> list[int]:
-    return ids[:-1] if ids and ids[-1] == eos else ids
 
 
 def validate(
@@ -60,7 +56,7 @@ def validate(
     _info, *shards = teacher.score.options(num_returns=1 + n).remote(rollouts_ref, n, kl_rows)
     kl_sum, tokens, seqs = learner.reverse_kl(shards)
     responses = ray.get(rollouts_ref).response_ids[: len(items)]
-    texts = [tokenizer.decode(_strip_eos(r, eos), skip_special_tokens=True) for r in responses]
+    texts = [tokenizer.decode(strip_eos(r, (eos,)), skip_special_tokens=True) for r in responses]
     rouge = corpus_rouge_l(texts, [examples[it.index].references for it in items])
     mean_len = sum(len(r) for r in responses) / max(len(items), 1)
     return ValidationResult(rouge, kl_sum / max(seqs, 1), kl_sum / max(tokens, 1.0), mean_len)

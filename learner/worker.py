@@ -1,11 +1,9 @@
-"""One learner worker: the student under FSDP2 in a torch.distributed group, its optimiser, and the update steps
-of every method (SFT, word-level KD, MiniLLM). Plain class: Ray wraps it in learner/group.py.
+"""One learner worker: the update steps of every method (SFT, word-level KD, MiniLLM and its PPO schedule) on
+the FSDP2 student of learner/fsdp_student.py. Plain class: Ray wraps it in learner/group.py.
 
 Only what a loss needs is computed: one forward gives the final hidden states, and the LM head, the log-softmax
-and every vocabulary-wide term run only at the positions that predict a target, in chunks of
-`learner.logit_chunk_tokens` positions. With more than one chunk each chunk is recomputed in the backward pass
-(activation checkpointing), so no [tokens, V] tensor larger than one chunk is ever alive: memory is flat in the
-response length. Metrics come from the same chunks (no second pass).
+and every vocabulary-wide term run only at the positions that predict a target, by chunks (learner/chunked_head.py).
+Each step reports this rank's statistics (learner/update_stats.py).
 
 Normalisation: every loss is a weighted sum of per-token terms whose weights use the whole mini-batch's totals
 (tokens, sequences), summed over ranks first; FSDP averages gradients over the N ranks, so each rank scales its
@@ -14,24 +12,15 @@ sum by N. The update is then the same for any number of workers, whatever the re
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.utils.checkpoint import checkpoint
 
 from common.config import LearnerConfig, ObjectiveConfig
 from common.data import LMBatch
 from common.logprobs import TeacherHidden, TopKLogprobs
 from common.memory import peak_mb, reset_peak
-from common.models import DTYPES, final_hidden_states, load_model
 from common.rollout import (
     ScoredShard,
     concat_shards,
@@ -42,6 +31,8 @@ from common.rollout import (
     trim_shard,
 )
 from common.teacher_head import TeacherHead, expand_teacher
+from learner.chunked_head import ChunkedLMHead
+from learner.fsdp_student import FSDPStudent
 from learner.objectives import (
     minillm_token_losses,
     reverse_kl_per_token,
@@ -50,12 +41,10 @@ from learner.objectives import (
     token_weights,
     word_kd_token_losses,
 )
-
-# per chunk: (loss to differentiate, detached per-token values to keep as metrics)
-ChunkFn = Callable[[torch.Tensor, slice], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+from learner.update_stats import RankUpdate
 
 
-class LearnerWorker:
+class LearnerWorker(FSDPStudent):
     def __init__(
         self,
         student_dir: str,
@@ -69,130 +58,16 @@ class LearnerWorker:
         seed: int = 0,
         teacher_dir: str | None = None,
     ):
-        backend = learner.backend
-        if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu")
-        if not dist.is_initialized():
-            dist.init_process_group(
-                backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(minutes=10)
-            )
-        self.rank, self.world_size = rank, world_size
-        self.cfg, self.obj, self.vocab_size = learner, objective, vocab_size
-        torch.manual_seed(seed)
-        self.seed = seed
-        compute = DTYPES[dtype]
-        # fp32 master weights and optimizer state, compute in `dtype`, gradients reduced in fp32 (FSDP2 mixed
-        # precision); master_weights=compute is plain low-precision training
-        master = torch.float32 if learner.master_weights == "float32" else compute
-        mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute != master else None
-        model = load_model(student_dir, "float32").to(device=self.device, dtype=master)
-        if learner.activation_checkpointing:  # each layer's inside recomputed in backward; before FSDP wraps it
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # a CPU learner on a GPU node needs an explicit CPU mesh: FSDP2's default mesh moves shards to CUDA whenever
-        # a GPU is visible. Elsewhere the default mesh is the same one.
-        cpu_on_gpu_node = self.device.type == "cpu" and torch.cuda.is_available()
-        mesh = init_device_mesh("cpu", (world_size,)) if cpu_on_gpu_node else None
-        for layer in getattr(getattr(model, "model", model), "layers", []):
-            fully_shard(layer, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
-        fully_shard(model, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
-        self.model = model
-        self.master_dtype, self.compute_dtype = master, compute
-        self.head = model.get_output_embeddings()
+        super().__init__(student_dir, learner, rank, world_size, init_method, dtype, seed)
+        self.obj, self.vocab_size = objective, vocab_size
+        self.lm_head = ChunkedLMHead(self.head, vocab_size, learner.logit_chunk_tokens)
         # teacher.transport=hidden: the teacher's output layer, frozen, in the compute dtype, on every rank whole
         # (not sharded, no optimizer state): it turns each chunk of teacher hidden states into log-probs
         self.teacher_head = (
-            TeacherHead.from_folder(teacher_dir, vocab_size, compute, self.device) if teacher_dir else None
+            TeacherHead.from_folder(teacher_dir, vocab_size, self.compute_dtype, self.device) if teacher_dir else None
         )
-        self.weight_sender = None  # set by init_weight_sender on rank 0 (learner.weight_sync=collective)
-        self.set_optimizer(learner.lr)
-        self.steps = 0  # optimizer steps taken
-        self.skipped = 0  # steps skipped for a non-finite loss or gradient
-
-    # ----- set-up ------------------------------------------------------------------------------------
-    def set_optimizer(self, lr: float) -> None:
-        # after an evaluation forward the root's parameters are unsharded tensors: the optimizer must hold the
-        # sharded ones, or its state matches no parameter when a checkpoint maps it to names
-        self._reshard()
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.95)
-        )
-
-    def load_state(self, student_dir: str) -> None:
-        """Reload weights from an HF folder in storage (e.g. the best SFT checkpoint) and reset the optimiser."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        from common import storage
-
-        with storage.local_copy(student_dir) as folder:  # read from storage, never from another node's disk
-            full = load_model(folder).state_dict()
-        self._reshard()
-        set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
-        self.set_optimizer(self.optimizer.param_groups[0]["lr"])
-
-    def _reshard(self) -> None:
-        # a forward without backward (evaluation) leaves the root's parameters unsharded (plain tensors), and
-        # loading or gathering full tensors from that mix fails for tied embeddings: reshard everything first
-        for module in self.model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
 
     # ----- the shared machinery ----------------------------------------------------------------------
-    def _global_sum(self, value: float) -> float:
-        if self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t.item())
-
-    def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return final_hidden_states(self.model, input_ids.to(self.device), attention_mask.to(self.device))
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)[..., : self.vocab_size]
-
-    def _chunked(self, hidden: torch.Tensor, fn: ChunkFn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Sum fn's loss over chunks of `hidden` [N, H] rows and concatenate its metrics. Several chunks are each
-        recomputed in backward (checkpointed), so at most one chunk's logits are alive at a time."""
-        n, size = hidden.shape[0], self.cfg.logit_chunk_tokens
-        if n <= size:
-            return fn(hidden, slice(0, n))
-        total = hidden.new_zeros((), dtype=torch.float32)
-        parts: dict[str, list[torch.Tensor]] = {}
-        for start in range(0, n, size):
-            sl = slice(start, min(start + size, n))
-            if torch.is_grad_enabled():
-                loss, metrics = checkpoint(fn, hidden[sl], sl, use_reentrant=False)
-            else:
-                loss, metrics = fn(hidden[sl], sl)
-            total = total + loss
-            for k, v in metrics.items():
-                parts.setdefault(k, []).append(v)
-        return total, {k: torch.cat(v) for k, v in parts.items()}
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        (loss * self.world_size).backward()  # FSDP averages gradients over ranks; the loss is already global
-
-    def _step(self, loss: torch.Tensor | None = None, loss_value: float = 0.0) -> float:
-        """Optimizer step on the accumulated gradients (after backward of `loss` when given); returns the gradient
-        norm. A non-finite loss (any rank's `loss_value`) or norm skips the step: gradients dropped, weights and
-        optimizer state untouched, `self.skipped` counts it (the caller reports it and does not push)."""
-        if loss is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-            self._backward(loss)
-            loss_value = loss.item()
-        clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
-        total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)  # global over ranks (DTensors)
-        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
-        finite = math.isfinite(norm) and math.isfinite(self._global_sum(loss_value))
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped += 1
-            return norm
-        self.optimizer.step()
-        self.steps += 1
-        return norm
-
     def _totals(self, mask: torch.Tensor) -> tuple[float, float]:
         """(tokens, sequences with any token) of a mini-batch over all ranks (collective)."""
         return self._global_sum(float(mask.sum())), self._global_sum(float((mask.sum(-1) > 0).sum()))
@@ -216,7 +91,7 @@ class LearnerWorker:
         r = self.obj.kd_ratio
 
         def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            logits = self._logits(h)
+            logits = self.lm_head.logits(h)
             ones = torch.ones(h.shape[0], device=self.device)
             nll = token_nll(logits, targets[sl], ones)
             if kd_teacher is None:
@@ -224,7 +99,7 @@ class LearnerWorker:
             kd = word_kd_token_losses(logits, expand_teacher(kd_teacher[sl], self.teacher_head), ones)
             return (weights[sl] * (r * kd + (1 - r) * nll)).sum(), {"nll": nll.detach(), "kd": kd.detach()}
 
-        return self._chunked(hidden, fn)
+        return self.lm_head.chunked(hidden, fn)
 
     # ----- steps -------------------------------------------------------------------------------------
     def sft_step(self, batch: LMBatch) -> dict[str, float]:
@@ -236,15 +111,15 @@ class LearnerWorker:
         loss, m = self._lm_terms(batch, self.obj.reduction)
         before = self.skipped
         norm = self._step(loss)
-        return {
-            "loss": loss.item(),
-            "grad_norm": norm,
-            "skipped": float(self.skipped - before),
-            "tokens": float(m["nll"].numel()),
-            "peak_memory_mb": peak_mb(self.device),
-            "step_seconds": time.perf_counter() - t0,
-            "step_cpu_seconds": time.process_time() - c0,
-        }
+        return RankUpdate(
+            loss=loss.item(),
+            grad_norm=norm,
+            skipped=float(self.skipped - before),
+            tokens=float(m["nll"].numel()),
+            peak_memory_mb=peak_mb(self.device),
+            step_seconds=time.perf_counter() - t0,
+            step_cpu_seconds=time.process_time() - c0,
+        ).as_dict()
 
     def kd_step(self, batch: LMBatch, teacher_logprobs: torch.Tensor | TeacherHidden) -> dict[str, float]:
         """Word-level KD: kd_ratio * forward KL[p || q] + (1 - kd_ratio) * NLL on ground-truth responses.
@@ -255,17 +130,17 @@ class LearnerWorker:
         loss, m = self._lm_terms(batch, self.obj.reduction, teacher_logprobs)
         before = self.skipped
         norm = self._step(loss)
-        return {
-            "loss": loss.item(),
-            "skipped": float(self.skipped - before),
-            "kd_sum": m["kd"].sum().item(),
-            "nll_sum": m["nll"].sum().item(),
-            "tokens": float(m["nll"].numel()),
-            "grad_norm": norm,
-            "peak_memory_mb": peak_mb(self.device),
-            "step_seconds": time.perf_counter() - t0,
-            "step_cpu_seconds": time.process_time() - c0,
-        }
+        return RankUpdate(
+            loss=loss.item(),
+            skipped=float(self.skipped - before),
+            kd_sum=m["kd"].sum().item(),
+            nll_sum=m["nll"].sum().item(),
+            tokens=float(m["nll"].numel()),
+            grad_norm=norm,
+            peak_memory_mb=peak_mb(self.device),
+            step_seconds=time.perf_counter() - t0,
+            step_cpu_seconds=time.process_time() - c0,
+        ).as_dict()
 
     @torch.no_grad()
     def eval_nll(self, batch: LMBatch) -> tuple[float, float]:
@@ -304,10 +179,10 @@ class LearnerWorker:
         tokens = p.tokens.to(self.device)[where.to(self.device)]
 
         def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            lp = -token_nll(self._logits(h), tokens[sl], torch.ones(h.shape[0], device=self.device))
+            lp = -token_nll(self.lm_head.logits(h), tokens[sl], torch.ones(h.shape[0], device=self.device))
             return lp.sum(), {"lp": lp}
 
-        _, m = self._chunked(self._response_hidden(shard), fn)
+        _, m = self.lm_head.chunked(self._response_hidden(shard), fn)
         out = torch.zeros(p.mask.shape)
         if "lp" in m:
             out[where] = m["lp"].float().cpu()
@@ -332,7 +207,7 @@ class LearnerWorker:
         def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             ones = torch.ones(h.shape[0], device=dev)
             terms = minillm_token_losses(
-                self._logits(h),
+                self.lm_head.logits(h),
                 expand_teacher(teacher[sl], self.teacher_head),
                 tokens[sl],
                 ones,
@@ -354,7 +229,7 @@ class LearnerWorker:
                 "gap": (terms.logq - old[sl]).abs(),
             }
 
-        return self._chunked(self._response_hidden(shard), fn)
+        return self.lm_head.chunked(self._response_hidden(shard), fn)
 
     def minillm_collection(
         self,
@@ -378,18 +253,14 @@ class LearnerWorker:
             raise ValueError(
                 f"{n_rows} rows cannot be cut into mini-batches of {minibatch_rows} and micro-batches of {micro_rows}"
             )
-        gap: dict[str, float] = {}
+        gap: tuple[float, float, float] | None = None  # (sum, max, tokens) of the sampler-vs-learner gap
         if self.obj.old_logprobs == "learner":
             mine = self._learner_logprobs(collection)
             mask = collection.packed.mask > 0
             diff = (mine - collection.packed.old_logprobs).abs()[mask]
-            gap = {
-                "gap_sum": diff.sum().item(),
-                "gap_max": diff.max().item() if diff.numel() else 0.0,
-                "gap_tokens": float(diff.numel()),
-            }
+            gap = (diff.sum().item(), diff.max().item() if diff.numel() else 0.0, float(diff.numel()))
             collection.packed.old_logprobs = mine
-        results = []
+        results: list[dict[str, float]] = []
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps)  # same order on every rank
         pts = iter(pt_batches)
         for _ in range(epochs):
@@ -398,17 +269,13 @@ class LearnerWorker:
                 rows = order[start : start + minibatch_rows]
                 m = self._minillm_update(self._micro_batches(collection, rows, micro_rows), alpha, next(pts, None))
                 if not results:  # the first update: weights = the sampling weights when the batch has lag 0
-                    m.update(
-                        gap
-                        or {
-                            "gap_sum": m.pop("gap_sum_first"),
-                            "gap_max": m.pop("gap_max_first"),
-                            "gap_tokens": m["tokens"],
-                        }
-                    )
-                m.pop("gap_sum_first", None)
-                m.pop("gap_max_first", None)
-                results.append(m)
+                    if gap is not None:
+                        m.gap_sum, m.gap_max, m.gap_tokens = gap
+                    else:  # the update's own gap (measured in its forward)
+                        m.gap_tokens = m.tokens
+                else:
+                    m.gap_sum = m.gap_max = None
+                results.append(m.as_dict())
                 if len(results) == len(pt_batches):  # the run's last updates may end inside a collection
                     return results
         return results
@@ -425,7 +292,7 @@ class LearnerWorker:
             out.append(trim_shard(select_rows(collection, rows[sl])))
         return out
 
-    def _minillm_update(self, micro: list[ScoredShard], alpha: float, pt_ids: torch.Tensor | None) -> dict[str, float]:
+    def _minillm_update(self, micro: list[ScoredShard], alpha: float, pt_ids: torch.Tensor | None) -> RankUpdate:
         t0, c0 = time.perf_counter(), time.process_time()
         reset_peak(self.device)
         self.model.train()
@@ -458,25 +325,25 @@ class LearnerWorker:
         skipped_before = self.skipped
         norm = self._step(loss_value=sums["loss"])
         has = sums["tokens"] > 0
-        return {
-            "loss": sums["loss"],
-            "loss_single": sums["single"],
-            "loss_long": sums["long"],
-            "loss_pt": sums["loss_pt"],
-            "kl_sum": sums["kl"],
-            "rho_sum": sums["rho"],
-            "clip_sum": sums["clipped"],
-            "rho_min": rho_min if has else 1.0,
-            "rho_max": rho_max if has else 1.0,
-            "tokens": sums["tokens"],
-            "gap_sum_first": sums["gap"],
-            "gap_max_first": gap_max,
-            "grad_norm": norm,
-            "skipped": float(self.skipped - skipped_before),
-            "peak_memory_mb": peak_mb(self.device),
-            "step_seconds": time.perf_counter() - t0,
-            "step_cpu_seconds": time.process_time() - c0,
-        }
+        return RankUpdate(
+            loss=sums["loss"],
+            loss_single=sums["single"],
+            loss_long=sums["long"],
+            loss_pt=sums["loss_pt"],
+            kl_sum=sums["kl"],
+            rho_sum=sums["rho"],
+            clip_sum=sums["clipped"],
+            rho_min=rho_min if has else 1.0,
+            rho_max=rho_max if has else 1.0,
+            tokens=sums["tokens"],
+            gap_sum=sums["gap"],  # kept for the collection's first update only
+            gap_max=gap_max,
+            grad_norm=norm,
+            skipped=float(self.skipped - skipped_before),
+            peak_memory_mb=peak_mb(self.device),
+            step_seconds=time.perf_counter() - t0,
+            step_cpu_seconds=time.process_time() - c0,
+        )
 
     def minillm_step(self, shard: ScoredShard, alpha: float, pt_ids: torch.Tensor | None = None) -> dict[str, float]:
         """One MiniLLM update on this rank's shard: single-step (reverse KL, importance-weighted) + PPO-clipped
@@ -495,74 +362,8 @@ class LearnerWorker:
 
         def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             piece = expand_teacher(teacher[sl], self.teacher_head)
-            kl = reverse_kl_per_token(self._logits(h), piece, torch.ones(h.shape[0], device=dev))
+            kl = reverse_kl_per_token(self.lm_head.logits(h), piece, torch.ones(h.shape[0], device=dev))
             return kl.sum(), {}
 
-        total, _ = self._chunked(hidden, fn)
+        total, _ = self.lm_head.chunked(hidden, fn)
         return total.item(), float(where.sum().item()), int((p.mask.sum(-1) > 0).sum().item())
-
-    # ----- weights -----------------------------------------------------------------------------------
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Collective: every worker must call it; rank 0 gets the full CPU state dict, the others None."""
-        self._reshard()
-        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if self.rank == 0 else None
-
-    def _to_compute(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Floating tensors in the compute dtype: the samplers' engines run in it, so fp32 masters would only double
-        the bytes of a push (bf16: half)."""
-        return {k: v.to(self.compute_dtype) if v.is_floating_point() else v for k, v in sd.items()}
-
-    def push_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Collective: full_state_dict in the compute dtype (what an object-store weight push sends)."""
-        sd = self.full_state_dict()
-        return self._to_compute(sd) if sd is not None else None
-
-    def init_weight_sender(self, host: str, port: int, world_size: int, backend: str) -> bool:
-        """Rank 0 joins the weight group (itself + the samplers) as its sender; collective with the samplers."""
-        from common.weight_sync import WeightGroup, WeightSender
-
-        self.weight_sender = WeightSender(WeightGroup(host, port, 0, world_size, backend))
-        return True
-
-    def push_weights(self, version: int) -> bool:
-        """Collective over the learner workers (they gather the full state dict); rank 0 broadcasts it packed to
-        the samplers on a background thread, so the next update can start while it transfers."""
-        self._reshard()
-        options = StateDictOptions(full_state_dict=True, cpu_offload=self.device.type == "cpu")
-        sd = get_model_state_dict(self.model, options=options)
-        if self.rank == 0:
-            assert self.weight_sender is not None, "init_weight_sender first"
-            self.weight_sender.send(self._to_compute(sd).items(), version, background=True)
-        return True
-
-    def wait_push(self) -> bool:
-        if self.weight_sender is not None:
-            self.weight_sender.wait()
-        return True
-
-    def save(self, out_dir: str, tokenizer_dir: str | None = None, dtype: str | None = None) -> str | None:
-        """Collective. Rank 0 writes an HF folder (atomically, `out_dir` in durable storage: a path or a URL) that
-        transformers and vLLM load as they are: the master weights, or cast to `dtype` (checkpoint.save_dtype)."""
-        from transformers import AutoModelForCausalLM
-
-        from common.models import load_tokenizer, save_hf_to
-
-        sd = self.full_state_dict()
-        if self.rank != 0 or sd is None:
-            return None
-        with torch.device("meta"):
-            fresh = AutoModelForCausalLM.from_config(self.model.config)
-        fresh = fresh.to_empty(device="cpu")
-        fresh.load_state_dict(sd, assign=True)
-        if dtype is not None:
-            fresh = fresh.to(DTYPES[dtype])
-        tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
-        save_hf_to(fresh, tok, out_dir)  # straight into durable storage, by the rank that has the weights
-        return out_dir
-
-    def close(self) -> None:
-        if self.weight_sender is not None:
-            self.weight_sender.group.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()

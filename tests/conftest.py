@@ -2,7 +2,9 @@
 
 import os
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+from common.engine_env import IN_PROCESS_ENGINE, set_engine_env
+
+set_engine_env()
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_worker_niceness", "0")  # as learner.main: actors not starved by any other busy process
@@ -15,7 +17,7 @@ def _start_ray(ray) -> None:
         address="local",  # never another cluster on this machine (a `ray start` head, another test's)
         num_cpus=2,
         include_dashboard=False,
-        runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "WANDB_MODE": "offline"}},
+        runtime_env={"env_vars": {**IN_PROCESS_ENGINE, "WANDB_MODE": "offline"}},
     )
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from common.engine_env import IN_PROCESS_ENGINE
+
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,6 +116,6 @@ def test_students_load_in_transformers_and_vllm(run_dir):
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        env={**os.environ, **IN_PROCESS_ENGINE},
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

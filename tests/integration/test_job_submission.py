@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from common.engine_env import IN_PROCESS_ENGINE
+
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,7 +69,7 @@ def head(tmp_path_factory):
     # every port this head binds by default is its own, so that it can run beside a user's Ray on the machine
     gcs, dash, metrics, agent, client = (_free_port() for _ in range(5))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update({"RAY_AUTH_MODE": "token", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "WANDB_MODE": "offline"})
+    env.update({"RAY_AUTH_MODE": "token", **IN_PROCESS_ENGINE, "WANDB_MODE": "offline"})
     _ray(
         "start",
         "--head",

@@ -22,6 +22,11 @@ def student_dir(tmp_path_factory):
     return path
 
 
+def _student_logprobs(sampler, seq: list[int], start: int) -> list[float]:
+    """A sampler actor's student engine's log-prob of seq[start:] (checks what a weight push loaded)."""
+    return ray.get(sampler.__ray_call__.remote(lambda s: s.student.prompt_logprobs([seq], [start])))[0]
+
+
 def _batch(seed: int = 0):
     return random_rollout_batch(VOCAB, EOS, seed)
 
@@ -73,12 +78,12 @@ def test_weight_push_reaches_sampler(ray_session, student_dir, tmp_path):
     )
     try:
         seq, start = [1, 5, 9, 11, 20, 33, 4, 7], 3
-        before = ray.get(sampler.student_logprobs.remote([seq], [start]))[0]
+        before = _student_logprobs(sampler, seq, start)
         packed, teacher, pt = _batch()
         group.minillm_step(to_shards(packed, teacher), 0.2, pt)
         state = group.state_dict_ref()
         assert ray.get(sampler.load_weights.remote(state, 1)) == 1
-        after = ray.get(sampler.student_logprobs.remote([seq], [start]))[0]
+        after = _student_logprobs(sampler, seq, start)
         group.save(str(tmp_path / "ckpt"), None)
         from common.models import load_model
 
@@ -128,7 +133,7 @@ def test_collective_weight_push_reaches_every_sampler(ray_session, student_dir, 
             ]
         )
         seq, start = [1, 5, 9, 11, 20, 33, 4, 7], 3
-        before = ray.get(samplers[0].student_logprobs.remote([seq], [start]))[0]
+        before = _student_logprobs(samplers[0], seq, start)
         for version in (1, 2):
             packed, teacher, pt = _batch(version)
             group.minillm_step(to_shards(packed, teacher), 0.2, pt)
@@ -143,7 +148,7 @@ def test_collective_weight_push_reaches_every_sampler(ray_session, student_dir, 
             ref = load_model(tmp_path / "ckpt")(torch.tensor([seq])).logits[0].log_softmax(-1)
         learner_lp = [ref[j - 1, seq[j]].item() for j in range(start, len(seq))]
         for s in samplers:
-            after = ray.get(s.student_logprobs.remote([seq], [start]))[0]
+            after = _student_logprobs(s, seq, start)
             diff = max(abs(a - b) for a, b in zip(after, learner_lp, strict=True))
             print(f"sampler vs learner log-probs after collective push: max diff {diff:.2e}")
             assert diff < 1e-4

@@ -142,7 +142,7 @@ def test_old_logprobs_are_the_students_under_the_sampling_weights(toy, scoring):
         assert worst < TOL, f"max |q_old - HF student log-prob| = {worst:.2e}"
         # and they are what the student engine's prompt-log-prob pass gives
         seqs = [PROMPT + r for r in rollouts.response_ids]
-        engine = sampler.student_logprobs(seqs, [len(PROMPT)] * len(seqs))
+        engine = sampler.student.prompt_logprobs(seqs, [len(PROMPT)] * len(seqs))
         diff = max(
             abs(a - b) for x, y in zip(engine, rollouts.old_logprobs, strict=True) for a, b in zip(x, y, strict=True)
         )

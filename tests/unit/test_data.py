@@ -11,6 +11,7 @@ from common.data import (
     iterate_batches,
     load_jsonl,
     load_pretrain_blocks,
+    strip_eos,
     tokenize_examples,
 )
 
@@ -113,3 +114,8 @@ def test_non_utf8_line_and_byte_order_mark(tmp_path):
         load_jsonl(f)
     f.write_bytes(b"\xef\xbb\xbf" + good + b"\n")  # what some editors write first: still one valid example
     assert load_jsonl(f)[0].response == "b"
+
+
+def test_strip_eos_drops_only_a_final_stop_token():
+    assert strip_eos([5, 6, 2], {2, 3}) == [5, 6] and strip_eos([5, 2, 6], {2}) == [5, 2, 6]
+    assert strip_eos([], {2}) == [] and strip_eos([3], (3,)) == []
