@@ -164,6 +164,7 @@ class VLLMEngine:
             enable_prefix_caching=enable_prefix_caching,
             logprobs_mode="raw_logprobs",
             generation_config="vllm",  # vLLM's neutral defaults, not the folder's sampling defaults
+            use_tqdm_on_load=False,  # no "Loading safetensors checkpoint shards" bar at every engine start
         )
         if block_size is not None:
             # KV block (and prefix-cache) granularity; vLLM-cpu's attention takes multiples of 32 only

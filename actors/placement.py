@@ -35,7 +35,7 @@ class Placement:
         print(f"[placement] {len(bundles)} bundles reserved ({c.placement_strategy})", flush=True)
 
     def of(self, name: str) -> dict[str, Any]:
-        """Ray options that put the actor `name` (learner-0, teacher-1, sampler-0, replay) in its bundle."""
+        """Ray options that put the actor `name` (learner-0, teacher-1, sampler-0, rollout-queue) in its bundle."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if self.group is None or name not in self.index:

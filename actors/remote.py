@@ -7,7 +7,7 @@ from typing import Any
 import ray
 
 from actors import telemetry
-from actors.replay import ReplayBuffer
+from actors.rollout_queue import RolloutQueue, TakenBatch
 from actors.sampler import Sampler, SamplerSpec
 from actors.teacher import Teacher
 from common.engine_env import ENGINE_ENV
@@ -20,11 +20,13 @@ class SamplerActor(Sampler):
     def sample(self, *args: Any, **kwargs: Any) -> Rollouts:
         out = super().sample(*args, **kwargs)
         telemetry.counter("distill_sampled_tokens").inc(out.num_tokens)
+        telemetry.add("distill_sampler_busy_seconds", out.seconds)
         return out
 
     def load_weights(self, state_dict: Any, version: int) -> int:
         v = super().load_weights(state_dict, version)  # receive_weights() comes through here too
         telemetry.gauge("distill_weight_version").set(v)
+        telemetry.add("distill_weight_pushes", 1)
         return v
 
 
@@ -34,14 +36,15 @@ class TeacherActor(Teacher):
     def score(self, rollouts: Rollouts, num_shards: int = 1, rows: list[int] | None = None, batch_id: int = -1) -> list:
         out = super().score(rollouts, num_shards, rows, batch_id)
         telemetry.counter("distill_teacher_scored_tokens").inc(out[0].response_tokens)
+        telemetry.add("distill_teacher_busy_seconds", out[0].score_seconds)
         return out
 
 
-class ReplayActor(ReplayBuffer):
-    """Replay queue plus dashboard metrics (depth, and the version lag of what the learner takes)."""
+class RolloutQueueActor(RolloutQueue):
+    """Rollout queue plus dashboard metrics (depth, and the version lag of what the learner takes)."""
 
-    async def put(self, item: Any, version: int, timeout: float | None = None, generation: int | None = None) -> None:
-        await super().put(item, version, timeout, generation)
+    async def put(self, item: Any, version: int, timeout: float | None = None, epoch: int | None = None) -> None:
+        await super().put(item, version, timeout, epoch)
         telemetry.gauge("distill_queue_depth").set(len(self.items))
 
     async def get(self, timeout: float | None = None) -> tuple[int, Any]:
@@ -49,11 +52,9 @@ class ReplayActor(ReplayBuffer):
         self._report_taken(version)
         return version, item
 
-    async def take(
-        self, learner_version: int, batch_id: int | None = None, timeout: float | None = None
-    ) -> dict[str, Any]:
+    async def take(self, learner_version: int, batch_id: int | None = None, timeout: float | None = None) -> TakenBatch:
         out = await super().take(learner_version, batch_id, timeout)  # by id: get() above is not called
-        self._report_taken(out["info"].weight_version)
+        self._report_taken(out.info.weight_version)
         return out
 
     def _report_taken(self, version: int) -> None:
@@ -112,8 +113,9 @@ def make_teacher(
     return cls.options(**opts).remote(*args, **kwargs)
 
 
-def make_replay(capacity: int, max_version_lag: int, cpus: float = 0.0, placement: dict | None = None):
-    cls = ray.remote(ReplayActor)
-    return cls.options(name="replay", num_cpus=cpus, max_concurrency=64, **(placement or {})).remote(
+def make_rollout_queue(capacity: int, max_version_lag: int, cpus: float = 0.0, placement: dict | None = None):
+    """The rollout queue actor, named "rollout-queue" (not restarted by Ray: the driver replaces a dead one)."""
+    cls = ray.remote(RolloutQueueActor)
+    return cls.options(name="rollout-queue", num_cpus=cpus, max_concurrency=64, **(placement or {})).remote(
         capacity, max_version_lag
     )

@@ -1,4 +1,4 @@
-"""Helpers of bench/throughput.py, each run in its own process (one JSON line of results on stdout, last line):
+"""Arms of bench/throughput.py, each run in its own process (one JSON line of results on stdout, last line):
 
   loop    MiniLLM's maths in one plain torch process, no Ray, no vLLM: lockstep teacher-mixed sampling with both
           models' KV caches (HF), teacher scoring at the response positions, and one update of the student with
@@ -8,9 +8,10 @@
           learner.worker.LearnerWorker) in one process, each stage timed alone on every batch (nothing overlaps):
           sample -> score -> update -> weight push, with the thread count each actor gets in the service.
 
-    python bench/_single_process.py loop|stages --steps 8 [key=value overrides as learner.main takes]
+    python -m bench._single_process loop|stages --steps 8 [key=value overrides as learner.main takes]
 
-Thread counts are fixed before torch loads (OpenMP reads them once): --threads.
+Thread counts are fixed before torch loads (OpenMP reads them once): --threads (default: every core).
+lockstep_sample is also bench/mixture_sampling.py's arm B.
 """
 
 from __future__ import annotations
@@ -18,21 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
+from bench.harness import pin_threads
 
-def _early_threads() -> str:
-    ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--threads", default=str(os.cpu_count() or 1))
-    return ap.parse_known_args()[0].threads
-
-
-os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _early_threads()
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # imported (bench/mixture_sampling.py), the importer has set its threads
+    pin_threads()
 from common.engine_env import set_engine_env  # noqa: E402
 
 set_engine_env(quiet=True)  # in-process engines, as in the service's actors
@@ -213,9 +207,8 @@ def run_loop(cfg: DistillConfig, steps: int, skip: int) -> dict[str, object]:
     s = Setup(cfg)
     student = load_model(s.student_dir)
     teacher = load_model(s.teacher_dir).eval()
-    opt = torch.optim.AdamW(
-        student.parameters(), lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay, betas=(0.9, 0.95)
-    )
+    decay = cfg.learner.weight_decay
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.learner.lr, weight_decay=decay, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
     alpha, limit = cfg.objective.alpha, cfg.sampler.max_new_tokens
     rows = []
@@ -230,17 +223,8 @@ def run_loop(cfg: DistillConfig, steps: int, skip: int) -> dict[str, object]:
         t2 = time.perf_counter()
         m = learner_update(student, opt, packed, teacher_logp, pt_ids, cfg)
         t3 = time.perf_counter()
-        rows.append(
-            {
-                "step": step,
-                "tokens": sum(len(r) for r in responses),
-                "sample_s": t1 - t0,
-                "score_s": t2 - t1,
-                "update_s": t3 - t2,
-                "step_s": t3 - t0,
-                **m,
-            }
-        )
+        row = {"step": step, "tokens": sum(len(r) for r in responses), "sample_s": t1 - t0, "score_s": t2 - t1}
+        rows.append(row | {"update_s": t3 - t2, "step_s": t3 - t0, **m})
         print(f"[loop] step {step}: {rows[-1]['tokens']} tokens in {t3 - t0:.2f}s", file=sys.stderr, flush=True)
     kept = rows[skip:]
     wall = sum(r["step_s"] for r in kept)
@@ -268,22 +252,14 @@ def run_stages(cfg: DistillConfig, steps: int, skip: int) -> dict[str, object]:
     # the spec learner/recipe.py (start_actors) builds for the sampler actor
     sampler = Sampler(sampler_spec(c, s.student_dir, s.teacher_dir, s.eos, alpha))
     vocab = len(s.tok)
-    teacher = Teacher(
-        s.teacher_dir,
-        vocab,
-        s.pad,
-        batch_size=c.teacher.batch_size,
-        transport=c.teacher.transport,
-        top_k=c.teacher.top_k,
-        dtype=c.models.dtype,
-        chunk_tokens=c.learner.logit_chunk_tokens,
-    )
+    how = {"batch_size": c.teacher.batch_size, "transport": c.teacher.transport, "top_k": c.teacher.top_k}
+    how |= {"dtype": c.models.dtype, "chunk_tokens": c.learner.logit_chunk_tokens}
+    teacher = Teacher(s.teacher_dir, vocab, s.pad, **how)
     with socket.socket() as sock:  # a free port for the learner's process group of one
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    learner = LearnerWorker(
-        s.student_dir, c.learner, c.objective, vocab, 0, 1, f"tcp://127.0.0.1:{port}", c.models.dtype, c.seed
-    )
+    address = f"tcp://127.0.0.1:{port}"
+    learner = LearnerWorker(s.student_dir, c.learner, c.objective, vocab, 0, 1, address, c.models.dtype, c.seed)
     rows = []
     for step in range(1, steps + 1):
         prompts, pt_ids = s.next_prompts(), s.next_pretrain()
@@ -296,17 +272,8 @@ def run_stages(cfg: DistillConfig, steps: int, skip: int) -> dict[str, object]:
         t3 = time.perf_counter()
         sampler.load_weights(learner.full_state_dict() or {}, step)  # object_store push: gather + load
         t4 = time.perf_counter()
-        rows.append(
-            {
-                "step": step,
-                "tokens": rollouts.num_tokens,
-                "sample_s": t1 - t0,
-                "score_s": t2 - t1,
-                "update_s": t3 - t2,
-                "learner_step_s": m["step_seconds"],
-                "push_s": t4 - t3,
-            }
-        )
+        row = {"step": step, "tokens": rollouts.num_tokens, "sample_s": t1 - t0, "score_s": t2 - t1}
+        rows.append(row | {"update_s": t3 - t2, "learner_step_s": m["step_seconds"], "push_s": t4 - t3})
         print(f"[stages] step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items()), file=sys.stderr)
     kept = rows[skip:]
     tokens = statistics.median(r["tokens"] for r in kept)

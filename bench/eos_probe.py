@@ -1,7 +1,7 @@
 """Does the teacher want to stop where the student stops? Log-prob of EOS under teacher and student at the end of
 responses that ended before the length cap, from `python -m learner.evaluate --samples` files.
 
-    python bench/eos_probe.py --teacher runs/table1/teacher-sft/checkpoints/best \
+    python -m bench.eos_probe --teacher runs/table1/teacher-sft/checkpoints/best \
         --student runs/table1/sft/checkpoints/best \
         --samples runs/table1/eval/sft.samples.jsonl runs/table1/eval/teacher.samples.jsonl
 
@@ -19,11 +19,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.rouge_calibration import load_samples  # noqa: E402
-from common.models import load_model, load_tokenizer  # noqa: E402
+from common.models import load_model, load_tokenizer
+from common.rouge_calibration import load_samples
 
 
 def eos_logprob(model: torch.nn.Module, ids: list[int], eos: int) -> float:

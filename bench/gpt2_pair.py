@@ -6,8 +6,8 @@
 * student: Llama, hidden 128 x 2 layers x 2 heads, FFN 256, random (about 13 M parameters);
 * tokenizer: GPT-2's (vocabulary 50,257) from the shared data folder, saved into both model folders.
 
-    python bench/gpt2_pair.py OUT_DIR [--steps 300]
-    python bench/throughput.py --pair OUT_DIR ...        # then OUT_DIR/teacher and OUT_DIR/student
+    python -m bench.gpt2_pair OUT_DIR [--steps 300]
+    python -m bench.throughput --pair OUT_DIR ...        # then OUT_DIR/teacher and OUT_DIR/student
 
 Minutes on 2 cores; not a CI test.
 """
@@ -15,15 +15,12 @@ Minutes on 2 cores; not a CI test.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.config import load_config, resolve_path  # noqa: E402
-from common.data import collate_prompt_response, iterate_batches, load_jsonl, tokenize_examples  # noqa: E402
-from common.models import build_llama, load_tokenizer, save_hf, small_llama_config  # noqa: E402
-from common.tiny import MAX_POSITIONS, train_causal_lm  # noqa: E402
+from common.config import load_config, resolve_path
+from common.data import collate_prompt_response, iterate_batches, load_jsonl, tokenize_examples
+from common.models import build_llama, load_tokenizer, save_hf, small_llama_config
+from common.tiny import MAX_POSITIONS, train_causal_lm
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 """Did healing work? Held-out general-text NLL and greedy continuations of fixed openings, for the teacher, the cut
 student before healing and the healed student(s), in one process on the same blocks.
 
-    python bench/healing.py --teacher runs/heal/models/teacher --model cut=runs/heal/models/student \
+    python -m bench.healing --teacher runs/heal/models/teacher --model cut=runs/heal/models/student \
         --model healed=runs/heal/checkpoints/best [--config configs/heal_smollm2.yaml] [--tokens 40] [--out F.json]
 
 The held-out blocks are those `method: heal` evaluates with the same config (documents never trained on); NLL is
@@ -93,5 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

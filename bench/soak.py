@@ -13,7 +13,7 @@ After it: the least-squares slope of each process's RSS against the step, after 
 steps, with its standard error and the residual standard deviation (the noise); the object counts at the first
 sample after warm-up and at the end; the actors and placement groups still alive once the driver has exited.
 
-    python bench/soak.py --steps 200 --out docs/soak.json
+    python -m bench.soak --steps 200 --out docs/soak.json
 
 Takes minutes (200 steps at about 1.4 s each on an idle 2-core machine, plus start-up); not a CI test.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from typing import Any
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.harness import ROOT, driver_command, fit, read_metrics, status_mb
 
 
 def label(proc: psutil.Process, driver_pid: int) -> str:
@@ -106,7 +105,7 @@ class Watcher:
                 break
             for proc in me.children(recursive=True):
                 try:
-                    rss = proc.memory_info().rss / 2**20
+                    rss = status_mb("VmRSS", proc.pid)
                     # a worker's title changes with the task it runs: keep the first actor name seen for its pid
                     if proc.pid not in labels or not final(labels[proc.pid]):
                         labels[proc.pid] = label(proc, self.driver_pid)
@@ -114,20 +113,6 @@ class Watcher:
                     continue
                 self.samples.append((now, step, proc.pid, labels[proc.pid], rss))
             self._stop.wait(self.every)
-
-
-def fit(xs: list[float], ys: list[float]) -> dict[str, float]:
-    """Least squares y = a + b x: slope b, its standard error, the residual standard deviation."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if n < 3 or sxx == 0:
-        return {"slope": float("nan"), "se": float("nan"), "resid_sd": float("nan"), "n": n}
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-    a = my - b * mx
-    ss = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys, strict=True))
-    sd = math.sqrt(ss / (n - 2))
-    return {"slope": b, "se": sd / math.sqrt(sxx), "resid_sd": sd, "n": n}
 
 
 def rss_report(samples: list[tuple[float, int, int, str, float]], warmup: int) -> list[dict[str, Any]]:
@@ -211,15 +196,11 @@ def main() -> int:
     address = ctx.address_info["gcs_address"]
     api = f"http://{ctx.dashboard_url}"  # the state API of this cluster (other clusters may run on the machine)
     overrides = [
-        f"output_dir={work / 'run'}",
         f"models.sft_checkpoint={tiny.student}",  # MiniLLM only: the soak's subject
         f"learner.minillm_steps={args.steps}",
         f"learner.replay_capacity={args.queue}",
-        "eval.every_steps=50",
-        "eval.num_prompts=16",
-        "eval.kl_prompts=16",
-        "logging.wandb_mode=disabled",
-        "logging.progress_every=20",
+        *"eval.every_steps=50 eval.num_prompts=16 eval.kl_prompts=16".split(),
+        *"logging.wandb_mode=disabled logging.progress_every=20".split(),
         *args.overrides,
     ]
     env = {**os.environ, "RAY_ADDRESS": address, "WANDB_MODE": "disabled"}
@@ -227,7 +208,7 @@ def main() -> int:
     log = (work / "driver.log").open("w")
     t0 = time.time()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "learner.main", *overrides], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        driver_command(work / "run", overrides), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
     )
     print(f"[soak] driver pid {proc.pid}, Ray at {address}, run in {work}", flush=True)
     watcher = Watcher(proc.pid, work / "run" / "metrics.jsonl", args.every, args.steps)
@@ -265,23 +246,19 @@ def main() -> int:
         if title.startswith("ray::") and not title.startswith("ray::IDLE") and not title.endswith("Agent"):
             workers.append(title)
 
-    metrics = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in metrics if r.get("phase") == "minillm"]
+    steps = read_metrics(work / "run" / "metrics.jsonl")
     rows = rss_report(watcher.samples, args.warmup)
     # the count at the last step races the driver's exit (it read 0 once): the fit takes the counts before it
     post = [o for o in objects if args.warmup <= o["step"] < args.steps]
     obj_fit = fit([float(o["step"]) for o in post], [float(o["objects"]) for o in post]) if len(post) >= 3 else {}
+    gaps = sorted(b["time"] - a["time"] for a, b in zip(steps, steps[1:], strict=False))
     result = {
-        "command": "python bench/soak.py " + " ".join(sys.argv[1:]),
-        "overrides": overrides,
+        "command": "python -m bench.soak " + " ".join(sys.argv[1:]),
+        "overrides": [f"output_dir={work / 'run'}", *overrides],
         "driver_exit_code": rc,
         "wall_seconds": round(wall, 1),
         "minillm_steps_logged": len(steps),
-        "seconds_per_step_median": sorted(b["time"] - a["time"] for a, b in zip(steps, steps[1:], strict=False))[
-            len(steps) // 2
-        ]
-        if len(steps) > 2
-        else None,
+        "seconds_per_step_median": gaps[len(steps) // 2] if len(steps) > 2 else None,
         "warmup_steps": args.warmup,
         "rss": rows,
         "objects": objects,

@@ -1,6 +1,6 @@
 """Which layers should a student cut from the teacher keep? Validation NLL of each cut before any training.
 
-    python bench/student_cuts.py [--teacher runs/table1/models/teacher] [--examples 24] [--general]
+    python -m bench.student_cuts [--teacher runs/table1/models/teacher] [--examples 24] [--general]
 
 A cut keeps the teacher's embeddings, final norm and head, and the listed layers (as `python -m common.convert
 derive-student --layers ...` writes it). The NLL is per reference token on the first N Dolly validation examples,
@@ -93,5 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

@@ -1,7 +1,7 @@
 """The miniature Table 1: teacher, SFT, KD, SeqKD and MiniLLM on Dolly, measured the paper's way.
 
-    python bench/table1.py [--work runs/table1] [--config configs/table1.yaml] [--test-limit 200] [set key=value ...]
-    python bench/table1.py --name table1-healed --work runs/table1-healed --config configs/table1_healed.yaml \
+    python -m bench.table1 [--work runs/table1] [--config configs/table1.yaml] [--test-limit 200] [set key=value ...]
+    python -m bench.table1 --name table1-healed --work runs/table1-healed --config configs/table1_healed.yaml \
         --student runs/heal/checkpoints/best --teacher-steps 0 --max-new-tokens 128    # from a healed student
 
 Stages, each resumable (a finished stage leaves a marker and is skipped on the next call; an interrupted one is
@@ -19,7 +19,7 @@ run again, its partial folder moved aside by the driver):
      (5 seeds, ROUGE-L, Dist-4, LM loss, reverse/forward KL to the teacher, ExAccErr);
      every response goes to WORK/eval/NAME.samples.jsonl;
   5. report: docs/results.md's generated table between the NAME markers (with ROUGE-L length-matched to SFT,
-     ROUGE-L by reference length, and the score of constant answers: bench/rouge_calibration.py), docs/NAME.json
+     ROUGE-L by reference length, and the score of constant answers: common/rouge_calibration.py), docs/NAME.json
      and docs/NAME_curves.png (for the default name table1: docs/results.json, docs/results_curves.png).
 Wall time of every stage is recorded in WORK/stages.json, so the total is known across sessions.
 """
@@ -93,33 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "table1")
     parser.add_argument("--name", default="table1", help="which generated table of docs/results.md to write")
-    parser.add_argument(
-        "--student", type=Path, default=None, help="an existing student (HF folder) instead of cutting one"
-    )
+    parser.add_argument("--student", type=Path, help="an existing student (HF folder) instead of cutting one")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="response length of the test evaluation")
     parser.add_argument("--max-prompt-tokens", type=int, default=96)
     parser.add_argument("--config", default="configs/table1.yaml")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--test-limit", type=int, default=60, help="first N Dolly test examples")
     parser.add_argument("--kl-prompts", type=int, default=30)
-    parser.add_argument(
-        "--student-layers",
-        type=int,
-        nargs="+",
-        default=[0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29],
-        help="the teacher's layers the student keeps",
-    )
+    keep = [0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29]
+    parser.add_argument("--student-layers", type=int, nargs="+", default=keep, help="the teacher's layers it keeps")
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every training run")
-    parser.add_argument(
-        "--teacher-steps", type=int, default=100, help="fine-tuning updates of the teacher (0: as shipped)"
-    )
+    parser.add_argument("--teacher-steps", type=int, default=100, help="teacher fine-tuning updates (0: as shipped)")
     parser.add_argument("--teacher-lr", type=float, default=2e-5)
-    parser.add_argument(
-        "--control-steps",
-        type=int,
-        default=40,
-        help="updates of the sft-more control (set it to the config's learner.minillm_steps)",
-    )
+    parser.add_argument("--control-steps", type=int, default=40, help="sft-more's updates (= learner.minillm_steps)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild docs/ from finished stages")
     args = parser.parse_args(argv)
     work = args.work.resolve()
@@ -132,90 +118,32 @@ def main(argv: list[str] | None = None) -> int:
     test = str((ROOT / "../shared/data/dolly/test.jsonl").resolve())
 
     if not args.report_only:
-        stage(
-            stages,
-            "models",
-            lambda: (
-                run_logged(
-                    [py, "-m", "common.convert", "smollm2", "--out", str(shipped)], work / "logs" / "models.log"
-                ),
-                args.student
-                or run_logged(
-                    [
-                        py,
-                        "-m",
-                        "common.convert",
-                        "derive-student",
-                        "--teacher",
-                        str(shipped),
-                        "--out",
-                        str(student),
-                        "--layers",
-                        *map(str, args.student_layers),
-                    ],
-                    work / "logs" / "models.log",
-                ),
-            ),
-        )
+        logs = work / "logs"
+
+        def models() -> None:
+            run_logged([py, "-m", "common.convert", "smollm2", "--out", str(shipped)], logs / "models.log")
+            if not args.student:
+                layers = [str(i) for i in args.student_layers]
+                cut = ["derive-student", "--teacher", str(shipped), "--out", str(student), "--layers", *layers]
+                run_logged([py, "-m", "common.convert", *cut], logs / "models.log")
+
+        stage(stages, "models", models)
         if args.teacher_steps > 0:
-            stage(
-                stages,
-                "teacher-sft",
-                lambda: run_logged(
-                    [
-                        py,
-                        "-m",
-                        "learner.main",
-                        "--config",
-                        args.config,
-                        "method=sft",
-                        f"output_dir={work / 'teacher-sft'}",
-                        f"models.teacher={shipped}",
-                        f"models.student={shipped}",
-                        f"learner.sft_steps={args.teacher_steps}",
-                        f"learner.sft_lr={args.teacher_lr}",
-                        f"learner.sft_eval_every={max(1, args.teacher_steps // 4)}",
-                        *args.set,
-                    ],
-                    work / "logs" / "teacher-sft.log",
-                ),
-            )
+            sft = ["method=sft", f"output_dir={work / 'teacher-sft'}", f"models.teacher={shipped}"]
+            sft += [f"models.student={shipped}", f"learner.sft_steps={args.teacher_steps}"]
+            sft += [f"learner.sft_lr={args.teacher_lr}", f"learner.sft_eval_every={max(1, args.teacher_steps // 4)}"]
+            cmd = [py, "-m", "learner.main", "--config", args.config, *sft, *args.set]
+            stage(stages, "teacher-sft", lambda: run_logged(cmd, logs / "teacher-sft.log"))
 
         def evaluate(name: str) -> None:
             model = teacher if name == "teacher" else work / name / "checkpoints" / "best"
-            out = work / "eval" / f"{name}.json"
-            stage(
-                stages,
-                f"eval-{name}",
-                lambda: run_logged(
-                    [
-                        py,
-                        "-m",
-                        "learner.evaluate",
-                        "--model",
-                        str(model),
-                        "--teacher",
-                        str(teacher),
-                        "--data",
-                        test,
-                        "--limit",
-                        str(args.test_limit),
-                        "--kl-prompts",
-                        str(args.kl_prompts),
-                        "--seeds",
-                        *SEEDS,
-                        "--max-new-tokens",
-                        str(args.max_new_tokens),
-                        "--max-prompt-tokens",
-                        str(args.max_prompt_tokens),
-                        "--out",
-                        str(out),
-                        "--samples",
-                        str(work / "eval" / f"{name}.samples.jsonl"),
-                    ],
-                    work / "logs" / f"eval-{name}.log",
-                ),
-            )
+            flags = {"model": model, "teacher": teacher, "data": test, "limit": args.test_limit}
+            flags |= {"kl-prompts": args.kl_prompts, "max-new-tokens": args.max_new_tokens}
+            flags |= {"max-prompt-tokens": args.max_prompt_tokens, "out": work / "eval" / f"{name}.json"}
+            flags["samples"] = work / "eval" / f"{name}.samples.jsonl"
+            cmd = [py, "-m", "learner.evaluate", "--seeds", *SEEDS]
+            cmd += [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+            stage(stages, f"eval-{name}", lambda: run_logged(cmd, logs / f"eval-{name}.log"))
 
         # each method is evaluated right after its training, so the table fills in as the stages finish
         # MiniLLM (and its control) start from the SFT weights of lowest validation loss, the baseline is SFT's
@@ -258,22 +186,13 @@ def main(argv: list[str] | None = None) -> int:
             if i == 1:
                 evaluate("teacher")
         evaluate("teacher")
-    from bench.table1_report import write_report
+    from learner.reports.table1 import write_report
 
-    write_report(
-        work,
-        stages.data,
-        ROOT / "docs",
-        test_limit=args.test_limit,
-        config=args.config,
-        extra=args.set,
-        name=args.name,
-        max_new_tokens=args.max_new_tokens,
-    )
+    how = {"test_limit": args.test_limit, "config": args.config, "extra": args.set, "name": args.name}
+    write_report(work, stages.data, ROOT / "docs", **how, max_new_tokens=args.max_new_tokens)
     print(f"[table1] total wall time of all stages: {stages.total_seconds() / 60:.1f} min", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

@@ -24,7 +24,7 @@ Per transport:
             uses the teacher's exact token log-probs under every transport, so it is the same for all; one extra
             dense step with long_weight 0 separates it, giving the cosine of the single-step gradients alone too
   memory    peak resident set of the learner process during that step (VmHWM, reset just before the step;
-            one fresh subprocess per transport; see bench/learner_memory.py for why not ru_maxrss)
+            one fresh subprocess per transport; see bench/memory.py for why not ru_maxrss)
 
 `--kl-only-ks` adds top-k transports measured for bytes and KL only (no learner step). KL, bytes and gradients
 are deterministic for the sampled rollouts; the memory columns are medians of `--repeats`.
@@ -100,7 +100,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.learner_memory import measure_in_subprocess
+    from bench.memory import measure_in_subprocess
     from common.data import load_jsonl, tokenize_examples
     from common.logprobs import TopKLogprobs, vocab_log_softmax
     from common.models import load_model, load_tokenizer
@@ -112,23 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student", type=Path, default=SMOL / "student")
     parser.add_argument("--data", type=Path, default=DOLLY_VALID)
     parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument(
-        "--responses",
-        choices=["student", "reference"],
-        default="student",
-        help="student: sampled by the student (the MiniLLM case); reference: Dolly's reference responses cut to "
-        "--max-new-tokens (natural text, for contrast)",
-    )
+    # student: sampled by the student (the MiniLLM case); reference: Dolly's references cut to --max-new-tokens
+    parser.add_argument("--responses", choices=["student", "reference"], default="student")
     parser.add_argument("--max-prompt-tokens", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--ks", type=int, nargs="+", default=[20, 64, 256], help="top-k transports")
-    parser.add_argument(
-        "--kl-only-ks",
-        type=int,
-        nargs="*",
-        default=[800, 4096, 16384],
-        help="more top-k transports measured for bytes and KL only (no learner step: each costs minutes)",
-    )
+    # more top-k transports measured for bytes and KL only (no learner step: each costs minutes)
+    parser.add_argument("--kl-only-ks", type=int, nargs="*", default=[800, 4096, 16384])
     parser.add_argument("--alpha", type=float, default=0.2)
     parser.add_argument("--chunk-tokens", type=int, default=1024, help="the learner's logit_chunk_tokens")
     parser.add_argument("--repeats", type=int, default=1, help="memory subprocesses per transport (median)")
@@ -224,13 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in transports:
         per_token = torch.cat(kl[name])
         gap = kl_dense - per_token
-        rows[name].update(
-            kl_sum=float(per_token.sum()),
-            kl_rel_error=float((per_token.sum() - kl_dense.sum()).abs() / kl_dense.sum()),
-            gap_mean=float(gap.mean()),
-            gap_max=float(gap.max()),
-            gap_abs_max=float(gap.abs().max()),
-        )
+        rel = float((per_token.sum() - kl_dense.sum()).abs() / kl_dense.sum())
+        rows[name].update(kl_sum=float(per_token.sum()), kl_rel_error=rel, gap_mean=float(gap.mean()))
+        rows[name].update(gap_max=float(gap.max()), gap_abs_max=float(gap.abs().max()))
         if mass[f"p_{name}"]:
             rows[name]["teacher_mass_in_topk"] = float(torch.cat(mass[f"p_{name}"]).mean())
             rows[name]["student_mass_in_teacher_topk"] = float(torch.cat(mass[f"q_{name}"]).mean())
@@ -269,11 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         ref_single = ref - long_grad
         for name in stepped:
             g = torch.load(grads[name.replace(" ", "_")])
-            rows[name].update(
-                grad_cosine=cosine(g, ref),
-                grad_rel_l2=float((g.double() - ref.double()).norm() / ref.double().norm()),
-                single_grad_cosine=cosine(g - long_grad, ref_single),
-            )
+            rel_l2 = float((g.double() - ref.double()).norm() / ref.double().norm())
+            rows[name].update(grad_cosine=cosine(g, ref), grad_rel_l2=rel_l2)
+            rows[name]["single_grad_cosine"] = cosine(g - long_grad, ref_single)
         rows["dense fp32"]["single_to_long_grad_norm"] = float(ref_single.norm() / long_grad.norm())
 
     # ----- report -----------------------------------------------------------------------------------------
@@ -323,20 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"KL error <= 1% alone met by: {', '.join(kl_ok) or 'none'}")
     if args.out:
         meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        result = {
-            "config": meta,
-            "prompts": len(prompts),
-            "filter": str(report),
-            "response_tokens": n_tok,
-            "response_lengths": lengths,
-            "kl_dense_mean_per_token": float(kl_dense.mean()),
-            "student_entropy_mean": student_entropy,
-            "teacher_entropy_mean": teacher_entropy,
-            "seconds": time.perf_counter() - t0,
-            "transports": rows,
-            "goal_met_by": ok,
-            "kl_error_within_1pct": kl_ok,
-        }
+        result = {"config": meta, "prompts": len(prompts), "filter": str(report), "response_tokens": n_tok}
+        result |= {"response_lengths": lengths, "kl_dense_mean_per_token": float(kl_dense.mean())}
+        result |= {"student_entropy_mean": student_entropy, "teacher_entropy_mean": teacher_entropy}
+        result |= {"seconds": time.perf_counter() - t0, "transports": rows}
+        result |= {"goal_met_by": ok, "kl_error_within_1pct": kl_ok}
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
@@ -349,5 +324,4 @@ def _row_bounds(responses: list[list[int]]) -> tuple[list[int], list[int]]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

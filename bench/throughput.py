@@ -4,10 +4,14 @@ so every comparison is between runs side by side; medians over repeats and the p
 
   service      python -m learner.main: MiniLLM (alpha, L_PT) from the student (no SFT phase, no evaluation)
   service-a0   the same at alpha = 0 without L_PT (objective.pt_weight=0)
-  loop         the same maths in one plain torch process (bench/_single_process.py loop): lockstep mixture
+  service-ppo  the service with the paper's PPO schedule (--epochs inner epochs over mini-batches of --minibatch,
+               with --collection); `service` then makes one update per sampled batch of the same collection
+  service@REV  the service at git revision REV (--rev, repeatable), run from a worktree of it: step time and the
+               driver's peak RSS of two versions; overrides REV's config does not know are left out
+  loop         the same maths in one plain torch process (python -m bench._single_process loop): lockstep mixture
                sampling with both KV caches, teacher scoring, one update with learner/objectives.py; no Ray, no vLLM
   loop-a0      the loop at alpha = 0 without L_PT (the student samples alone)
-  stages       the service's stage classes timed alone on each batch (bench/_single_process.py stages): the
+  stages       the service's stage classes timed alone on each batch (python -m bench._single_process stages): the
                sampler, the teacher, the learner and the weight push; the rates the pipeline is compared with
   stages-a0    the same at alpha = 0 without L_PT
   trl          TRL's DistillationTrainer (reverse KL, beta = 1; no L_PT, no mixing: alpha = 0), with --trl-python
@@ -19,15 +23,19 @@ each stage's process CPU time per batch (sample_cpu_seconds, score_cpu_seconds, 
 the actor's process), which separates a stage that does more work inside the service from one waiting for a core;
 pipeline efficiency = the service's tokens/s / the tokens/s of its slowest stage alone (the stages arm). Peak memory
 is the largest sum over an arm's process tree (the Ray processes included) of PSS, the resident pages with shared
-ones divided among their sharers, sampled every second.
+ones divided among their sharers, sampled every second; the driver's own peak RSS beside it. With --collection,
+--steps and --skip count collections, and a step is a collection.
 
-    python bench/throughput.py [--repeats 2] [--steps 10] [--batch 8] [--tokens 64] [--alpha 0.2]
-        [--trl-python /work/trl-venv/bin/python] [--threads 1] [--arms service,loop,...] [--out results.json]
+    python -m bench.throughput [--repeats 2] [--steps 8] [--batch 8] [--tokens 64] [--alpha 0.2]
+        [--trl-python /work/trl-venv/bin/python] [--threads N] [--arms service,loop,...] [--out results.json]
         [--pair DIR]                       # DIR/teacher and DIR/student instead of the tiny default
+    python -m bench.throughput --arms service,service-ppo --batch 16 --tokens 48 --collection 64 --epochs 4 \\
+        --minibatch 16 --steps 3 --skip 1          # time per collection: PPO inner epochs vs one update per batch
+    python -m bench.throughput --arms '' --rev 68f1867 --rev HEAD --batch 16 --tokens 48 --steps 14  # two versions
 
---threads: torch threads of the single-process arms (loop, trl); the service's actors keep their own
-(cluster.torch_threads: 1 each on the default). On a machine shared with other jobs, OpenMP threads that outnumber
-the free cores spin: measure both counts before quoting one.
+--threads: torch threads of the single-process arms (loop, trl), by default every core of the machine, as a one-box
+user runs them; the service's actors keep their own (cluster.torch_threads: 1 each on the default). On a machine
+shared with other jobs, OpenMP threads that outnumber the free cores spin: measure both counts before quoting one.
 """
 
 from __future__ import annotations
@@ -35,91 +43,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-ALL_ARMS = ("service", "loop", "trl", "stages", "service-a0", "loop-a0", "stages-a0")
+from bench.harness import (
+    ROOT,
+    alternate,
+    bench_env,
+    driver_command,
+    median,
+    ratios,
+    read_metrics,
+    side_by_side,
+    watch,
+)
 
-
-# ===== measuring a process tree ======================================================================
-def _tree_memory_mb(pid: int) -> tuple[float, float]:
-    """(sum of PSS, sum of RSS) in MB over a process and all its descendants (Ray's processes are the driver's)."""
-    import psutil
-
-    try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return 0.0, 0.0
-    pss = rss = 0.0
-    for p in procs:
-        try:
-            for line in Path(f"/proc/{p.pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1]) / 1024
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1]) / 1024
-        except OSError:
-            continue  # exited meanwhile
-    return pss, rss
-
-
-@dataclass
-class Watched:
-    """A finished process: its output, peak memory, and when `first_seen` first held (seconds from launch)."""
-
-    returncode: int
-    output: str
-    peak_pss_mb: float
-    peak_rss_mb: float
-    first_seen_s: float | None
-    wall_s: float
-
-
-def watch(
-    cmd: list[str],
-    cwd: Path,
-    env: dict[str, str],
-    first_seen: Callable[[], bool] | None = None,
-    log: Path | None = None,
-) -> Watched:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stop = threading.Event()
-    peak = [0.0, 0.0]
-    seen: list[float] = []
-
-    def poll() -> None:
-        while not stop.wait(1.0):
-            pss, rss = _tree_memory_mb(proc.pid)
-            peak[0], peak[1] = max(peak[0], pss), max(peak[1], rss)
-            if first_seen is not None and not seen and first_seen():
-                seen.append(time.perf_counter() - t0)
-
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
-    out, _ = proc.communicate()
-    stop.set()
-    poller.join()
-    if log is not None:  # the whole output, for a run that fails
-        log.write_text(out)
-    return Watched(proc.returncode, out, peak[0], peak[1], seen[0] if seen else None, time.perf_counter() - t0)
-
-
-def _env(threads: int | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always a private local Ray, never a shared one
-    env["PYTHONPATH"] = str(ROOT)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    return env
+ALL_ARMS = ("service", "loop", "trl", "stages", "service-a0", "loop-a0", "stages-a0", "service-ppo")
 
 
 def _last_json(out: str) -> dict[str, Any]:
@@ -127,6 +71,25 @@ def _last_json(out: str) -> dict[str, Any]:
         if line.startswith("{"):
             return json.loads(line)
     raise ValueError("no JSON result line")
+
+
+def worktree(rev: str, work: Path) -> Path:
+    """A detached git worktree of `rev` under `work` (removed by main at the end)."""
+    path = work / f"rev-{rev.replace('/', '_')}"
+    if not path.exists():
+        cmd = ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev]
+        subprocess.run(cmd, check=True, capture_output=True)
+    return path
+
+
+def known_to(tree: Path, overrides: list[str]) -> list[str]:
+    """The overrides a revision's own load_config accepts, each tried alone (eval.at_start did not always exist)."""
+    code = "import json, sys\nfrom common.config import load_config\nok = []\nfor o in json.loads(sys.argv[1]):\n"
+    code += "    try:\n        load_config(None, [o]); ok.append(o)\n    except Exception:\n        pass\n"
+    code += "print(json.dumps(ok))"
+    cmd = [sys.executable, "-c", code, json.dumps(overrides)]
+    out = subprocess.run(cmd, cwd=tree, env=bench_env(cwd=tree), capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 # ===== the arms ======================================================================================
@@ -139,80 +102,89 @@ class Bench:
     results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def arm_overrides(self, arm: str) -> list[str]:
+        a = self.args
         if arm.endswith("-a0"):
-            return [*self.overrides, "objective.alpha=0", "objective.pt_weight=0"]
-        return [*self.overrides, f"objective.alpha={self.args.alpha}"]
+            out = [*self.overrides, "objective.alpha=0", "objective.pt_weight=0"]
+        else:
+            out = [*self.overrides, f"objective.alpha={a.alpha}"]
+        if a.collection and arm.startswith("service"):
+            ppo = arm == "service-ppo"
+            out += [
+                f"learner.rollouts_per_collection={a.collection}",
+                f"learner.ppo_epochs={a.epochs if ppo else 1}",
+                f"learner.minibatch_size={a.minibatch if ppo else a.batch}",
+            ]
+        return out
+
+    def updates_per_batch(self, arm: str) -> float:
+        a = self.args
+        return a.epochs * a.batch / a.minibatch if arm == "service-ppo" else 1.0
 
     def run(self, arm: str, rep: int) -> dict[str, Any]:
-        kind = arm.split("-")[0]
+        kind = arm.split("-")[0].split("@")[0]
         fn = {"service": self.service, "loop": self.single, "stages": self.single, "trl": self.trl}[kind]
         return fn(arm, rep)
 
     def service(self, arm: str, rep: int) -> dict[str, Any]:
-        out_dir = self.work / f"{arm}-{rep}"
+        a = self.args
+        tag = arm.replace("@", "-at-").replace("/", "_")
+        out_dir = self.work / f"{tag}-{rep}"
         metrics = out_dir / "metrics.jsonl"
-        steps = self.args.steps + self.args.skip
+        per_step = round(a.collection / a.batch * self.updates_per_batch(arm)) if a.collection else 1
+        overrides = [f"learner.minillm_steps={(a.steps + a.skip) * per_step}", *self.arm_overrides(arm)]
+        tree = worktree(arm.split("@")[1], self.work) if "@" in arm else ROOT
+        if tree != ROOT:
+            overrides = known_to(tree, overrides)
 
         def first_step() -> bool:
             return metrics.is_file() and '"phase": "minillm"' in metrics.read_text()
 
-        cmd = [
-            sys.executable,
-            "-m",
-            "learner.main",
-            f"output_dir={out_dir}",
-            f"learner.minillm_steps={steps}",
-            *self.arm_overrides(arm),
-        ]
-        w = watch(cmd, ROOT, _env(), first_step, self.work / f"{arm}-{rep}.log")
+        log = self.work / f"{tag}-{rep}.log"
+        w = watch(driver_command(out_dir, overrides), tree, bench_env(cwd=tree), first_step, log)
         if w.returncode != 0:
             raise SystemExit(f"{arm} failed:\n{w.output[-3000:]}")
-        records = [json.loads(x) for x in metrics.read_text().splitlines()]
-        recs = [r for r in records if r["phase"] == "minillm"]
-        kept = recs[self.args.skip :]
-        wall = kept[-1]["time"] - recs[self.args.skip - 1]["time"]
-        tokens = sum(r["tokens"] for r in kept)
+        recs = read_metrics(metrics)
+        ends = [r for r in recs if r["step"] % per_step == 0]  # the last update of each step (or collection)
+        start, kept = ends[a.skip - 1], ends[a.skip :]
+        wall = kept[-1]["time"] - start["time"]
+        measured = [r for r in recs if r["step"] > start["step"]]
+        batches = len(measured) / self.updates_per_batch(arm)
+        tokens = sum(r["tokens"] for r in measured) / (a.epochs if arm == "service-ppo" else 1)
         busy = {
-            "sampler": sum(r["tokens"] / r["sampler_tokens_per_s"] for r in kept),
-            "teacher": sum(r["tokens"] / r["teacher_tokens_per_s"] for r in kept),
-            "learner": sum(r["step_seconds"] for r in kept),
-            "learner idle (wait)": sum(r.get("wait_seconds", 0.0) for r in kept),
-            "push (driver)": sum(r.get("push_seconds", 0.0) for r in kept),
+            "sampler": sum(r["tokens"] / r["sampler_tokens_per_s"] for r in measured if "sampler_tokens_per_s" in r),
+            "teacher": sum(r["tokens"] / r["teacher_tokens_per_s"] for r in measured if "teacher_tokens_per_s" in r),
+            "learner": sum(r["step_seconds"] for r in measured),
+            "learner idle (wait)": sum(r.get("wait_seconds", 0.0) for r in measured),
+            "push (driver)": sum(r.get("push_seconds", 0.0) for r in measured),
         }
         cpu = {  # process CPU time (all threads) of each stage's work: wall / CPU tells waiting for a core from work
-            "sampler": sum(r.get("sample_cpu_seconds", 0.0) for r in kept),
-            "teacher": sum(r.get("score_cpu_seconds", 0.0) for r in kept),
-            "learner": sum(r.get("step_cpu_seconds", 0.0) for r in kept),
+            "sampler": sum(r.get("sample_cpu_seconds", 0.0) for r in measured),
+            "teacher": sum(r.get("score_cpu_seconds", 0.0) for r in measured),
+            "learner": sum(r.get("step_cpu_seconds", 0.0) for r in measured),
         }
+        gaps = [b["time"] - x["time"] for x, b in zip([start, *kept], kept, strict=False)]
         return {
             "tok_per_s": tokens / wall,
             "step_s": wall / len(kept),
+            "step_median_s": median(gaps),
+            "updates_per_step": per_step,
             "busy_share": {k: v / wall for k, v in busy.items()},
             "cpu_share": {k: v / wall for k, v in cpu.items()},
-            "cpu_per_batch_s": {k: v / len(kept) for k, v in cpu.items()},
-            "busy_per_batch_s": {k: v / len(kept) for k, v in busy.items()},
+            "cpu_per_batch_s": {k: v / batches for k, v in cpu.items()},
+            "busy_per_batch_s": {k: v / batches for k, v in busy.items()},
             "peak_pss_mb": w.peak_pss_mb,
             "peak_rss_mb": w.peak_rss_mb,
+            "driver_peak_rss_mb": w.peak_own_rss_mb,
             "to_step1_s": w.first_seen_s,
-            "mean_response_tokens": tokens / len(kept) / self.args.batch,
+            "mean_response_tokens": tokens / batches / a.batch,
         }
 
     def single(self, arm: str, rep: int) -> dict[str, Any]:
         what = arm.split("-")[0]
         threads = self.args.threads if what == "loop" else 1  # stages: each actor's thread count in the service
-        cmd = [
-            sys.executable,
-            str(ROOT / "bench" / "_single_process.py"),
-            what,
-            "--threads",
-            str(threads),
-            "--steps",
-            str(self.args.steps + self.args.skip),
-            "--skip",
-            str(self.args.skip),
-            *self.arm_overrides(arm),
-        ]
-        w = watch(cmd, ROOT, _env(threads), log=self.work / f"{arm}-{rep}.log")
+        steps = ["--steps", str(self.args.steps + self.args.skip), "--skip", str(self.args.skip)]
+        cmd = [sys.executable, "-m", "bench._single_process", what, "--threads", str(threads), *steps]
+        w = watch([*cmd, *self.arm_overrides(arm)], ROOT, bench_env(threads), log=self.work / f"{arm}-{rep}.log")
         if w.returncode != 0:
             raise SystemExit(f"{arm} failed:\n{w.output[-3000:]}")
         r = _last_json(w.output)
@@ -224,27 +196,25 @@ class Bench:
         return r
 
     def trl(self, arm: str, rep: int) -> dict[str, Any]:
+        a = self.args
         spec = {
             **self.models,
-            "prompts": self.args.trl_prompts,
-            "batch": self.args.batch,
-            "tokens": self.args.tokens,
-            "lr": self.args.lr,
-            "steps": self.args.steps + self.args.skip,
+            **{k: getattr(a, k) for k in ("trl_prompts", "batch", "tokens", "lr", "threads")},
+            "steps": a.steps + a.skip,
             "seed": 0,
-            "threads": self.args.threads,
             "output_dir": str(self.work / f"{arm}-{rep}"),
         }
+        spec["prompts"] = spec.pop("trl_prompts")
         path = self.work / f"{arm}-{rep}.json"
         path.write_text(json.dumps(spec))
-        cmd = [self.args.trl_python, str(ROOT / "bench" / "_trl_arm.py"), str(path)]
-        w = watch(cmd, ROOT, _env(self.args.threads), log=self.work / f"{arm}-{rep}.log")
+        cmd = [a.trl_python, str(ROOT / "bench" / "_trl_arm.py"), str(path)]  # in TRL's venv: a script, not -m
+        w = watch(cmd, ROOT, bench_env(a.threads), log=self.work / f"{arm}-{rep}.log")
         if w.returncode != 0:
             raise SystemExit(f"{arm} failed:\n{w.output[-3000:]}")
         r = _last_json(w.output)
         steps = r.pop("steps")
-        kept = steps[self.args.skip :]
-        wall = kept[-1]["end"] - steps[self.args.skip - 1]["end"]
+        kept = steps[a.skip :]
+        wall = kept[-1]["end"] - steps[a.skip - 1]["end"]
         tokens = sum(s["tokens"] for s in kept)
         return {
             **r,
@@ -253,7 +223,7 @@ class Bench:
             "to_step1_s": steps[0]["end"],
             "peak_pss_mb": w.peak_pss_mb,
             "peak_rss_mb": w.peak_rss_mb,
-            "mean_response_tokens": tokens / len(kept) / self.args.batch,
+            "mean_response_tokens": tokens / len(kept) / a.batch,
         }
 
 
@@ -268,12 +238,8 @@ def setup(args: argparse.Namespace) -> tuple[list[str], dict[str, str], list[str
         f"learner.batch_size={args.batch}",
         f"sampler.max_new_tokens={args.tokens}",
         f"learner.lr={args.lr}",
-        "eval.every_steps=100000",
-        "eval.at_start=false",
-        "eval.at_end=false",
-        "checkpoint.every_steps=0",
-        "logging.wandb_mode=disabled",
-        "logging.progress_every=1000",
+        *"eval.every_steps=100000 eval.at_start=false eval.at_end=false checkpoint.every_steps=0".split(),
+        *"logging.wandb_mode=disabled logging.progress_every=1000".split(),
     ]
     if args.smollm2:
         t, s = args.smollm2 / "teacher", args.smollm2 / "student"
@@ -282,12 +248,8 @@ def setup(args: argparse.Namespace) -> tuple[list[str], dict[str, str], list[str
             "models.source=local",
             f"models.teacher={t}",
             f"models.student={s}",
-            "sampler.kv_cache_mb=1024",
-            "teacher.batch_size=4",
-            "data.max_prompt_tokens=96",
-            "learner.pretrain_batch_size=4",
-            "eval.num_prompts=8",
-            "eval.kl_prompts=8",
+            *"sampler.kv_cache_mb=1024 teacher.batch_size=4 data.max_prompt_tokens=96".split(),
+            *"learner.pretrain_batch_size=4 eval.num_prompts=8 eval.kl_prompts=8".split(),
         ]
     else:
         from common.tiny import tiny_models_for
@@ -306,16 +268,6 @@ def setup(args: argparse.Namespace) -> tuple[list[str], dict[str, str], list[str
     return common, models, prompts
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def side_by_side(res: dict[str, list[dict[str, Any]]], x: str, y: str) -> list[tuple[dict, dict]]:
-    """The results of arms x and y from the same repeats (an arm that failed in a repeat drops that repeat)."""
-    ys = {r.get("rep", i): r for i, r in enumerate(res.get(y, []))}
-    return [(r, ys[k]) for i, r in enumerate(res.get(x, [])) if (k := r.get("rep", i)) in ys]
-
-
 def report(bench: Bench) -> str:
     res, a = bench.results, bench.args
     lines = []
@@ -323,19 +275,22 @@ def report(bench: Bench) -> str:
     def med(arm: str, key: str) -> float:
         return median([r[key] for r in res.get(arm, []) if r.get(key) is not None])
 
+    def cell(arm: str, key: str, digits: int) -> str:
+        value = med(arm, key)
+        return "" if value != value else f"{value:.{digits}f}"
+
     lines.append(
-        "| arm | completion tok/s (median) | per repeat | step (s) | peak PSS, all processes (MB) | to step 1 (s) |"
+        "| arm | completion tok/s (median) | per repeat | step (s) | peak PSS, all processes (MB) | to step 1 (s) "
+        "| median step (s) | driver peak RSS (MB) |"
     )
-    lines.append("|---|---:|---|---:|---:|---:|")
+    lines.append("|---|---:|---|---:|---:|---:|---:|---:|")
     for arm in a.arms:
         if arm.startswith("stages") or arm not in res:
             continue
         per = " / ".join(f"{r['tok_per_s']:.0f}" for r in res[arm])
-        first = med(arm, "to_step1_s")
-        lines.append(
-            f"| {arm} | {med(arm, 'tok_per_s'):.0f} | {per} | {med(arm, 'step_s'):.2f} | {med(arm, 'peak_pss_mb'):.0f} "
-            f"| {'' if first != first else f'{first:.0f}'} |"
-        )
+        cells = [cell(arm, "tok_per_s", 0), per, cell(arm, "step_s", 2), cell(arm, "peak_pss_mb", 0)]
+        cells += [cell(arm, "to_step1_s", 0), cell(arm, "step_median_s", 2), cell(arm, "driver_peak_rss_mb", 0)]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     pairs = [
         ("service", "loop"),
         ("service-a0", "loop-a0"),
@@ -344,14 +299,19 @@ def report(bench: Bench) -> str:
         ("loop-a0", "trl"),
         ("service-a0", "service"),
     ]
-    lines += ["", "| ratio (tok/s) | per repeat | median |", "|---|---|---:|"]
+    lines += ["", "| ratio | per repeat | median |", "|---|---|---:|"]
+    revs = [arm for arm in a.arms if "@" in arm]
+    pairs += [("service-ppo", "service")] + [(y, x) for x, y in zip(revs, revs[1:], strict=False)]
+    keys = {"tok/s": "tok_per_s", "peak PSS": "peak_pss_mb", "step (s)": "step_s", "median step (s)": "step_median_s"}
+    keys["driver peak RSS"] = "driver_peak_rss_mb"
     for x, y in pairs:
-        if x in res and y in res:
-            ratios = [rx["tok_per_s"] / ry["tok_per_s"] for rx, ry in side_by_side(res, x, y)]
-            lines.append(f"| {x} / {y} | {' / '.join(f'{r:.2f}' for r in ratios)} | {median(ratios):.2f} |")
-        if x in res and y in res and y == "trl":
-            mem = [rx["peak_pss_mb"] / ry["peak_pss_mb"] for rx, ry in side_by_side(res, x, y)]
-            lines.append(f"| {x} / {y}, peak PSS | {' / '.join(f'{r:.2f}' for r in mem)} | {median(mem):.2f} |")
+        if x not in res or y not in res:
+            continue
+        shown = ["tok/s"] + (["peak PSS"] if y == "trl" else [])
+        shown += ["step (s)"] if x == "service-ppo" else ["median step (s)", "driver peak RSS"] if "@" in x else []
+        for name in shown:
+            rs = ratios(res, x, y, keys[name])
+            lines.append(f"| {x} / {y}, {name} | {' / '.join(f'{r:.2f}' for r in rs)} | {median(rs):.2f} |")
     for svc, stg in (("service", "stages"), ("service-a0", "stages-a0")):
         if svc not in res or stg not in res:
             continue
@@ -400,16 +360,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="max new tokens per completion")
     ap.add_argument("--alpha", type=float, default=0.2)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the loop and TRL arms")
-    ap.add_argument("--arms", default=",".join(a for a in ALL_ARMS if a != "trl"))
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the loop and TRL arms")
+    ap.add_argument("--arms", default=",".join(a for a in ALL_ARMS if a not in ("trl", "service-ppo")))
     ap.add_argument("--trl-python", help="python of a virtual environment with trl (adds the trl arm)")
-    ap.add_argument(
-        "--pair",
-        "--smollm2",
-        dest="smollm2",
-        type=Path,
-        help="folder with teacher/ and student/ (the SmolLM2 pair, or bench/gpt2_pair.py's)",
-    )
+    ap.add_argument("--pair", "--smollm2", dest="smollm2", type=Path, help="folder with teacher/ and student/")
+    ap.add_argument("--collection", type=int, help="rollouts per collection of the service arms (paper: 256)")
+    ap.add_argument("--epochs", type=int, default=4, help="inner epochs of service-ppo (paper: 4)")
+    ap.add_argument("--minibatch", type=int, default=16, help="rollouts per update of service-ppo (paper: 64)")
+    ap.add_argument("--rev", action="append", default=[], help="a git revision to run the service arm of")
     ap.add_argument("--out", type=Path, help="JSON of every run (written after each arm)")
     ap.add_argument("--report", type=Path, help="print the tables of a saved --out file and exit")
     args = ap.parse_args()
@@ -417,13 +375,16 @@ def main() -> None:
     if args.trl_python and "trl" not in args.arms:
         args.arms.insert(args.arms.index("loop") + 1 if "loop" in args.arms else len(args.arms), "trl")
     unknown = set(args.arms) - set(ALL_ARMS)
-    if unknown or ("trl" in args.arms and not args.trl_python):
-        raise SystemExit(f"unknown arms {sorted(unknown)} or trl without --trl-python")
+    if unknown or ("trl" in args.arms and not args.trl_python) or ("service-ppo" in args.arms and not args.collection):
+        raise SystemExit(
+            f"unknown arms {sorted(unknown)}, trl without --trl-python or service-ppo without --collection"
+        )
+    args.arms += [f"service@{rev}" for rev in args.rev]
     if args.skip < 1:
         raise SystemExit("--skip must be >= 1 (a step's wall time is measured from the step before it)")
     if args.report:  # the tables again from a saved run
         saved = json.loads(args.report.read_text())
-        args.arms = [a for a in ALL_ARMS if a in saved["results"]]
+        args.arms = [a for a in dict.fromkeys([*ALL_ARMS, *saved["results"]]) if a in saved["results"]]
         bench = Bench(args, args.report.parent, saved["overrides"], saved["models"], saved["results"])
         print(f"started {saved['started']}\n\n{report(bench)}")
         return
@@ -438,28 +399,18 @@ def main() -> None:
             saved = {"started": started, "args": shown_args, "overrides": common, "models": models}
             args.out.write_text(json.dumps({**saved, "results": bench.results}, indent=2))
 
-    for rep in range(args.repeats):
-        for arm in args.arms:
-            load = os.getloadavg()[0]
-            try:
-                r = bench.run(arm, rep)
-            except (SystemExit, Exception) as exc:  # noqa: BLE001 - one failed arm must not lose the others
-                print(
-                    f"[{arm} rep {rep}] failed (output: {bench.work}/{arm}-{rep}.log): {str(exc)[-2000:]}", flush=True
-                )
-                continue
-            r["load_before"], r["rep"] = load, rep
-            bench.results.setdefault(arm, []).append(r)
-            save()
-            shown = {k: v for k, v in r.items() if isinstance(v, float | int)}
-            print(f"[{arm} rep {rep}] " + ", ".join(f"{k} {v:.2f}" for k, v in shown.items()), flush=True)
-    text = report(bench)
+    try:
+        alternate(args.arms, args.repeats, bench.run, bench.results, save)
+    finally:
+        for tree in bench.work.glob("rev-*"):
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+    save()
     loads = ", ".join(f"{r['load_before']:.0f}" for rs in bench.results.values() for r in rs)
     print(
-        f"\nstarted {started}; {args.batch} completions x {args.tokens} tokens, alpha {args.alpha}; "
-        f"1-minute load average before each run (arm by arm): {loads}\n"
+        f"\nstarted {started}; {args.batch} completions x {args.tokens} tokens, alpha {args.alpha}, {args.threads} "
+        f"threads for loop and trl; 1-minute load average before each run (arm by arm): {loads} (logs: {bench.work})\n"
     )
-    print(text)
+    print(report(bench))
 
 
 if __name__ == "__main__":

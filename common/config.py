@@ -75,10 +75,31 @@ class ModelsConfig(_Section):
         return self
 
 
+class DataColumns(_Section):
+    """Column (field) names of the data's rows, where they differ from these."""
+
+    instruction: str = "instruction"  # dolly
+    context: str = "context"  # dolly
+    response: str = "response"  # dolly, prompt (optional there: references for evaluation)
+    category: str = "category"
+    messages: str = "messages"  # chat: [{role, content}, ...] (ShareGPT's {from, value} read too)
+    prompt: str = "prompt"  # prompt
+
+
 class DataConfig(_Section):
-    train: str = "../shared/data/dolly/train.jsonl"
-    valid: str = "../shared/data/dolly/valid.jsonl"
-    pretrain: str | None = "../shared/data/pretrain/tinyshakespeare.txt"
+    # train / valid: a .jsonl / .json / .parquet file, a folder (datasets' save_to_disk, FOLDER:split for a
+    # DatasetDict, or a folder of such files) or a datasets Hub name `org/name[@revision]:split` (common/formats.py).
+    # Defaults: the repository's own copy of Dolly and Tiny Shakespeare (data/README.md), relative to the repository.
+    train: str = "data/dolly/train.jsonl"
+    valid: str = "data/dolly/valid.jsonl"
+    # dolly: instruction/context/response; chat: messages, the last assistant turn the response; prompt: a prompt
+    # column only (MiniLLM's phase needs no response; SFT, KD and SeqKD do)
+    format: Literal["dolly", "chat", "prompt"] = "dolly"
+    # how prompts become tokens (common/templates.py): auto is dolly for Dolly data and the tokenizer's chat template
+    # for chat / prompt data when it has one
+    template: Literal["auto", "chat", "dolly", "none"] = "auto"
+    columns: DataColumns = DataColumns()
+    pretrain: str | None = "data/pretrain/tinyshakespeare.txt"
     max_prompt_tokens: int = Field(256, gt=0)
     max_response_tokens: int = Field(128, gt=0)  # SFT targets longer than this are dropped (and counted)
     max_train_examples: int | None = Field(None, gt=0)
@@ -93,8 +114,8 @@ class HealConfig(_Section):
     checkpoint with the lowest held-out NLL (evaluated every learner.sft_eval_every steps)."""
 
     # the `context` passages of this Dolly-schema file (Wikipedia-style paragraphs); None: none
-    contexts_from: str | None = "../shared/data/dolly/train.jsonl"
-    text_files: list[str] = ["../shared/data/pretrain/openwebtext_sample.txt"]  # documents split on blank lines
+    contexts_from: str | None = "data/dolly/train.jsonl"
+    text_files: list[str] = ["data/pretrain/tinyshakespeare.txt"]  # documents split on blank lines
     block_tokens: int = Field(128, gt=1)  # tokens per training / held-out block
     held_out: float = Field(0.05, gt=0, lt=1)  # share of the documents held out (never trained on)
     max_valid_blocks: int = Field(64, gt=0)  # held-out blocks evaluated
@@ -280,6 +301,8 @@ class LoggingConfig(_Section):
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "minillm-service"
     progress_every: int = Field(10, gt=0)
+    # report.html with plots of metrics.jsonl in the run folder at the end of a run (learner/report.py; matplotlib)
+    report: bool = True
     # every MiniLLM batch's sampled token ids in metrics.jsonl (`sampled_ids`, on the first update of its
     # collection): an audit of what was sampled, e.g. that a resumed run samples what the uninterrupted one did
     sampled_ids: bool = False

@@ -11,6 +11,8 @@ from typing import Protocol
 
 import torch
 
+from common.config import DistillConfig, resolve_path
+
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -35,17 +37,22 @@ class Tokenizer(Protocol):
 
 @dataclass(frozen=True)
 class Example:
-    instruction: str
+    instruction: str  # Dolly's instruction, a prompt column, or the prompt turns' text (chat)
     context: str
-    references: tuple[str, ...]  # one or more reference responses
+    references: tuple[str, ...]  # reference responses; empty for prompt-only data
     category: str = ""
+    # chat data: the prompt's turns as (role, content), rendered with the tokenizer's chat template
+    turns: tuple[tuple[str, str], ...] = ()
 
     @property
     def prompt(self) -> str:
+        """The paper's wrapper around the instruction (the `dolly` template)."""
         return format_prompt(self.instruction, self.context)
 
     @property
     def response(self) -> str:
+        if not self.references:
+            raise DataError("a prompt-only example has no response")
         return self.references[0]
 
 
@@ -55,35 +62,26 @@ def format_prompt(instruction: str, context: str = "") -> str:
     return PROMPT_NO_INPUT.format(instruction=instruction.strip())
 
 
-def _parse_line(line: str, where: str) -> Example:
+def decode_json_line(line: str, where: str) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for field in ("instruction", "response"):
-        if field not in obj:
-            raise DataError(f"{where}: missing field '{field}' (Dolly schema: instruction, context, response)")
-    instruction = obj.get("instruction")
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise DataError(f"{where}: field 'instruction' must be a non-empty string")
-    context = obj.get("context", "") or ""
-    if not isinstance(context, str):
-        raise DataError(f"{where}: field 'context' must be a string")
-    response = obj.get("response")
-    if isinstance(response, str):
-        refs: tuple[str, ...] = (response,)
-    elif isinstance(response, list) and response and all(isinstance(r, str) for r in response):
-        refs = tuple(response)
-    else:
-        raise DataError(f"{where}: field 'response' must be a string or a non-empty list of strings")
-    category = obj.get("category", "") or ""
-    return Example(instruction, context, refs, str(category))
+    return obj
 
 
-def load_jsonl(path: str | Path, limit: int | None = None) -> list[Example]:
-    """Read Dolly-schema JSONL. A malformed line raises DataError naming file:line and the reason."""
+def _parse_line(line: str, where: str) -> Example:
+    from common.formats import DEFAULT_COLUMNS, parse_dolly
+
+    return parse_dolly(decode_json_line(line, where), where, DEFAULT_COLUMNS)
+
+
+def load_jsonl(path: str | Path, limit: int | None = None, parse=None) -> list[Example]:
+    """Read JSON lines (Dolly schema unless `parse(obj_line, where)` says otherwise). A malformed line raises
+    DataError naming file:line and the reason."""
+    parse = parse or _parse_line
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -102,7 +100,7 @@ def load_jsonl(path: str | Path, limit: int | None = None) -> list[Example]:
                 ) from None
             if not line.strip():
                 continue
-            examples.append(_parse_line(line, f"{path}:{lineno}"))
+            examples.append(parse(line, f"{path}:{lineno}"))
             if limit is not None and len(examples) >= limit:
                 break
     if not examples:
@@ -136,16 +134,21 @@ def tokenize_examples(
     tokenizer: Tokenizer,
     max_prompt_tokens: int,
     max_response_tokens: int | None,
+    template: str = "dolly",
 ) -> tuple[list[TokenizedExample], FilterReport]:
-    """Tokenise prompt and first reference; drop (and count) examples that exceed the context budget."""
+    """Tokenise prompt (rendered with `template`, common/templates.py) and first reference; drop (and count)
+    examples that exceed the context budget. A prompt-only example's response is EOS alone."""
+    from common.templates import render_prompt_ids
+
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("tokenizer has no eos_token_id")
     kept: list[TokenizedExample] = []
     long_prompt = long_response = 0
     for i, ex in enumerate(examples):
-        prompt_ids = tokenizer.encode(ex.prompt, add_special_tokens=False)
-        response_ids = tokenizer.encode(ex.response, add_special_tokens=False) + [eos]
+        prompt_ids = render_prompt_ids(ex, tokenizer, template)
+        response = tokenizer.encode(ex.response, add_special_tokens=False) if ex.references else []
+        response_ids = response + [eos]
         if len(prompt_ids) > max_prompt_tokens:
             long_prompt += 1
             continue
@@ -256,3 +259,11 @@ def iterate_pretrain(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterat
             yield blocks[order[start : start + batch_size]]
         if blocks.shape[0] < batch_size:
             yield blocks
+
+
+def pretrain_batches(cfg: DistillConfig, tokenizer: Tokenizer) -> Iterator[torch.Tensor]:
+    """MiniLLM's L_PT batches (data.pretrain, up to 4096 blocks); none when there is no corpus or pt_weight is 0."""
+    if not cfg.data.pretrain or cfg.objective.pt_weight <= 0:
+        return iter(())
+    blocks = load_pretrain_blocks(resolve_path(cfg.data.pretrain), tokenizer, cfg.data.pretrain_block_size, 4096)
+    return iterate_pretrain(blocks, cfg.learner.pretrain_batch_size, cfg.seed)

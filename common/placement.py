@@ -34,7 +34,7 @@ def plan_slots(cfg: DistillConfig) -> list[ActorSlot]:
     slots += [ActorSlot(f"teacher-{i}", c.teacher_cpus, c.teacher_gpus) for i in range(cfg.teacher.num_teachers)]
     # a tensor-parallel engine needs one GPU per shard inside the sampler's own bundle
     slots += [ActorSlot(f"sampler-{i}", c.sampler_cpus, c.sampler_gpus) for i in range(num_samplers(cfg))]
-    slots.append(ActorSlot("replay", c.replay_cpus, 0.0))
+    slots.append(ActorSlot("rollout-queue", c.replay_cpus, 0.0))
     return slots
 
 

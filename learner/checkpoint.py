@@ -229,7 +229,7 @@ def truncate_metrics(run_dir: str | os.PathLike[str], size: int) -> None:
             storage.write_bytes(f, data[:size])
 
 
-class Checkpointer:
+class StateCheckpointer:
     """Writes the training state into checkpoints/state/ and keeps the newest `keep` complete checkpoints."""
 
     def __init__(self, run_dir: str | os.PathLike[str], every_steps: int, keep: int, config_text: str = ""):
@@ -256,14 +256,13 @@ class Checkpointer:
         return consumed + k * batches_per
 
     def save(self, learner: Any, driver: ResumePoint) -> str:
-        """Collective save: every learner rank writes its shards into storage, then checkpoint.json lands last."""
-        import ray
-
+        """Collective save: every learner rank writes its shards into storage, then checkpoint.json lands last. A rank
+        that dies meanwhile raises LearnerFailed (learner/group.py), like any other call on the ranks."""
         t0 = time.perf_counter()
         path = step_dir(self.root, driver.global_step)
         storage.remove(path)  # a partial one, or one a resume from an earlier checkpoint is redoing
         storage.makedirs(path)
-        ranks = ray.get([a.__ray_call__.remote(save_learner_state, path) for a in learner.actors])
+        ranks = learner.call_each(save_learner_state, path)
         files = storage.file_sizes(path)
         meta = {
             "format": FORMAT,
@@ -303,8 +302,7 @@ def response_ids(rollouts: Any) -> list[list[int]]:
     return [list(r) for r in rollouts.response_ids]
 
 
-def restore_learner(learner: Any, point: ResumePoint) -> None:
-    """Every learner rank loads its state from the checkpoint (collective)."""
-    import ray
-
-    ray.get([a.__ray_call__.remote(load_learner_state, point.path) for a in learner.actors])
+def restore_learner_state(learner: Any, point: ResumePoint) -> None:
+    """Every learner rank loads its state from the checkpoint (collective, through the group: a rank that dies raises
+    LearnerFailed)."""
+    learner.call_each(load_learner_state, point.path)

@@ -4,9 +4,15 @@ of the references (diversity, Appendix B.4). With --teacher: the reverse KL[q||p
 forward KL[p||q] on the teacher's samples (both exact over the vocabulary at each position) and the exposure
 bias ExAccErr (Appendix B.5) on the first --kl-prompts prompts.
 
-    python -m learner.evaluate --model runs/tiny/checkpoints/best --data ../shared/data/dolly/test.jsonl \
+    python -m learner.evaluate --model runs/tiny/checkpoints/best --data data/dolly/test.jsonl \
         [--data FILE2.jsonl ...] [--seeds 10 20 30 40 50] [--max-new-tokens 64] [--limit N] [--out results.json] \
-        [--teacher DIR --kl-prompts 100] [--samples samples.jsonl]
+        [--teacher DIR --kl-prompts 100] [--samples samples.jsonl] \
+        [--format dolly|chat|prompt] [--template auto|chat|dolly|none] [--column messages=conversations ...]
+
+--data takes what a run's data.train / data.valid take (a .jsonl / .json / .parquet file, a folder, or a datasets
+Hub name `org/name:split`), read as --format with the run's column names; --model and --teacher take folders or
+Hub ids (`org/name[@revision]`). Prompts are rendered as a run renders them (common/templates.py): pass the run's
+data.format and data.template. Rows without a reference (prompt data) get no ROUGE-L or LM loss; the KLs need none.
 
 --samples writes every generated response (dataset, seed, example index, prompt, references, response, its
 token count and ROUGE-L) as JSON lines, to read what a score stands for.
@@ -20,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.data import DataError, load_jsonl, strip_eos
+from common.data import DataError, strip_eos
 from common.metrics import distinct_n, exposure_accumulated_error, mean_and_spread, rouge_l_scores
 from common.models import ModelError, check_compatible, load_model, load_tokenizer
 
@@ -73,15 +79,25 @@ def evaluate_model(
     teacher_dir: str | None = None,
     kl_prompts: int = 100,
     samples: list[dict] | None = None,
+    fmt: str = "dolly",
+    template: str = "auto",
+    columns: dict[str, str] | None = None,
 ) -> dict:
     """The results dict (per dataset: per-seed scores, spread, analysis); generated responses are appended to
     `samples` when a list is given."""
     from actors.engine import VLLMEngine
+    from common.formats import load_examples
+    from common.hub import resolve_model
+    from common.templates import render_prompt_ids, render_prompt_text, resolve_template
     from learner.analysis import lm_loss
 
+    model_dir = str(resolve_model(model_dir).path)
+    teacher_dir = str(resolve_model(teacher_dir).path) if teacher_dir is not None else None
     tokenizer = load_tokenizer(model_dir)
     eos = tokenizer.eos_token_id
-    datasets = {path: load_jsonl(path, limit=limit) for path in data_files}  # fail on bad data before the engine
+    template = resolve_template(template, fmt, tokenizer)
+    # fail on bad data before the engine starts
+    datasets = {path: load_examples(path, fmt, columns, limit, base=Path.cwd()) for path in data_files}
     vocab_size = len(tokenizer)
     if teacher_dir is not None:
         vocab_size = check_compatible(teacher_dir, model_dir, tokenizer).tokenizer_size
@@ -97,13 +113,13 @@ def evaluate_model(
     for path, examples in datasets.items():
         prompts, refs, kept, skipped = [], [], [], 0
         for i, ex in enumerate(examples):
-            ids = tokenizer.encode(ex.prompt, add_special_tokens=False)
+            ids = render_prompt_ids(ex, tokenizer, template)
             if len(ids) > max_prompt_tokens:
                 skipped += 1
                 continue
             prompts.append(ids)
             refs.append(ex.references)
-            kept.append((i, ex.prompt))
+            kept.append((i, render_prompt_text(ex, tokenizer, template)))
         per_seed: dict[int, dict] = {}
         first_samples: list[list[int]] = []
         for seed in seeds:
@@ -114,9 +130,14 @@ def evaluate_model(
             responses = [strip_eos(o.token_ids, stops) for o in outs]
             first_samples = first_samples or [o.token_ids for o in outs]
             texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-            scores = rouge_l_scores(texts, refs)  # scored once: the seed's mean and, with --samples, each response
+            # scored once: the seed's mean and, with --samples, each response (None: a row without a reference)
+            scored = [k for k, r in enumerate(refs) if r]
+            some = rouge_l_scores([texts[k] for k in scored], [refs[k] for k in scored])
+            scores: list[float | None] = [None] * len(refs)
+            for k, score in zip(scored, some, strict=True):
+                scores[k] = score
             per_seed[seed] = {
-                "rouge_l": sum(scores) / len(scores) if scores else 0.0,
+                "rouge_l": sum(some) / len(some) if some else None,
                 "dist_4": distinct_n(responses, 4),
                 "mean_tokens": sum(len(r) for r in responses) / max(len(responses), 1),
                 "seconds": round(time.time() - t0, 2),
@@ -135,21 +156,33 @@ def evaluate_model(
                     }
                     for (i, prompt), ref, text, resp, score in zip(kept, refs, texts, responses, scores, strict=True)
                 )
+            rouge = per_seed[seed]["rouge_l"]
             print(
-                f"[evaluate] {Path(path).name} seed {seed}: ROUGE-L {per_seed[seed]['rouge_l']:.2f} "
+                f"[evaluate] {Path(path).name} seed {seed}: ROUGE-L {'-' if rouge is None else f'{rouge:.2f}'} "
                 f"({len(prompts)} prompts, {per_seed[seed]['seconds']:.1f}s)",
                 flush=True,
             )
-        rouge_mean, rouge_sd = mean_and_spread([r["rouge_l"] for r in per_seed.values()])
+        with_refs = [k for k, r in enumerate(refs) if r]
+        rouge_mean: float | None = None
+        rouge_sd: float | None = None
+        if with_refs:
+            rouge_mean, rouge_sd = mean_and_spread([r["rouge_l"] for r in per_seed.values()])
         dist_mean, _ = mean_and_spread([r["dist_4"] for r in per_seed.values()])
-        ref_ids = [tokenizer.encode(r[0], add_special_tokens=False) + [eos] for r in refs]
+        ref_ids = [tokenizer.encode(refs[k][0], add_special_tokens=False) + [eos] for k in with_refs]
+        loss = None
+        if with_refs:
+            ref_prompts = [prompts[k] for k in with_refs]
+            loss = lm_loss(student, ref_prompts, ref_ids, vocab_size, tokenizer.pad_token_id, batch_size=4)
         entry = {
             "n_prompts": len(prompts),
+            "n_with_references": len(with_refs),
             "skipped_long_prompts": skipped,
+            "format": fmt,
+            "template": template,
             "rouge_l_mean": rouge_mean,
             "rouge_l_std": rouge_sd,
             "dist_4_mean": dist_mean,
-            "lm_loss": lm_loss(student, prompts, ref_ids, vocab_size, tokenizer.pad_token_id, batch_size=4),
+            "lm_loss": loss,
             "per_seed": per_seed,
         }
         if teacher is not None:
@@ -188,8 +221,8 @@ def format_table(results: dict) -> str:
 
     for name, r in results["datasets"].items():
         lines.append(
-            f"{Path(name).name:<32} {r['n_prompts']:>5} {r['rouge_l_mean']:>8.2f} {r['rouge_l_std']:>6.2f} "
-            f"{r['dist_4_mean']:>7.2f} {r['lm_loss']:>8.3f} {num(r, 'reverse_kl_seq', 7)} "
+            f"{Path(name).name:<32} {r['n_prompts']:>5} {num(r, 'rouge_l_mean', 8)} {num(r, 'rouge_l_std', 6)} "
+            f"{r['dist_4_mean']:>7.2f} {num(r, 'lm_loss', 8)} {num(r, 'reverse_kl_seq', 7)} "
             f"{num(r, 'forward_kl_seq', 7)} {num(r, 'exacc_err_pct', 9)}"
         )
     return "\n".join(lines)
@@ -199,18 +232,41 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m learner.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="Hugging Face folder (model + tokenizer)")
-    parser.add_argument("--data", action="append", required=True, help="Dolly-schema JSONL (repeatable)")
+    parser.add_argument("--model", required=True, help="Hugging Face folder or Hub id (model + tokenizer)")
+    parser.add_argument(
+        "--data", action="append", required=True, help="file, folder or datasets Hub name org/name:split (repeatable)"
+    )
+    parser.add_argument("--format", default="dolly", choices=["dolly", "chat", "prompt"], help="how rows read")
+    parser.add_argument(
+        "--template", default="auto", choices=["auto", "chat", "dolly", "none"], help="prompt rendering"
+    )
+    parser.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="ROLE=NAME",
+        help="a column's name, e.g. messages=conversations",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50])
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-prompt-tokens", type=int, default=512)
     parser.add_argument("--limit", type=int, default=None, help="first N examples of each file")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--teacher", default=None, help="teacher folder: adds reverse/forward KL and ExAccErr")
+    parser.add_argument("--teacher", default=None, help="teacher folder or Hub id: adds reverse/forward KL, ExAccErr")
     parser.add_argument("--kl-prompts", type=int, default=100, help="prompts (of each file) for the KL measures")
     parser.add_argument("--samples", type=Path, default=None, help="write every generated response here (JSONL)")
     args = parser.parse_args(argv)
     samples: list[dict] | None = [] if args.samples else None
+    from common.formats import DEFAULT_COLUMNS
+
+    columns = dict(c.split("=", 1) for c in args.column if "=" in c)
+    unknown = [c for c in args.column if "=" not in c or c.split("=", 1)[0] not in DEFAULT_COLUMNS]
+    if unknown:
+        print(
+            f"error: --column {unknown[0]!r}: expected ROLE=NAME, ROLE one of {', '.join(DEFAULT_COLUMNS)}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         results = evaluate_model(
             args.model,
@@ -222,9 +278,12 @@ def main(argv: list[str] | None = None) -> int:
             teacher_dir=args.teacher,
             kl_prompts=args.kl_prompts,
             samples=samples,
+            fmt=args.format,
+            template=args.template,
+            columns=columns,
         )
     except (DataError, ModelError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(format_table(results))
     if args.out:

@@ -6,7 +6,7 @@ values — and returns one small dict of metrics: each rank reports its share of
 
 Every wait on the ranks is bounded (`timeout_s`) and fails fast: a rank that dies raises `LearnerFailed` at once,
 even while its peers sit in a collective waiting for it (they cannot go on without it; the driver then replaces the
-whole group, see Recipe.run).
+whole group, see learner/recovery.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from common.config import LearnerConfig, ObjectiveConfig
 from common.data import LMBatch
+from common.errors import one_line_error
 from common.rollout import ScoredShard, shard_rows
 from learner.update_stats import RankUpdate
 from learner.worker import LearnerWorker
@@ -29,11 +30,6 @@ Ref = Any  # a ray.ObjectRef, resolved by Ray into the value before the method r
 
 class LearnerFailed(RuntimeError):
     """A learner rank died, or the ranks did not answer in time: the group cannot go on (the message says which)."""
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 
 def free_address() -> str:
@@ -147,10 +143,10 @@ class LearnerGroup:
         """A rank's error as LearnerFailed when a rank is dead (this one, or a peer whose death made this one's
         collective fail); an exception of a live group is the code's own and is raised as it is."""
         if isinstance(exc, ray.exceptions.RayActorError):
-            return LearnerFailed(f"learner rank {rank} died ({_first_line(exc)})")
+            return LearnerFailed(f"learner rank {rank} died ({one_line_error(exc)})")
         dead = self.dead_ranks()
         if dead:
-            return LearnerFailed(f"learner rank {dead[0]} died (rank {rank}: {_first_line(exc)})")
+            return LearnerFailed(f"learner rank {dead[0]} died (rank {rank}: {one_line_error(exc)})")
         return exc
 
     def dead_ranks(self, wait_s: float = 10.0) -> list[int]:
@@ -215,14 +211,6 @@ class LearnerGroup:
         )
         return [RankUpdate.reduce([updates[i] for updates in per_rank]) for i in range(len(per_rank[0]))]
 
-    def minillm_step(
-        self, shards: list[ScoredShard | Ref], alpha: float, pt_ids: torch.Tensor | None
-    ) -> dict[str, float]:
-        pts: list[Any] = [None] * self.n if pt_ids is None else [pt_ids[s] for s in shard_rows(len(pt_ids), self.n)]
-        return RankUpdate.reduce(
-            self._get([a.minillm_step.remote(s, alpha, pt) for a, s, pt in zip(self.actors, shards, pts, strict=True)])
-        )
-
     def eval_nll(self, batch: LMBatch) -> tuple[float, float]:
         """(sum of token NLL, tokens) over the batch, added across ranks."""
         res = self._get([a.eval_nll.remote(p) for a, p in zip(self.actors, self.split(batch), strict=True)])
@@ -254,9 +242,6 @@ class LearnerGroup:
     def push_weights(self, version: int) -> None:
         """All ranks gather the full state dict; rank 0 broadcasts it to the samplers in the background."""
         self._each("push_weights", version)
-
-    def wait_push(self) -> None:
-        self._get([self.actors[0].wait_push.remote()])
 
     def save(self, out_dir: str, tokenizer_dir: str | None, dtype: str | None = None) -> None:
         self._each("save", out_dir, tokenizer_dir, dtype)

@@ -19,8 +19,9 @@ from pathlib import Path
 from common.config import ConfigError, DistillConfig, load_config, resolve_path, storage_url
 from common.data import DataError
 from common.engine_env import IN_PROCESS_ENGINE
+from common.errors import one_line_error
 from common.models import ModelError
-from common.preflight import one_line, preflight
+from common.preflight import preflight
 from learner.run_log import RunStopped
 
 
@@ -81,6 +82,7 @@ def run(cfg: DistillConfig) -> Path:
     t_start = time.time()
     # every check that needs no cluster, before Ray starts and before the run folder exists
     ready = preflight(cfg)
+    cfg = ready.config  # Hub ids resolved to folders; config.yaml records them pinned to commits (ready.recorded)
     assets, tokenizer, vocab, train, valid = ready.assets, ready.tokenizer, ready.vocab, ready.train, ready.valid
     print(
         f"[models] teacher {assets.teacher_dir}\n[models] student {assets.student_dir} "
@@ -100,16 +102,16 @@ def run(cfg: DistillConfig) -> Path:
         truncate_metrics(run_dir, point.metrics_bytes)
         for name in ("sft_best", "best", "final"):
             storage.recover_dir(storage.join(run_dir, "checkpoints", name))
-    logger = RunLogger(run_dir, cfg, scratch=scratch)
+    logger = RunLogger(run_dir, ready.recorded, scratch=scratch)
     where = f" (driver scratch {scratch})" if run_dir != str(scratch) else ""
     print(f"[run] writing to {run_dir}{where}", flush=True)
     recipe = Recipe(cfg, assets, tokenizer, vocab.tokenizer_size, train, valid, logger, run_dir)
-    recipe.resume_point = point
+    recipe.state.resume_point = point
     try:
         summary = recipe.run()
         summary["wall_seconds"] = round(time.time() - t_start, 1)
         summary["resumed_from"] = point.path if point is not None else None
-        summary["state_checkpoints"] = recipe.ckpts.timings
+        summary["state_checkpoints"] = recipe.state.saver.timings
         logger.write_json("summary.json", summary)
         print(f"[run] done in {summary['wall_seconds']:.0f}s: {run_dir}", flush=True)
     finally:
@@ -117,6 +119,10 @@ def run(cfg: DistillConfig) -> Path:
         logger.close()
         if ray.is_initialized():
             ray.shutdown()
+        if cfg.logging.report:  # of a finished run, and of what a failed one logged
+            from learner.report import write_at_end
+
+            write_at_end(run_dir)
     return run_dir
 
 
@@ -126,16 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config_path, overrides)
         run(cfg)
     except (ConfigError, DataError, ModelError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line_error(exc, with_type=False)}", file=sys.stderr)
         return 2
     except RunStopped as exc:
         print(f"error: run stopped: {exc}", file=sys.stderr)
         return 3
-    except Exception as exc:  # an actor Ray could not restart (a learner rank, the replay queue): one line, not a trace
+    except Exception as exc:  # an actor Ray could not bring back: one line, not a trace
         if not type(exc).__module__.startswith("ray."):
             raise
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(f"error: run stopped: a Ray actor failed ({type(exc).__name__}: {first})", file=sys.stderr)
+        print(f"error: run stopped: a Ray actor failed ({one_line_error(exc, limit=300)})", file=sys.stderr)
         return 3
     return 0
 

@@ -12,6 +12,9 @@ import json
 import math
 import os
 import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,7 @@ class RunLogger:
             local.write_bytes(storage.read_bytes(self._metrics_url) if storage.exists(self._metrics_url) else b"")
         self._metrics = local.open("a", encoding="utf-8")
         self._t0 = time.time()
+        self._cfg = cfg
         self._wandb = None
         if cfg.logging.wandb_mode != "disabled":
             try:
@@ -78,9 +82,24 @@ class RunLogger:
         record.setdefault("time", round(time.time() - self._t0, 3))
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+        self._export(record)
         if self._wandb is not None:
             step = record.get("global_step")
             self._wandb.log({k: v for k, v in record.items() if isinstance(v, int | float)}, step=step)
+
+    def _export(self, record: dict[str, Any]) -> None:
+        """The record's progress, faults and validation results as the driver's Ray metrics (Prometheus/Grafana)."""
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return
+            from actors import telemetry
+
+            total = self._cfg.learner.minillm_steps if record.get("phase") == "minillm" else self._cfg.learner.sft_steps
+            telemetry.record_run(record, total)
+        except Exception:  # noqa: BLE001 - metrics must never stop training
+            pass
 
     def metrics_bytes(self) -> int:
         """metrics.jsonl's length so far (a checkpoint records it: a resumed run continues from there)."""
@@ -105,3 +124,73 @@ class RunLogger:
 def copy_checkpoint(src: str, dst: str) -> None:
     """An HF folder (a local input or one in storage) copied into storage: never a moment without a complete dst."""
     storage.copy_dir(src, dst)
+
+
+def driver_rss_mb() -> float:
+    """The driver's resident memory (it must stay flat: tensors never come through the driver)."""
+    import psutil
+
+    return round(psutil.Process().memory_info().rss / 2**20, 1)
+
+
+class Sections:
+    """Named wall-time sections of a loop; `pop()` hands back `<name>_seconds` and starts over."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        out = {f"{k}_seconds": round(v, 4) for k, v in self.seconds.items()}
+        self.seconds.clear()
+        return out
+
+
+def minillm_update_record(
+    step: int,
+    global_step: int,
+    inner: int,
+    m: dict[str, float],
+    info: Any,
+    taken: list,
+    version: int,
+    lag: int,
+    failures: int,
+) -> dict[str, Any]:
+    """metrics.jsonl's record of MiniLLM update `step` (the `inner`-th of its collection): the update's statistics,
+    its collection's rollouts (`info`, a merged BatchInfo), the queue and weight versions, the batches consumed."""
+    return {
+        "phase": "minillm",
+        "global_step": global_step,
+        "step": step,
+        "inner_step": inner,
+        **m,
+        **info.as_dict(),
+        "learner_tokens_per_s": m["tokens"] / max(m["step_seconds"], 1e-9),
+        "queue_depth": taken[-1].depth,
+        "dropped_stale": taken[-1].dropped_stale,
+        "weight_version": version,
+        "rollout_version": info.weight_version,
+        "version_lag": lag,
+        "batch_ids": [t.info.batch_id for t in taken],
+        "failures": failures,
+    }
+
+
+def print_minillm_progress(record: dict[str, Any], steps: int, progress: str) -> None:
+    """One MiniLLM update's line; `progress` is the elapsed/rate/time-left tail (common.progress)."""
+    r = record
+    print(
+        f"[minillm] step {r['step']}/{steps} loss {r['loss']:.3f} (single {r['loss_single']:.3f} "
+        f"long {r['loss_long']:.3f} pt {r['loss_pt']:.3f}) rKL {r['reverse_kl']:.3f} "
+        f"len {r['mean_response_tokens']:.1f} rho [{r['rho_min']:.2f}, {r['rho_max']:.2f}] "
+        f"clip {r['clip_fraction']:.2f} lag {r['version_lag']} {progress}",
+        flush=True,
+    )

@@ -69,7 +69,7 @@ def test_evaluate_cli_writes_table_and_json(tiny_models, tmp_path):
 def test_evaluate_cli_teacher_measures(tiny_models, tmp_path):
     """--teacher adds reverse KL (student samples), forward KL (teacher samples) and ExAccErr; a model measured
     against itself has zero KL."""
-    data = Path(ROOT / "../shared/data/dolly/valid.jsonl").resolve()
+    data = Path(ROOT / "data/dolly/valid.jsonl").resolve()
     runs = {}
     for name, model in (("student", tiny_models.student), ("self", tiny_models.teacher)):
         out = tmp_path / f"{name}.json"
@@ -133,3 +133,33 @@ def test_evaluate_cli_reports_bad_data(tiny_models, tmp_path):
         timeout=600,
     )
     assert proc.returncode == 2 and "bad.jsonl:2" in proc.stderr
+
+
+def test_evaluate_cli_on_a_chat_set_with_the_chat_template(tmp_path):
+    """A user's held-out chat set: rendered with the model's chat template, ROUGE-L over the rows with a reference,
+    the KLs to the teacher on all of them."""
+    from common.models import load_tokenizer
+    from tests.bad_inputs import build_setup
+    from tests.unit.test_formats import CHAT_TEMPLATE, chat_row
+
+    setup = build_setup(tmp_path / "setup")
+    tok = load_tokenizer(setup.student)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(setup.student))
+    data = tmp_path / "chat.jsonl"
+    rows = [chat_row(i) for i in range(6)] + [chat_row(9, answer=False)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, samples = tmp_path / "out.json", tmp_path / "samples.jsonl"
+    argv = ["--model", str(setup.student), "--teacher", str(setup.teacher), "--data", str(data), "--format", "chat"]
+    argv += ["--seeds", "1", "--max-new-tokens", "8", "--kl-prompts", "4", "--out", str(out), "--samples", str(samples)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "learner.evaluate", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ds = json.loads(out.read_text())["datasets"][str(data)]
+    assert ds["n_prompts"] == 7 and ds["n_with_references"] == 6 and ds["template"] == "chat"
+    assert ds["rouge_l_mean"] is not None and ds["lm_loss"] > 0 and ds["reverse_kl_seq"] > 0
+    written = [json.loads(line) for line in samples.read_text().splitlines()]
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour for item 0."}]
+    assert written[0]["prompt"] == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert written[-1]["references"] == [] and written[-1]["rouge_l"] is None

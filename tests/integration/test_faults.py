@@ -1,8 +1,9 @@
 """The service survives a sampler or a teacher killed for real in the middle of MiniLLM (`ray.kill`; Ray restarts the
 actor): the lost batch is sampled again under its id, the restarted sampler gets the current weights first, and the
-ledger shows every update consumed exactly one batch. A learner rank killed (SIGKILL of its process) takes the learner
-group down: a new group restores the newest checkpoint and the run finishes; past cluster.max_failures it stops with
-one line."""
+ledger shows every update consumed exactly one batch. The rollout queue killed for real (SIGKILL of its process) is
+replaced and refilled with the batches in flight, at the cost of one failure. A learner rank killed (SIGKILL of its
+process) takes the learner group down: a new group restores the newest checkpoint and the run finishes; past
+cluster.max_failures it stops with one line."""
 
 import os
 import signal
@@ -61,6 +62,40 @@ def test_run_survives_a_killed_actor(ray_module, tiny_models, tmp_path, victim):
     # no update trained on a restarted sampler's initial weights: every batch is within the allowed lag
     assert all(0 <= r["version_lag"] <= 1 for r in records)
     assert all(r["rollout_version"] >= 2 for r in records[3:])
+
+
+def test_run_survives_a_killed_rollout_queue(ray_module, tiny_models, tmp_path):
+    """SIGKILL of the queue's process after update 2 (batches 2.. queued or on their way): a new queue takes them
+    again under their ids, nothing is sampled twice, one failure is spent (not one per batch), and the run ends."""
+    recipe, logger = short_minillm_recipe(
+        tmp_path / "queue",
+        tiny_models.student,
+        f"learner.minillm_steps={STEPS}",
+        "eval.at_end=false",
+        "sampler.max_new_tokens=16",
+    )
+    records: list[dict] = []
+    real_log = logger.log
+
+    def log_and_kill(record: dict) -> None:
+        real_log(record)
+        if record.get("phase") == "minillm":
+            records.append(record)
+            if record["step"] == 2:
+                queue = ray.get_actor("rollout-queue")
+                os.kill(ray.get(queue.__ray_call__.remote(lambda q: os.getpid())), signal.SIGKILL)
+
+    logger.log = log_and_kill  # type: ignore[method-assign]
+    try:
+        summary = recipe.run()
+    finally:
+        recipe.cleanup()
+    ledger = [b for r in records for b in r["batch_ids"]]
+    print(f"queue killed after step 2: failures {summary['failures']}, ledger {ledger}")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert ledger == list(range(STEPS)) and summary["batches_consumed"] == list(range(STEPS))
+    assert summary["failures"] == 1  # the queue's death, once
+    assert all(0 <= r["version_lag"] <= 1 for r in records)
 
 
 # two FSDP ranks (the survivor sits in a collective waiting for its dead peer), a checkpoint every 3 updates

@@ -27,7 +27,7 @@ def _within(a: float, b: float, sigmas: float, stderr: float) -> bool:
 def test_minillm_is_more_precise_than_kd_on_a_known_distribution(tmp_path):
     import json
 
-    from bench.ground_truth import Measuring, build_assets, measure_model, run_method
+    from learner.reports.ground_truth import Measuring, build_assets, measure_model, run_method
 
     assets = build_assets(CACHE)
     fit = json.loads((assets.root / "teacher_fit.json").read_text())

@@ -180,7 +180,7 @@ def test_job_submit_runs_the_service_and_exports_metrics(head, tmp_path, tiny_mo
     assert status == "succeeded", f"job did not succeed: {status}\n{logs[-4000:]}"
     assert "[minillm] step 6/6" in logs and "[sft] step 10/10" in logs  # progress shows in the job's logs
     assert (out / "summary.json").is_file() and (out / "checkpoints" / "final" / "config.json").is_file()
-    assert {"sampler-0", "teacher-0", "learner-0", "replay"} <= actors, actors
+    assert {"sampler-0", "teacher-0", "learner-0", "rollout-queue"} <= actors, actors
     # metrics may be scraped after the job ends (export interval): poll a little longer
     for _ in range(12):
         if set(METRICS) <= seen_metrics:

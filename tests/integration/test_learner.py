@@ -8,6 +8,7 @@ from actors.remote import make_sampler
 from actors.sampler import SamplerSpec
 from common.config import LearnerConfig, ObjectiveConfig
 from learner.group import LearnerGroup
+from tests.learner_steps import minillm_step, wait_push
 from tests.toy_models import build_llama_dir, random_rollout_batch, to_shards
 
 pytestmark = pytest.mark.integration
@@ -35,7 +36,7 @@ def _state_after_one_step(n_workers: int, student_dir, lcfg, ocfg):
     group = LearnerGroup(n_workers, 0.5, 0.0, str(student_dir), lcfg, ocfg, VOCAB, "float32", seed=0)
     try:
         packed, teacher, pt = _batch()
-        metrics = group.minillm_step(to_shards(packed, teacher, n_workers), 0.2, pt)
+        metrics = minillm_step(group, to_shards(packed, teacher, n_workers), 0.2, pt)
         state = ray.get(group.state_dict_ref())
     finally:
         group.shutdown()
@@ -80,7 +81,7 @@ def test_weight_push_reaches_sampler(ray_session, student_dir, tmp_path):
         seq, start = [1, 5, 9, 11, 20, 33, 4, 7], 3
         before = _student_logprobs(sampler, seq, start)
         packed, teacher, pt = _batch()
-        group.minillm_step(to_shards(packed, teacher), 0.2, pt)
+        minillm_step(group, to_shards(packed, teacher), 0.2, pt)
         state = group.state_dict_ref()
         assert ray.get(sampler.load_weights.remote(state, 1)) == 1
         after = _student_logprobs(sampler, seq, start)
@@ -136,11 +137,11 @@ def test_collective_weight_push_reaches_every_sampler(ray_session, student_dir, 
         before = _student_logprobs(samplers[0], seq, start)
         for version in (1, 2):
             packed, teacher, pt = _batch(version)
-            group.minillm_step(to_shards(packed, teacher), 0.2, pt)
+            minillm_step(group, to_shards(packed, teacher), 0.2, pt)
             refs = [s.receive_weights.remote() for s in samplers]
             group.push_weights(version)
             assert ray.get(refs) == [version, version]
-        group.wait_push()
+        wait_push(group)
         group.save(str(tmp_path / "ckpt"), None)
         from common.models import load_model
 
@@ -170,7 +171,7 @@ def test_reload_of_a_tied_embedding_student(ray_session, tmp_path):
     try:
         before = ray.get(group.state_dict_ref())
         packed, teacher, pt = _batch()
-        group.minillm_step(to_shards(packed, teacher), 0.2, pt)
+        minillm_step(group, to_shards(packed, teacher), 0.2, pt)
         assert max((ray.get(group.state_dict_ref())[k] - before[k]).abs().max().item() for k in before) > 1e-4
         group.reverse_kl(to_shards(packed, teacher))  # an evaluation forward leaves the root unsharded
         group.load_state(str(tied))

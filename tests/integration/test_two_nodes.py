@@ -116,6 +116,6 @@ def test_two_nodes_no_shared_scratch(two_nodes, tiny_models, tmp_path):
         [sys.executable, "-c", probe, cluster.address], capture_output=True, text=True, timeout=300, check=True
     )
     worker_id, placed = json.loads(out.stdout.strip().splitlines()[-1])
-    for cls in ("LearnerActor", "SamplerActor", "TeacherActor", "ReplayActor"):
+    for cls in ("LearnerActor", "SamplerActor", "TeacherActor", "RolloutQueueActor"):
         assert any(c.endswith(cls) for c in placed), (cls, sorted(placed))
     assert set(placed.values()) == {worker_id}, placed

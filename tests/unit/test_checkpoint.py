@@ -11,8 +11,8 @@ from common.data import TokenizedExample, iterate_batches, iterate_pretrain
 from common.resumable import EVAL, TRAIN_BATCH, Counted, sampling_seed
 from common.storage import recover_dir, replace_dir
 from learner.checkpoint import (
-    Checkpointer,
     CheckpointError,
+    StateCheckpointer,
     check_complete,
     find_resume,
     latest_complete,
@@ -88,26 +88,26 @@ def test_prune_keeps_the_newest_complete_and_newer_partials(tmp_path):
     for step in (1, 2, 3, 4):
         _fake_checkpoint(root, step)
     _fake_checkpoint(root, 5, complete=False)
-    Checkpointer(tmp_path, every_steps=1, keep=2).prune()
+    StateCheckpointer(tmp_path, every_steps=1, keep=2).prune()
     assert sorted(p.name for p in root.iterdir()) == ["step-0000003", "step-0000004", "step-0000005"]
 
 
 def test_saves_fall_on_multiples_and_the_phase_end():
-    c = Checkpointer(Path("/nonexistent"), every_steps=4, keep=1)
+    c = StateCheckpointer(Path("/nonexistent"), every_steps=4, keep=1)
     assert [s for s in range(1, 11) if c.due(s - 1, s, 10)] == [4, 8, 10]
     assert c.due(3, 5, 40) and not c.due(4, 7, 40)  # collections of 2 or 3 updates: crossing a multiple counts
-    assert not Checkpointer(Path("/nonexistent"), every_steps=0, keep=1).due(3, 4, 4)
+    assert not StateCheckpointer(Path("/nonexistent"), every_steps=0, keep=1).due(3, 4, 4)
 
 
 def test_launch_limit_drains_the_pipeline_before_each_save():
-    c = Checkpointer(Path("/nonexistent"), every_steps=4, keep=1)
+    c = StateCheckpointer(Path("/nonexistent"), every_steps=4, keep=1)
     # one update per batch: at step 0, launch batches for updates 1..4 at most (save after 4)
     assert c.launch_limit(step=0, steps=10, updates_per=1, batches_per=1, consumed=0) == 4
     assert c.launch_limit(step=3, steps=10, updates_per=1, batches_per=1, consumed=3) == 4
     assert c.launch_limit(step=8, steps=10, updates_per=1, batches_per=1, consumed=8) == 10  # the phase's end
     # collections of 2 batches, 4 updates each: the save follows the first collection
     assert c.launch_limit(step=0, steps=16, updates_per=4, batches_per=2, consumed=0) == 2
-    assert Checkpointer(Path("/x"), every_steps=0, keep=1).launch_limit(0, 10, 1, 1, 0) > 10**9
+    assert StateCheckpointer(Path("/x"), every_steps=0, keep=1).launch_limit(0, 10, 1, 1, 0) > 10**9
 
 
 def test_replace_dir_and_recover(tmp_path):

@@ -8,7 +8,7 @@ from common.placement import bundled, plan_slots, resource_problems
 
 def test_default_plan_packs_on_two_cpus():
     slots = plan_slots(load_config())
-    assert [s.name for s in slots] == ["learner-0", "teacher-0", "sampler-0", "replay"]
+    assert [s.name for s in slots] == ["learner-0", "teacher-0", "sampler-0", "rollout-queue"]
     assert bundled(slots) == {"learner-0": 0, "teacher-0": 1, "sampler-0": 2}  # replay asks for nothing
     assert resource_problems(slots, {"CPU": 2.0}, [{"CPU": 2.0}]) == []
     assert resource_problems(slots, {"CPU": 1.5}, [{"CPU": 1.5}])[0].startswith("2 CPUs requested")

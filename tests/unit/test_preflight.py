@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from common.config import load_config
-from common.preflight import INPUT_ERRORS, one_line, preflight
+from common.errors import one_line_error
+from common.preflight import INPUT_ERRORS, preflight
 from learner.main import parse_args
 from tests.bad_inputs import CASES, build_setup
 
@@ -43,17 +44,19 @@ def test_bad_input(case, setup, tmp_path):
     extra, message = make(setup, tmp_path / "case")
     with pytest.raises(INPUT_ERRORS) as info:
         _check(setup.argv(tmp_path / "run") + extra, tmp_path)
-    line = one_line(info.value)
+    line = one_line_error(info.value, with_type=False)
     assert type(info.value) is error, line
     assert message in line and "\n" not in line, line
     assert not (tmp_path / "run").exists()
 
 
 def test_one_line_joins_a_multi_line_message():
-    assert one_line(ValueError("invalid configuration (x.yaml):\n  a: unknown key\n  b: bad")) == (
-        "invalid configuration (x.yaml): a: unknown key; b: bad"
-    )
-    assert one_line(ValueError("head\n  detail")) == "head; detail"
+    assert one_line_error(
+        ValueError("invalid configuration (x.yaml):\n  a: unknown key\n  b: bad"), with_type=False
+    ) == ("invalid configuration (x.yaml): a: unknown key; b: bad")
+    assert one_line_error(ValueError("head\n  detail"), with_type=False) == "head; detail"
+    assert one_line_error(RuntimeError("boom\n  Traceback ...")) == "RuntimeError: boom"
+    assert one_line_error(RuntimeError("x" * 300), limit=5) == "RuntimeError: xxxxx"
 
 
 def test_preflight_imports_no_ray(setup, tmp_path):

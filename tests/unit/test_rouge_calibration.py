@@ -1,10 +1,10 @@
-"""bench/rouge_calibration.py: constant-answer floors and length-matched ROUGE-L on hand-computed cases."""
+"""common/rouge_calibration.py: constant-answer floors and length-matched ROUGE-L on hand-computed cases."""
 
 import json
 
 import pytest
 
-from bench.rouge_calibration import floors, length_matched, load_samples
+from common.rouge_calibration import floors, length_matched, load_samples
 
 
 def _row(seed, index, response, refs):

@@ -1,11 +1,12 @@
-"""bench/seed_replicates.py: per-run figures, means and spreads over training seeds, and same-seed pairs, on
+"""learner/reports/replicates.py: per-run figures, means and spreads over training seeds, and same-seed pairs, on
 hand-made evaluation files."""
 
 import json
 
 import pytest
 
-from bench.seed_replicates import main, mean_spread
+from common.metrics import mean_and_spread
+from learner.reports.replicates import main
 
 REFS = ["cats sit on mats"]
 
@@ -53,5 +54,5 @@ def test_unequal_pairs_and_missing_runs_fail_with_the_cause(tmp_path):
 
 
 def test_mean_spread_is_the_population_spread():
-    assert mean_spread([1.0, 3.0]) == (2.0, 1.0)
-    assert mean_spread([5.0]) == (5.0, 0.0)
+    assert mean_and_spread([1.0, 3.0]) == (2.0, 1.0)
+    assert mean_and_spread([5.0]) == (5.0, 0.0)

@@ -8,7 +8,7 @@ import pytest
 
 from common import storage
 from common.config import ConfigError, load_config, storage_url
-from learner.checkpoint import METADATA, Checkpointer, check_complete, find_resume, latest_complete
+from learner.checkpoint import METADATA, StateCheckpointer, check_complete, find_resume, latest_complete
 from learner.run_log import prepare_run_dir
 from tests.fake_checkpoints import fake_checkpoint
 
@@ -87,7 +87,7 @@ def test_checkpoints_in_storage_resume_and_prune(root):
     storage.write_bytes(storage.join(point.path, "rank-0.pt"), b"y" * 3)  # a truncated upload
     assert check_complete(point.path) == "rank-0.pt has 3 bytes, 10 recorded"
     assert latest_complete(storage.join(root, "checkpoints", "state")).endswith("/step-0000002")
-    Checkpointer(root, every_steps=1, keep=1).prune()  # keeps step 2 (newest complete) and the newer partials
+    StateCheckpointer(root, every_steps=1, keep=1).prune()  # keeps step 2 (newest complete) and the newer partials
     assert storage.subdirs(storage.join(root, "checkpoints", "state")) == [f"step-000000{s}" for s in (2, 3, 4)]
 
 

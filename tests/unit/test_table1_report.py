@@ -1,9 +1,9 @@
-"""bench/table1_report.py: ROUGE-L by reference length, the share of answers at the cap, and named tables that
+"""learner/reports/table1.py: ROUGE-L by reference length, the share of answers at the cap, and named tables that
 leave each other's text in docs/results.md alone."""
 
 import json
 
-from bench.table1_report import at_cap_share, by_reference_length, markers, write_report
+from learner.reports.table1 import at_cap_share, by_reference_length, markers, write_report
 
 
 def _row(index, ref_words, rouge, tokens):

@@ -52,7 +52,7 @@ def _curves(work: Path) -> dict[str, list[dict]]:
 
 def _calibration(samples: dict[str, dict]) -> tuple[dict[str, float], dict[str, dict]]:
     """Constant-answer floors and each model's ROUGE-L length-matched to SFT's, from the evaluations' samples."""
-    from bench.rouge_calibration import floors, length_matched
+    from common.rouge_calibration import floors, length_matched
 
     if "sft" not in samples:
         return {}, {}
@@ -100,7 +100,7 @@ def at_cap_share(samples: dict, max_new_tokens: int) -> dict[str, float]:
 
 
 def _samples(work: Path) -> dict[str, dict]:
-    from bench.rouge_calibration import load_samples
+    from common.rouge_calibration import load_samples
 
     paths = {name: work / "eval" / f"{name}.samples.jsonl" for name in LABELS}
     return {name: load_samples(p) for name, p in paths.items() if p.exists()}

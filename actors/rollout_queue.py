@@ -1,4 +1,4 @@
-"""Replay queue: bounded (back-pressure on producers), versioned, refusing items older than a lag. It holds
+"""The rollout queue: bounded (back-pressure on producers), versioned, refusing items older than a lag. It holds
 references to scored batches, never their tensors.
 
 Scored batches can arrive out of launch order (Ray does not order an async actor's calls, and a lost batch is
@@ -6,7 +6,7 @@ launched again after later ones), so the learner takes them by batch id (`take(v
 consumes its batches in the same order, whatever the timing, which is what makes a resumed run equal an
 uninterrupted one.
 
-`ReplayBuffer` is the plain asyncio logic; Ray makes it an async actor (methods interleave while waiting),
+`RolloutQueue` is the plain asyncio logic; Ray makes it an async actor (methods interleave while waiting),
 so a blocked `put` does not stop `get` from draining the queue.
 """
 
@@ -14,10 +14,22 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 
-class ReplayBuffer:
+@dataclass
+class TakenBatch:
+    """What `take` hands the driver: a scored batch and the queue's state when it was taken."""
+
+    info: Any  # the batch's BatchInfo (common/rollout.py)
+    shards: list[Any]  # one ObjectRef per learner rank; empty when `stale`
+    depth: int  # batches left queued
+    dropped_stale: int  # batches dropped as staler than max_version_lag so far
+    stale: bool  # taken by id but staler than max_version_lag: dropped, to be sampled again
+
+
+class RolloutQueue:
     def __init__(self, capacity: int, max_version_lag: int):
         if capacity < 1:
             raise ValueError("replay capacity must be >= 1")
@@ -27,8 +39,8 @@ class ReplayBuffer:
         self.dropped_stale = 0
         self.put_total = 0
         # a learner restart rolls the weights back: batches launched before it (queued, or still on their way in)
-        # were sampled from weights that no longer exist, and puts of an older generation are dropped
-        self.generation = 0
+        # were sampled from weights that no longer exist: puts fenced with an older epoch are dropped
+        self.epoch = 0
         self.dropped_restart = 0
         # a batch that timed out and was launched again can still arrive late: a second copy of a taken id is dropped
         self.last_taken: int | None = None
@@ -40,14 +52,14 @@ class ReplayBuffer:
             self._cond = asyncio.Condition()
         return self._cond
 
-    async def put(self, item: Any, version: int, timeout: float | None = None, generation: int | None = None) -> None:
-        """Wait while the queue is full (back-pressure), then append; an item of an older `generation` than the
+    async def put(self, item: Any, version: int, timeout: float | None = None, epoch: int | None = None) -> None:
+        """Wait while the queue is full (back-pressure), then append; an item fenced with another `epoch` than the
         queue's (launched before a `reset`) is dropped instead."""
         cond = self._condition()
         batch_id = _batch_id(item)
         async with cond:
             await asyncio.wait_for(cond.wait_for(lambda: self._room_for(batch_id) or self._is_late(batch_id)), timeout)
-            if generation is not None and generation != self.generation:
+            if epoch is not None and epoch != self.epoch:
                 self.dropped_restart += 1
                 return
             if self._is_late(batch_id):
@@ -58,18 +70,18 @@ class ReplayBuffer:
             cond.notify_all()
 
     async def put_batch(
-        self, info: Any, shards: list[Any], timeout: float | None = None, generation: int | None = None
+        self, info: Any, shards: list[Any], timeout: float | None = None, epoch: int | None = None
     ) -> None:
         """A scored batch: its `BatchInfo` (Ray resolves it: a few numbers) and the learner shards' ObjectRefs,
         which stay references (nested in a list, Ray does not fetch them). Versioned by the rollouts."""
-        await self.put((info, shards), info.weight_version, timeout, generation)
+        await self.put((info, shards), info.weight_version, timeout, epoch)
 
-    async def reset(self, generation: int) -> list[int]:
-        """Drop every queued item and refuse puts of earlier generations from now on; returns the dropped batches'
-        ids (the driver's ledger records them)."""
+    async def reset(self, epoch: int) -> list[int]:
+        """Drop every queued item and refuse puts fenced with any other epoch from now on; returns the dropped
+        batches' ids (the driver's ledger records them)."""
         cond = self._condition()
         async with cond:
-            self.generation = generation
+            self.epoch = epoch
             self.last_taken = None  # the restarted learner takes the rolled-back ids again
             dropped = [_batch_id(item) for _, item in self.items]
             self.dropped_restart += len(self.items)
@@ -89,13 +101,10 @@ class ReplayBuffer:
                     return version, item
                 self.dropped_stale += 1
 
-    async def take(
-        self, learner_version: int, batch_id: int | None = None, timeout: float | None = None
-    ) -> dict[str, Any]:
+    async def take(self, learner_version: int, batch_id: int | None = None, timeout: float | None = None) -> TakenBatch:
         """The learner's side in one call: adopt its weight version, take batch `batch_id` (waiting for it; None:
-        the oldest fresh batch), and report the queue's state with it: {"info", "shards", "depth",
-        "dropped_stale", "stale"}. A batch taken by id that is staler than `max_version_lag` is dropped and
-        returned with "stale": True and no shards, for the driver to sample again."""
+        the oldest fresh batch), and report the queue's state with it. A batch taken by id that is staler than
+        `max_version_lag` is dropped and returned with `stale` set and no shards, for the driver to sample again."""
         self.learner_version = learner_version
         stale = False
         if batch_id is None:
@@ -105,13 +114,7 @@ class ReplayBuffer:
             if learner_version - version > self.max_lag:
                 stale, shards = True, []
                 self.dropped_stale += 1
-        return {
-            "info": info,
-            "shards": shards,
-            "depth": len(self.items),
-            "dropped_stale": self.dropped_stale,
-            "stale": stale,
-        }
+        return TakenBatch(info, shards, len(self.items), self.dropped_stale, stale)
 
     async def _take_id(self, batch_id: int, timeout: float | None) -> tuple[int, Any]:
         cond = self._condition()

@@ -1,6 +1,9 @@
-"""Learner peak memory of one MiniLLM step vs `learner.logit_chunk_tokens` and the response length T.
+"""Memory of the service's parts, each measured alone: the learner's peak in one step, the sampler over many batches.
 
-    nice -n 5 python -m bench.learner_memory [--batch 4] [--lengths 64 256 512] [--chunks 256 1024 0] [--out F]
+    nice -n 5 python -m bench.memory learner [--batch 4] [--lengths 64 256 512] [--chunks 256 1024 0] [--out F]
+    python -m bench.memory sampler --batches 800 --warmup 200 --trim --trace [--out F]
+
+## learner: peak memory of one MiniLLM step vs `learner.logit_chunk_tokens` and the response length T
 
 Every point is one fresh subprocess running the real `LearnerWorker.minillm_step` (FSDP2 over a gloo group of one,
 CPU, float32) on the SmolLM2 student (V = 49,152), so the peaks do not contaminate each other. Chunk 0 means one
@@ -23,37 +26,46 @@ responses of exactly T random tokens, and a top-k (k = 64) teacher payload of ra
 payload (~0.8 kB per token) does not dominate. Memory does not depend on the token values. No pre-training batch.
 
 This module also holds the subprocess runner that bench/teacher_transport.py uses for its per-transport steps.
+
+## sampler: is the sampler's RSS growth in the soak a leak, and whose?
+
+The sampler (both vLLM engines, the streaming sessions, the Python bookkeeping) runs in this process, without Ray,
+through exactly the calls the service makes per batch: `reseed` with the batch's seed, `sample` (teacher-mixed,
+alpha of the default config) on the next prompts of Dolly train, and `load_weights` of the same student weights as
+a new version (a push per batch, as with one batch per collection). After every batch it records the process RSS;
+with `--trim` the RSS once glibc has returned its free heap pages (`malloc_trim(0)`: what is left is memory
+something still holds, the difference is freed memory the allocator kept); with `--trace` Python's own live
+allocations (tracemalloc, from the end of the warm-up) and, at the end, the source lines whose live allocations grew
+most. It prints the least-squares slopes after the warm-up in MB per 100 batches. Minutes on 2 cores (about 0.2 s
+per batch of 16 prompts x 48 tokens on the tiny default); not a CI test.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
-import math
 import os
 import socket
 import statistics
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.harness import ROOT, fit, status_mb
+from common.engine_env import set_engine_env  # noqa: E402
+
+set_engine_env()  # the engines in this process: its RSS is theirs
+RAW = argparse.RawDescriptionHelpFormatter
 STUDENT = Path("/work/smol/student")
 RESULT_MARK = "@@RESULT@@ "  # the child's result line on stdout (the rest of its output is passed through)
 
 
 # ----- child side: one step, measured ---------------------------------------------------------------------
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _reset_peak() -> None:
     # "5" resets the peak resident set (VmHWM) of this process to its current resident set (Linux >= 4.0)
     with open("/proc/self/clear_refs", "w") as fh:
@@ -136,36 +148,35 @@ def run_step(spec: dict[str, Any]) -> dict[str, Any]:
         shard = synthetic_shard(**spec["synthetic"])
 
     # the optimizer step's own peak (foreach AdamW temporaries) is told apart from the loss forward+backward's
-    phases: dict[str, int] = {}
+    phases: dict[str, float] = {}
     inner_step = worker.optimizer.step
 
     def timed_step(*args: Any, **kwargs: Any) -> Any:
-        phases["fwd_bwd_peak_kb"] = _status_kb("VmHWM")
+        phases["fwd_bwd_peak_mb"] = status_mb("VmHWM")
         _reset_peak()
         out = inner_step(*args, **kwargs)
-        phases["opt_peak_kb"] = _status_kb("VmHWM")
+        phases["opt_peak_mb"] = status_mb("VmHWM")
         return out
 
     worker.optimizer.step = timed_step  # type: ignore[method-assign]
     gc.collect()
-    before = _status_kb("VmRSS")
+    before = status_mb("VmRSS")
     _reset_peak()
     t0 = time.perf_counter()
     metrics = _trunk_only_step(worker, shard) if spec.get("trunk_only") else worker.minillm_step(shard, spec["alpha"])
     seconds = time.perf_counter() - t0
-    peak = max(phases["fwd_bwd_peak_kb"], phases["opt_peak_kb"])
+    peak = max(phases["fwd_bwd_peak_mb"], phases["opt_peak_mb"])
     if spec.get("grad_out"):
         grads = [p.grad for _, p in worker.model.named_parameters() if p.grad is not None]
         local = [g.full_tensor() if hasattr(g, "full_tensor") else g for g in grads]
         torch.save(torch.cat([g.detach().reshape(-1).float() for g in local]), spec["grad_out"])
     worker.close()
-    mb = 1024.0
     return {
-        "rss_before_mb": before / mb,
-        "peak_mb": peak / mb,
-        "rise_mb": (peak - before) / mb,
-        "fwd_bwd_peak_mb": phases["fwd_bwd_peak_kb"] / mb,
-        "opt_peak_mb": phases["opt_peak_kb"] / mb,
+        "rss_before_mb": before,
+        "peak_mb": peak,
+        "rise_mb": peak - before,
+        "fwd_bwd_peak_mb": phases["fwd_bwd_peak_mb"],
+        "opt_peak_mb": phases["opt_peak_mb"],
         "step_seconds": seconds,
         **{
             k: metrics[k]
@@ -183,7 +194,7 @@ def measure_in_subprocess(spec: dict[str, Any], threads: int = 1, timeout: float
     after which mid-sized tensors come from the heap and stay resident once freed, by chance of order. The same
     step then peaked at 4,626 or 4,891 MB from run to run; pinned, at 4,599 MB twice (tensors' memory leaves the
     resident set when they are freed)."""
-    cmd = [sys.executable, "-m", "bench.learner_memory", "--child", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "bench.memory", "learner", "--child", json.dumps(spec)]
     pythonpath = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
     env = dict(os.environ, PYTHONPATH=pythonpath, OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -193,31 +204,19 @@ def measure_in_subprocess(spec: dict[str, Any], threads: int = 1, timeout: float
     raise RuntimeError(f"step subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-# ----- parent side ----------------------------------------------------------------------------------------
-def slope_per_100(xs: list[float], ys: list[float]) -> float:
-    """Least-squares slope of ys over xs, times 100."""
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    return 100.0 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else math.nan
-
-
+# ----- learner: parent side ----------------------------------------------------------------------------------------
 def _label(chunk: int) -> str:
     return "trunk only" if chunk < 0 else "one chunk" if chunk == 0 else str(chunk)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def learner_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench.memory learner", description=__doc__, formatter_class=RAW)
     parser.add_argument("--student", type=Path, default=STUDENT)
     parser.add_argument("--batch", type=int, default=4, help="sequences in the step")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 512], help="response lengths T")
-    parser.add_argument(
-        "--chunks",
-        type=int,
-        nargs="+",
-        default=[-1, 256, 1024, 0],
-        help="logit_chunk_tokens; 0 = one chunk; -1 = the trunk alone (no head: the baseline)",
-    )
+    # logit_chunk_tokens; 0 = one chunk; -1 = the trunk alone (no head: the baseline)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[-1, 256, 1024, 0])
     parser.add_argument("--top-k", type=int, default=64, help="k of the synthetic top-k teacher payload")
     parser.add_argument("--alpha", type=float, default=0.2)
     parser.add_argument("--repeats", type=int, default=1, help="subprocesses per point (median)")
@@ -241,21 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         for length in args.lengths:
             tokens = args.batch * length
             effective = chunk if chunk > 0 else tokens  # one chunk = all response tokens of the step
-            spec = {
-                "student": str(args.student),
-                "vocab": vocab,
-                "chunk_tokens": max(effective, 1),
-                "trunk_only": chunk < 0,
-                "alpha": args.alpha,
-                "synthetic": {
-                    "batch": args.batch,
-                    "prompt_tokens": args.prompt_tokens,
-                    "response_tokens": length,
-                    "vocab": vocab,
-                    "k": args.top_k,
-                    "seed": 0,
-                },
-            }
+            shard = {"batch": args.batch, "prompt_tokens": args.prompt_tokens, "response_tokens": length}
+            shard |= {"vocab": vocab, "k": args.top_k, "seed": 0}
+            spec = {"student": str(args.student), "vocab": vocab, "chunk_tokens": max(effective, 1)}
+            spec |= {"trunk_only": chunk < 0, "alpha": args.alpha, "synthetic": shard}
             runs = [measure_in_subprocess(spec, args.threads) for _ in range(args.repeats)]
             med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
             row = {"chunk": chunk, "T": length, "repeats": args.repeats, **med, "tokens": tokens}
@@ -283,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|")
     for chunk in args.chunks:
         pts = [r for r in rows if r["chunk"] == chunk]
-        s = slope_per_100([r["T"] for r in pts], [r["peak_mb"] for r in pts])
+        s = 100 * fit([float(r["T"]) for r in pts], [r["peak_mb"] for r in pts])["slope"]
         slopes[str(chunk)] = s
         print(f"| {_label(chunk)} | {s:.0f} | {s / args.batch:.0f} |")
     if args.out:
@@ -294,6 +282,96 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# ----- sampler ----------------------------------------------------------------------------------------------
+def sampler_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="bench.memory sampler", description=__doc__, formatter_class=RAW)
+    ap.add_argument("--batches", type=int, default=800)
+    ap.add_argument("--warmup", type=int, default=200, help="batches left out of the slopes")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--trim", action="store_true", help="also record RSS after malloc_trim(0) (glibc)")
+    ap.add_argument("--trace", action="store_true", help="tracemalloc after the warm-up (slows Python code down)")
+    ap.add_argument("--out", type=Path, default=None, help="write the figures here (JSON)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads
+
+    from actors.sampler import Sampler, sampler_spec
+    from common.config import load_config, resolve_path
+    from common.data import load_jsonl, tokenize_examples
+    from common.models import load_model, load_tokenizer
+    from common.resumable import TRAIN_BATCH, sampling_seed
+    from common.tiny import tiny_models_for
+
+    cfg = load_config()
+    tiny = tiny_models_for(cfg)
+    tok = load_tokenizer(str(tiny.tokenizer))
+    data = load_jsonl(resolve_path(cfg.data.train), limit=4000)
+    prompts = [it.prompt_ids for it in tokenize_examples(data, tok, cfg.data.max_prompt_tokens, None)[0]]
+    # the spec of the service's sampler actor (learner/recipe.py)
+    sampler = Sampler(sampler_spec(cfg, str(tiny.student), str(tiny.teacher), tok.eos_token_id, cfg.objective.alpha))
+    state = {k: v.detach().clone() for k, v in load_model(str(tiny.student)).state_dict().items()}
+    libc = ctypes.CDLL("libc.so.6") if args.trim else None
+    rows: list[dict[str, float]] = []
+    top: list[str] = []
+    base = None
+    t0 = time.time()
+    for b in range(args.batches):
+        start = (b * args.batch_size) % (len(prompts) - args.batch_size)
+        sampler.reseed(sampling_seed(cfg.seed, TRAIN_BATCH, b))
+        sampler.sample(prompts[start : start + args.batch_size], list(range(start, start + args.batch_size)))
+        sampler.load_weights(state, b + 1)
+        row = {"batch": b + 1, "rss_mb": status_mb("VmRSS")}
+        if libc is not None:
+            gc.collect()
+            libc.malloc_trim(0)
+            row["rss_trimmed_mb"] = status_mb("VmRSS")
+        if args.trace and b + 1 == args.warmup:
+            tracemalloc.start(8)
+            base = tracemalloc.take_snapshot()
+        if tracemalloc.is_tracing():
+            row["python_live_mb"] = tracemalloc.get_traced_memory()[0] / 2**20
+        rows.append(row)
+        if (b + 1) % 50 == 0:
+            print(f"[sampler-memory] batch {b + 1}: {json.dumps(row)} ({time.time() - t0:.0f}s)", flush=True)
+    if base is not None:
+        for stat in tracemalloc.take_snapshot().compare_to(base, "traceback")[:12]:
+            frames = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in list(stat.traceback)[:4])
+            top.append(f"{stat.size_diff / 2**10:+.1f} KiB in {stat.count_diff:+d} blocks: {frames}")
+        tracemalloc.stop()
+    after = [r for r in rows if r["batch"] > args.warmup]
+    slopes = {}
+    for key in ("rss_mb", "rss_trimmed_mb", "python_live_mb"):
+        pts = [(r["batch"], r[key]) for r in after if key in r]
+        if len(pts) >= 3:
+            f = fit([float(x) for x, _ in pts], [y for _, y in pts])
+            slopes[key] = {
+                "slope_mb_per_100_batches": round(100 * f["slope"], 3),
+                "se": round(100 * f["se"], 3),
+                "first_mb": round(pts[0][1], 1),
+                "last_mb": round(pts[-1][1], 1),
+            }
+    result = {
+        "command": "python -m bench.memory sampler " + " ".join(argv),
+        "batches": args.batches,
+        "warmup": args.warmup,
+        "seconds": round(time.time() - t0, 1),
+        "slopes_after_warmup": slopes,
+        "python_growth_top": top,
+        "trace": rows[:: max(1, len(rows) // 80)],
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "trace"}, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parts = {"learner": learner_main, "sampler": sampler_main}
+    if not argv or argv[0] not in parts:
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return parts[argv[0]](argv[1:])
+
+
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())
