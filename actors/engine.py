@@ -72,6 +72,25 @@ class Continuation:
     finish_reason: str = ""  # vLLM's: "stop" (EOS or a stop token), "length"; "" if nothing was generated
 
 
+def _mask_padded_rows_in_worker(worker: Any, real: int) -> int:
+    """Give embedding rows >= `real` (padding past the tokenizer) logit -inf in every logits computation of the
+    worker's model: sampling (any processor, temperature 1) never draws them and raw / prompt log-probs are
+    normalised over the real rows, i.e. the learner's softmax over the tokenizer's rows. A forward hook on vLLM's
+    LogitsProcessor, which every generative model calls (outside CUDA graphs and torch.compile) for its logits."""
+
+    def hook(_module: torch.nn.Module, _args: object, logits: torch.Tensor | None) -> torch.Tensor | None:
+        if logits is not None and logits.shape[-1] > real:
+            logits[..., real:] = float("-inf")
+        return logits
+
+    found = 0
+    for module in worker.model_runner.model.modules():
+        if type(module).__name__ == "LogitsProcessor":
+            module.register_forward_hook(hook)
+            found += 1
+    return found
+
+
 def _seed_in_worker(worker: Any, seed: int) -> bool:
     torch.manual_seed(seed)  # seeds CPU and all CUDA generators
     return True
@@ -116,6 +135,7 @@ class VLLMEngine:
         enable_prefix_caching: bool = True,
         block_size: int | None = None,
         forced_tokens: bool = False,
+        real_vocab: int | None = None,
         **engine_kwargs: Any,
     ) -> None:
         root = Path(model_dir).expanduser()
@@ -165,6 +185,10 @@ class VLLMEngine:
         self._llm = LLM(**kwargs)
         self._vocab_size = int(self._llm.model_config.get_vocab_size())
         self._max_model_len = int(self._llm.model_config.max_model_len)
+        if real_vocab is not None and real_vocab < self._vocab_size:
+            hooked = self._llm.collective_rpc(_mask_padded_rows_in_worker, args=(int(real_vocab),))
+            if not all(hooked):
+                raise RuntimeError(f"{root}: no vLLM LogitsProcessor found to mask the padded rows past {real_vocab}")
         self._broken: str | None = None
         self.weight_pushes = 0
         self._sessions = EngineSessions(

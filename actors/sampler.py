@@ -61,10 +61,19 @@ class SamplerSpec:
     # segment: their log-probs come with the generation; falls back to "pass" where the student engine cannot force
     # tokens, vLLM's V2 model runner) or "pass" (one prompt-log-prob pass afterwards)
     score_teacher_tokens: Literal["forced", "pass"] = "forced"
+    # the tokenizer's size: embedding rows past it (padding, e.g. Qwen2.5's) get logit -inf in both engines, so they
+    # are never drawn and every reported log-prob is normalised over the real rows; None: every row is a token
+    vocab_size: int | None = None
 
 
 def sampler_spec(
-    cfg: DistillConfig, student_dir: str, teacher_dir: str | None, eos_token_id: int, alpha: float, index: int = 0
+    cfg: DistillConfig,
+    student_dir: str,
+    teacher_dir: str | None,
+    eos_token_id: int,
+    alpha: float,
+    index: int = 0,
+    vocab_size: int | None = None,
 ) -> SamplerSpec:
     """The spec of sampler `index` of a run with config `cfg` (the service's sampler actors, and the benchmarks that
     run the same sampler in one process). The teacher engine is loaded only when alpha > 0."""
@@ -86,6 +95,7 @@ def sampler_spec(
         enforce_eager=c.sampler.enforce_eager if c.sampler.enforce_eager is not None else c.cluster.sampler_gpus == 0,
         block_size=c.sampler.block_size,
         score_teacher_tokens=c.sampler.score_teacher_tokens,
+        vocab_size=vocab_size,
     )
 
 
@@ -240,6 +250,7 @@ class Sampler:
             enforce_eager=spec.enforce_eager,
             block_size=spec.block_size,
             forced_tokens=forced_tokens,
+            real_vocab=spec.vocab_size,
         )
 
     # ----- weights -----------------------------------------------------------------------------------

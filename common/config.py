@@ -140,10 +140,12 @@ class SamplerConfig(_Section):
 class TeacherConfig(_Section):
     num_teachers: int = Field(1, ge=1)
     batch_size: int = Field(16, gt=0)  # sequences per teacher forward
-    # how the teacher's log-probs reach the learner (both carry the exact log-prob of every sampled token):
+    # how the teacher's log-probs reach the learner (each carries the exact log-prob of every sampled token):
     # dense: full vocabulary at the response positions, in models.dtype; topk: the top_k tokens' log-probs plus the
-    # exact tail mass (the single-step KL becomes the coarsened KL, a lower bound of the full one). KD is always dense.
-    transport: Literal["dense", "topk"] = "dense"
+    # exact tail mass (the single-step KL becomes the coarsened KL, a lower bound of the full one; KD gets dense);
+    # hidden: the teacher's final hidden states (d numbers a token instead of V), from which the learner recomputes
+    # the full-vocabulary log-probs exactly with a frozen copy of the teacher's output layer (docs/scale.md)
+    transport: Literal["dense", "topk", "hidden"] = "dense"
     top_k: int = Field(64, gt=0)
 
 
@@ -223,6 +225,12 @@ class LearnerConfig(_Section):
     ppo_epochs: int = Field(1, ge=1)
     minibatch_size: int | None = Field(None, gt=0)
     micro_batch_size: int | None = Field(None, gt=0)
+    # micro-batches also bounded by tokens: a rank's mini-batch is cut into consecutive micro-batches of at most this
+    # many padded tokens (rows x (prompt + response) width; a longer row goes alone); None: rows only
+    micro_batch_tokens: int | None = Field(None, gt=0)
+    # recompute each transformer layer's activations in the backward pass (torch.utils.checkpoint): the trunk keeps
+    # one hidden state per layer instead of every intermediate, at about one more forward of compute
+    activation_checkpointing: bool = False
     # float32: fp32 master weights and optimizer state, compute in models.dtype (FSDP2 mixed precision, fp32 gradient
     # reduction); compute: everything in models.dtype (pure bf16 training; small updates are lost to rounding)
     master_weights: Literal["float32", "compute"] = "float32"

@@ -4,6 +4,8 @@ vocab_log_softmax   the one place logits become log-probs: padded embedding rows
 TopKLogprobs        top-k ids and log-probs + the exact log of the mass outside them (a teacher transport)
 topk_logprobs       full log-probs -> TopKLogprobs, exactly (the tail is a log-sum-exp, not 1 - sum)
 tail_logprob        log of the mass outside given ids, for any distribution (student side of top-k)
+TeacherHidden       the teacher's final hidden states (transport `hidden`; common/teacher_head.py expands them)
+cat_teacher         pieces of one wire format joined along the tokens
 """
 
 from __future__ import annotations
@@ -56,3 +58,34 @@ def topk_logprobs(logprobs: Tensor, k: int) -> TopKLogprobs:
         raise ValueError(f"top-k needs 0 < k <= vocabulary ({logprobs.shape[-1]}), got k={k}")
     vals, ids = logprobs.topk(k, dim=-1)
     return TopKLogprobs(ids, vals, tail_logprob(logprobs, ids))
+
+
+@dataclass
+class TeacherHidden:
+    """The teacher's final hidden states [N, d] (after the final norm) at N response positions, in the wire dtype."""
+
+    hidden: Tensor
+
+    def __getitem__(self, index: slice | Tensor) -> TeacherHidden:
+        return TeacherHidden(self.hidden[index])
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.hidden.numel() * self.hidden.element_size()
+
+    def to(self, device: torch.device | str) -> TeacherHidden:
+        return TeacherHidden(self.hidden.to(device))
+
+
+def cat_teacher(pieces: list) -> Tensor | TopKLogprobs | TeacherHidden:
+    """Concatenate pieces of one teacher wire format along the token dimension (non-empty list, one format)."""
+    first = pieces[0]
+    if isinstance(first, TeacherHidden):
+        return TeacherHidden(torch.cat([p.hidden for p in pieces]))
+    if isinstance(first, TopKLogprobs):
+        ids, logprobs, tail = (torch.cat([getattr(p, f) for p in pieces]) for f in ("ids", "logprobs", "tail"))
+        return TopKLogprobs(ids, logprobs, tail)
+    return torch.cat(pieces)

@@ -87,7 +87,7 @@ def preflight(cfg: DistillConfig, cwd: Path | None = None) -> Checked:
     with about(tokenizer_field):  # unset, the tokenizer is the student folder's
         tokenizer = load_tokenizer(assets.tokenizer_dir)
     vocab = check_compatible(assets.teacher_dir, assets.student_dir, tokenizer)
-    check_padded_rows(cfg, vocab)
+    check_transport(cfg, configs)  # padded embedding rows are fine: every sampler and loss uses the real rows only
     if assets.sft_dir is not None:
         with about("models.sft_checkpoint"):
             check_compatible(assets.teacher_dir, assets.sft_dir, tokenizer)
@@ -311,21 +311,17 @@ def check_model_folders(cfg: DistillConfig, assets: Assets) -> dict[str, tuple[s
     return configs
 
 
-def check_padded_rows(cfg: DistillConfig, vocab: VocabInfo) -> None:
-    """vLLM samples over every embedding row; rows past the tokenizer (OPT: 50,272 rows for 50,265 tokens) are not
-    tokens, have no teacher log-prob, and would make the sampling distribution differ from the learner's."""
-    samples = cfg.method in ("minillm", "seqkd")
-    for name, rows in (("teacher", vocab.teacher_rows), ("student", vocab.student_rows)):
-        if (
-            samples
-            and rows != vocab.tokenizer_size
-            and (name == "student" or cfg.method == "seqkd" or cfg.objective.alpha > 0)
-        ):
-            raise ModelError(
-                f"models.{name}: {rows} embedding rows but the tokenizer has {vocab.tokenizer_size} tokens; method "
-                f"{cfg.method} samples with vLLM, which could draw the {rows - vocab.tokenizer_size} padded rows: "
-                "resize the model's embeddings to the tokenizer (model.resize_token_embeddings) first"
-            )
+def check_transport(cfg: DistillConfig, configs: dict[str, tuple[str, dict]]) -> None:
+    """teacher.transport=hidden: the learner must reproduce the teacher's output layer exactly (soft-capping and
+    scaling are applied; anything else is refused here, one line)."""
+    if cfg.teacher.transport != "hidden":
+        return
+    from common.teacher_head import output_transform
+
+    for field, (role, config) in configs.items():
+        if role == "teacher":
+            with about(field):
+                output_transform(config)
 
 
 def check_positions(cfg: DistillConfig, configs: dict[str, tuple[str, dict]]) -> None:

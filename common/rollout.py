@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.logprobs import TopKLogprobs
+from common.logprobs import TeacherHidden, TopKLogprobs, cat_teacher
+
+TeacherWire = torch.Tensor | TopKLogprobs | TeacherHidden
 
 
 @dataclass
@@ -54,13 +56,14 @@ class ScoredShard:
     log-probs at their response positions. The teacher builds one per rank, so each rank fetches only its own.
 
     `teacher` holds one row per real response token, in row-major order of `packed.mask` (no padding rows):
-    dense [N, V] log-probs in the transport dtype, or TopKLogprobs ([N, k] ids and log-probs, [N] exact tail).
+    dense [N, V] log-probs in the transport dtype, TopKLogprobs ([N, k] ids and log-probs, [N] exact tail), or
+    TeacherHidden ([N, d] final hidden states; the learner applies the teacher's output layer chunk by chunk).
     `teacher_token_logprobs` [b, T] is the teacher's exact log p(y_t) of each sampled token, whatever the transport.
     """
 
     packed: PackedRollouts
     teacher_token_logprobs: torch.Tensor
-    teacher: torch.Tensor | TopKLogprobs
+    teacher: TeacherWire
 
     def __len__(self) -> int:
         return self.packed.tokens.shape[0]
@@ -72,7 +75,7 @@ class ScoredShard:
     @property
     def teacher_bytes(self) -> int:
         t = self.teacher
-        return t.nbytes if isinstance(t, TopKLogprobs) else t.numel() * t.element_size()
+        return t.nbytes if isinstance(t, TopKLogprobs | TeacherHidden) else t.numel() * t.element_size()
 
 
 @dataclass
@@ -252,7 +255,7 @@ def select_rows(shard: ScoredShard, rows: torch.Tensor) -> ScoredShard:
     rows = rows.long()
     packed = slice_packed(p, rows)
     flat = _flat_rows(p.mask, rows)
-    teacher = shard.teacher[flat]  # TopKLogprobs indexes all three fields
+    teacher = shard.teacher[flat]  # TopKLogprobs indexes all three fields, TeacherHidden its states
     return ScoredShard(packed, shard.teacher_token_logprobs[rows], teacher)
 
 
@@ -277,12 +280,48 @@ def concat_shards(shards: list[ScoredShard], pad_id: int = 0) -> ScoredShard:
         ),
     )
     token_lp = torch.cat([_pad_to(s.teacher_token_logprobs, resp, 0.0) for s in shards])
-    teachers = [s.teacher for s in shards]
-    if isinstance(teachers[0], TopKLogprobs):
-        tops = [t for t in teachers if isinstance(t, TopKLogprobs)]
-        teacher: torch.Tensor | TopKLogprobs = TopKLogprobs(
-            torch.cat([t.ids for t in tops]), torch.cat([t.logprobs for t in tops]), torch.cat([t.tail for t in tops])
-        )
-    else:
-        teacher = torch.cat([t for t in teachers if isinstance(t, torch.Tensor)])
+    teacher = cat_teacher([s.teacher for s in shards])
     return ScoredShard(packed, token_lp, teacher)
+
+
+def row_widths(p: PackedRollouts) -> list[int]:
+    """Each row's forward width: its real prompt + response tokens (what a trimmed micro-batch pads to)."""
+    return [int(n) for n in p.attention_mask.sum(-1).tolist()]
+
+
+def token_micro_batches(widths: list[int], max_rows: int, max_tokens: int | None) -> list[slice]:
+    """Consecutive micro-batches of at most `max_rows` rows and, with `max_tokens`, at most that many padded tokens
+    (rows x the widest row's width); a row wider than the budget goes alone. The order is kept, so the gradient sum
+    is the rows-only split's up to summation order."""
+    out, start = [], 0
+    while start < len(widths):
+        end, widest = start + 1, widths[start]
+        while end < len(widths) and end - start < max_rows:
+            wider = max(widest, widths[end])
+            if max_tokens is not None and (end - start + 1) * wider > max_tokens:
+                break
+            end, widest = end + 1, wider
+        out.append(slice(start, end))
+        start = end
+    return out
+
+
+def trim_packed(p: PackedRollouts) -> PackedRollouts:
+    """Drop the columns no row of `p` uses (right padding left over from a wider collection): a micro-batch then
+    costs its own width, not the collection's. Real positions are unchanged (causal attention, right padding)."""
+    width = max(1, int(p.attention_mask.sum(-1).max().item())) if len(p.input_ids) else 1
+    resp = max(1, int(p.mask.sum(-1).max().item())) if len(p.mask) else 1
+    return PackedRollouts(
+        p.input_ids[:, :width],
+        p.attention_mask[:, :width],
+        p.predict_pos[:, :resp],
+        p.tokens[:, :resp],
+        p.mask[:, :resp],
+        p.old_logprobs[:, :resp],
+    )
+
+
+def trim_shard(shard: ScoredShard) -> ScoredShard:
+    """trim_packed of a shard, its teacher token log-probs cut alike (the flat teacher rows are unchanged)."""
+    packed = trim_packed(shard.packed)
+    return ScoredShard(packed, shard.teacher_token_logprobs[:, : packed.tokens.shape[1]], shard.teacher)

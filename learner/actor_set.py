@@ -57,7 +57,9 @@ class ActorSet:
         alpha = {"minillm": c.objective.alpha, "seqkd": 1.0}.get(c.method, 0.0)
         self.samplers = [
             make_sampler(
-                sampler_spec(c, student_dir, self.assets.teacher_dir, self.tok.eos_token_id, alpha, i),
+                sampler_spec(
+                    c, student_dir, self.assets.teacher_dir, self.tok.eos_token_id, alpha, i, vocab_size=self.vocab
+                ),
                 i,
                 c.cluster.sampler_cpus,
                 c.cluster.sampler_gpus,
@@ -95,6 +97,7 @@ class ActorSet:
             placements=[where(f"learner-{r}") for r in range(c.learner.num_workers)],
             threads=c.cluster.torch_threads,
             timeout_s=c.cluster.task_timeout_s,
+            teacher_dir=self.assets.teacher_dir if c.teacher.transport == "hidden" else None,
         )
         return self.learner
 

@@ -46,6 +46,8 @@ class FSDPStudent:
         master = torch.float32 if learner.master_weights == "float32" else compute
         mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute != master else None
         model = load_model(student_dir, "float32").to(device=self.device, dtype=master)
+        if learner.activation_checkpointing:  # each layer's inside recomputed in backward; before FSDP wraps it
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # a CPU learner on a GPU node needs an explicit CPU mesh: FSDP2's default mesh moves shards to CUDA whenever
         # a GPU is visible. Elsewhere the default mesh is the same one.
         cpu_on_gpu_node = self.device.type == "cpu" and torch.cuda.is_available()
@@ -54,7 +56,7 @@ class FSDPStudent:
             fully_shard(layer, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
         fully_shard(model, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
         self.model = model
-        self.master_dtype = master
+        self.master_dtype, self.compute_dtype = master, compute
         self.head = model.get_output_embeddings()
         self.weight_sender = None  # set by init_weight_sender on rank 0 (learner.weight_sync=collective)
         self.reset_optimizer(learner.lr)
@@ -131,6 +133,16 @@ class FSDPStudent:
         sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd if self.rank == 0 else None
 
+    def _to_compute(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Floating tensors in the compute dtype: the samplers' engines run in it, so fp32 masters would only double
+        the bytes of a push (bf16: half)."""
+        return {k: v.to(self.compute_dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+    def push_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Collective: full_state_dict in the compute dtype (what an object-store weight push sends)."""
+        sd = self.full_state_dict()
+        return self._to_compute(sd) if sd is not None else None
+
     def init_weight_sender(self, host: str, port: int, world_size: int, backend: str) -> bool:
         """Rank 0 joins the weight group (itself + the samplers) as its sender; collective with the samplers."""
         from common.weight_sync import WeightGroup, WeightSender
@@ -146,7 +158,7 @@ class FSDPStudent:
         sd = get_model_state_dict(self.model, options=options)
         if self.rank == 0:
             assert self.weight_sender is not None, "init_weight_sender first"
-            self.weight_sender.send(sd.items(), version, background=True)
+            self.weight_sender.send(self._to_compute(sd).items(), version, background=True)
         return True
 
     def wait_push(self) -> bool:

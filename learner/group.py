@@ -89,6 +89,7 @@ class LearnerGroup:
         placements: list[dict] | None = None,
         threads: int | None = None,
         timeout_s: float | None = None,
+        teacher_dir: str | None = None,  # teacher.transport=hidden: each rank loads the teacher's output layer
     ):
         from actors.remote import thread_env
 
@@ -114,6 +115,7 @@ class LearnerGroup:
                 world_size=num_workers,
                 dtype=dtype,
                 seed=seed,
+                teacher_dir=teacher_dir,
             )
             for r in range(num_workers)
         ]
@@ -246,7 +248,7 @@ class LearnerGroup:
     # ----- weights -----------------------------------------------------------------------------------
     def state_dict_ref(self) -> ray.ObjectRef:
         """Collective gather; returns the object-store ref of rank 0's full state dict (one batched push)."""
-        refs = [a.full_state_dict.remote() for a in self.actors]
+        refs = [a.push_state_dict.remote() for a in self.actors]  # in the compute dtype, not fp32 masters
         self._get(refs, fetch=False)
         self._get([self.actors[0].__ray_ready__.remote()])  # rank 0 alive: its ref holds weights, not an error
         return refs[0]

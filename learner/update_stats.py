@@ -40,6 +40,7 @@ class RankUpdate:
     lr: float | None = _across(MAX)  # the update's learning rate (the schedule's): the same on every rank
     step_seconds: float | None = _across(MAX)  # the slowest rank's
     step_cpu_seconds: float | None = _across(SUM)
+    peak_memory_mb: float | None = _across(MAX)  # the rank's peak during the step (CUDA allocator / CPU VmHWM)
     # sampler-vs-learner |log q(y_t)| gap, first update of a MiniLLM collection only
     gap_sum: float | None = _across(SUM)
     gap_max: float | None = _across(MAX)

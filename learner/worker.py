@@ -19,8 +19,18 @@ import torch
 
 from common.config import LearnerConfig, ObjectiveConfig
 from common.data import LMBatch
-from common.logprobs import TopKLogprobs
-from common.rollout import ScoredShard, concat_shards, gather_positions, select_rows
+from common.logprobs import TeacherHidden, TopKLogprobs
+from common.memory import peak_mb, reset_peak
+from common.rollout import (
+    ScoredShard,
+    concat_shards,
+    gather_positions,
+    row_widths,
+    select_rows,
+    token_micro_batches,
+    trim_shard,
+)
+from common.teacher_head import TeacherHead, expand_teacher
 from learner.chunked_head import ChunkedLMHead
 from learner.fsdp_student import FSDPStudent
 from learner.objectives import (
@@ -48,10 +58,16 @@ class LearnerWorker(FSDPStudent):
         init_method: str,
         dtype: str = "float32",
         seed: int = 0,
+        teacher_dir: str | None = None,
     ):
         super().__init__(student_dir, learner, rank, world_size, init_method, dtype, seed)
         self.obj, self.vocab_size = objective, vocab_size
         self.lm_head = ChunkedLMHead(self.head, vocab_size, learner.logit_chunk_tokens)
+        # teacher.transport=hidden: the teacher's output layer, frozen, in the compute dtype, on every rank whole
+        # (not sharded, no optimizer state): it turns each chunk of teacher hidden states into log-probs
+        self.teacher_head = (
+            TeacherHead.from_folder(teacher_dir, vocab_size, self.compute_dtype, self.device) if teacher_dir else None
+        )
 
     # ----- the shared machinery ----------------------------------------------------------------------
     def _set_lr(self, lr: float | None) -> float:
@@ -72,7 +88,11 @@ class LearnerWorker(FSDPStudent):
         return token_weights(mask.float(), mode, tokens, seqs).to(self.device)
 
     def _lm_terms(
-        self, batch: LMBatch, mode: str, teacher: torch.Tensor | None = None, kd_ratio: float | None = None
+        self,
+        batch: LMBatch,
+        mode: str,
+        teacher: torch.Tensor | TeacherHidden | None = None,
+        kd_ratio: float | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted NLL (and, with a KD teacher [N, V], the weighted forward KL, share `kd_ratio`, default
         objective.kd_ratio) at the target positions."""
@@ -81,7 +101,7 @@ class LearnerWorker(FSDPStudent):
         hidden = self._hidden(batch.input_ids, batch.attention_mask)[:, :-1][where]
         targets = batch.input_ids[:, 1:].to(self.device)[where]
         weights = self._weights(mask, mode)[where]
-        kd_teacher = teacher.to(self.device) if teacher is not None else None
+        kd_teacher = teacher.to(self.device) if isinstance(teacher, torch.Tensor) else teacher
         r = self.obj.kd_ratio if kd_ratio is None else kd_ratio
 
         def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -90,7 +110,7 @@ class LearnerWorker(FSDPStudent):
             nll = token_nll(logits, targets[sl], ones)
             if kd_teacher is None:
                 return (weights[sl] * nll).sum(), {"nll": nll.detach()}
-            kd = word_kd_token_losses(logits, kd_teacher[sl], ones)
+            kd = word_kd_token_losses(logits, expand_teacher(kd_teacher[sl], self.teacher_head), ones)
             return (weights[sl] * (r * kd + (1 - r) * nll)).sum(), {"nll": nll.detach(), "kd": kd.detach()}
 
         return self.lm_head.chunked(hidden, fn)
@@ -100,6 +120,7 @@ class LearnerWorker(FSDPStudent):
         """NLL on ground-truth (or teacher-sampled, for SeqKD) responses, at `lr` (None: the optimizer's). Returns
         this rank's share of the global loss (ranks' shares add up) and its token count."""
         t0, c0 = time.perf_counter(), time.process_time()
+        reset_peak(self.device)
         self.model.train()
         loss, m = self._lm_terms(batch, self.obj.reduction)
         before = self.skipped
@@ -111,14 +132,18 @@ class LearnerWorker(FSDPStudent):
             grad_norm=norm,
             skipped=float(self.skipped - before),
             tokens=float(m["nll"].numel()),
+            peak_memory_mb=peak_mb(self.device),
             step_seconds=time.perf_counter() - t0,
             step_cpu_seconds=time.process_time() - c0,
         ).as_dict()
 
-    def kd_step(self, batch: LMBatch, teacher_logprobs: torch.Tensor, lr: float | None = None) -> dict[str, float]:
+    def kd_step(
+        self, batch: LMBatch, teacher_logprobs: torch.Tensor | TeacherHidden, lr: float | None = None
+    ) -> dict[str, float]:
         """Word-level KD: kd_ratio * forward KL[p || q] + (1 - kd_ratio) * NLL on ground-truth responses, at `lr`.
         `teacher_logprobs` is [N, V] at this rank's target positions (row-major over `batch.loss_mask`)."""
         t0, c0 = time.perf_counter(), time.process_time()
+        reset_peak(self.device)
         self.model.train()
         loss, m = self._lm_terms(batch, self.obj.reduction, teacher_logprobs)
         before = self.skipped
@@ -132,6 +157,7 @@ class LearnerWorker(FSDPStudent):
             nll_sum=m["nll"].sum().item(),
             tokens=float(m["nll"].numel()),
             grad_norm=norm,
+            peak_memory_mb=peak_mb(self.device),
             step_seconds=time.perf_counter() - t0,
             step_cpu_seconds=time.process_time() - c0,
         ).as_dict()
@@ -143,18 +169,23 @@ class LearnerWorker(FSDPStudent):
         _, m = self._lm_terms(batch, "token")
         return m["nll"].sum().item(), float(m["nll"].numel())
 
-    def _pt_loss(self, pt_ids: torch.Tensor | None, teacher: torch.Tensor | None = None) -> torch.Tensor:
+    def _pt_loss(
+        self, pt_ids: torch.Tensor | None, teacher: torch.Tensor | TeacherHidden | None = None
+    ) -> torch.Tensor:
         """L_PT: NLL on the pre-training block, or with the teacher's log-probs on it (objective.pt_kd_ratio > 0)
         (1 - r) NLL + r KL[p || q] (the released code's teacher cross-entropy minus p's entropy: same gradient)."""
         if pt_ids is None or self.obj.pt_weight == 0:
             return torch.zeros((), device=self.device)
         ones = torch.ones_like(pt_ids)
-        kd = teacher.to(self.device) if teacher is not None else None
+        kd = teacher.to(self.device) if isinstance(teacher, torch.Tensor) else teacher
         ratio = self.obj.resolved_pt_kd_ratio if teacher is not None else 0.0
         return self._lm_terms(LMBatch(pt_ids, ones, ones[:, 1:].float()), "token", kd, ratio)[0]
 
-    def _device_teacher(self, shard: ScoredShard) -> torch.Tensor | TopKLogprobs:
+    def _device_teacher(self, shard: ScoredShard) -> torch.Tensor | TopKLogprobs | TeacherHidden:
+        """This micro-batch's teacher data on the device (hidden states: each chunk's go when it is expanded)."""
         t = shard.teacher
+        if isinstance(t, TeacherHidden):
+            return t
         if isinstance(t, torch.Tensor):
             return t.to(self.device)
         return TopKLogprobs(t.ids.to(self.device), t.logprobs.to(self.device), t.tail.to(self.device))
@@ -207,7 +238,7 @@ class LearnerWorker(FSDPStudent):
             terms = token_terms(
                 o,
                 self.lm_head.logits(h),
-                teacher[sl],
+                expand_teacher(teacher[sl], self.teacher_head),
                 tokens[sl],
                 old[sl],
                 teacher_y[sl],
@@ -238,7 +269,7 @@ class LearnerWorker(FSDPStudent):
         pt_batches: list[torch.Tensor | None],
         *shards: ScoredShard,
         lrs: list[float] | None = None,
-        pt_teacher: list[torch.Tensor] | None = None,
+        pt_teacher: list[torch.Tensor | TeacherHidden] | None = None,
     ) -> list[dict[str, float]]:
         """MiniLLM's Phase 2 on one collection (this rank's rows of every sampled batch in it): `epochs` passes in
         shuffled mini-batches of `minibatch_rows` sequences (the same on every rank), one optimizer step each,
@@ -270,7 +301,7 @@ class LearnerWorker(FSDPStudent):
             for start in range(0, n_rows, minibatch_rows):
                 rows = order[start : start + minibatch_rows]
                 m = self._minillm_update(
-                    [select_rows(collection, rows[i : i + micro_rows]) for i in range(0, len(rows), micro_rows)],
+                    self._micro_batches(collection, rows, micro_rows),
                     alpha,
                     next(pts, None),
                     lrs[len(results)] if lrs is not None else None,
@@ -288,18 +319,34 @@ class LearnerWorker(FSDPStudent):
                     return results
         return results
 
+    def _micro_batches(self, collection: ScoredShard, rows: torch.Tensor, micro_rows: int) -> list[ScoredShard]:
+        """A mini-batch's micro-batches: `micro_rows` sequences each, and with learner.micro_batch_tokens at most
+        that many padded tokens, each trimmed to its own width."""
+        budget = self.cfg.micro_batch_tokens
+        if budget is None:
+            return [select_rows(collection, rows[i : i + micro_rows]) for i in range(0, len(rows), micro_rows)]
+        widths = row_widths(select_rows(collection, rows).packed)
+        out = []
+        for sl in token_micro_batches(widths, micro_rows, budget):
+            out.append(trim_shard(select_rows(collection, rows[sl])))
+        return out
+
     def _minillm_update(
         self,
         micro: list[ScoredShard],
         alpha: float,
         pt_ids: torch.Tensor | None,
         lr: float | None = None,
-        pt_teacher: torch.Tensor | None = None,
+        pt_teacher: torch.Tensor | TeacherHidden | None = None,
     ) -> RankUpdate:
         t0, c0 = time.perf_counter(), time.process_time()
+        reset_peak(self.device)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        totals = self._totals(torch.cat([s.packed.mask for s in micro]))  # micro-batches share the collection's width
+        masks = [s.packed.mask for s in micro]
+        tokens_all = self._global_sum(float(sum(m.sum() for m in masks)))
+        seqs_all = self._global_sum(float(sum((m.sum(-1) > 0).sum() for m in masks)))
+        totals = (tokens_all, seqs_all)
         sums: dict[str, float] = defaultdict(float)
         rho_min, rho_max, gap_max = float("inf"), float("-inf"), 0.0
         many = len(micro) > 1
@@ -341,6 +388,7 @@ class LearnerWorker(FSDPStudent):
             gap_max=gap_max,
             grad_norm=norm,
             skipped=float(self.skipped - skipped_before),
+            peak_memory_mb=peak_mb(self.device),
             step_seconds=time.perf_counter() - t0,
             step_cpu_seconds=time.process_time() - c0,
         )
@@ -357,16 +405,12 @@ class LearnerWorker(FSDPStudent):
         Returns (sum, tokens, sequences)."""
         p, dev = shard.packed, self.device
         where = p.mask.to(dev) > 0
-        teacher = shard.teacher
-        teacher = (
-            teacher.to(dev)
-            if isinstance(teacher, torch.Tensor)
-            else TopKLogprobs(teacher.ids.to(dev), teacher.logprobs.to(dev), teacher.tail.to(dev))
-        )
+        teacher = self._device_teacher(shard)
         hidden = gather_positions(self._hidden(p.input_ids, p.attention_mask), p.predict_pos.to(dev))[where]
 
         def fn(h: torch.Tensor, sl: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            kl = reverse_kl_per_token(self.lm_head.logits(h), teacher[sl], torch.ones(h.shape[0], device=dev))
+            piece = expand_teacher(teacher[sl], self.teacher_head)
+            kl = reverse_kl_per_token(self.lm_head.logits(h), piece, torch.ones(h.shape[0], device=dev))
             return kl.sum(), {}
 
         total, _ = self.lm_head.chunked(hidden, fn)

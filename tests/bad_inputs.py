@@ -195,12 +195,18 @@ def _storage_in_memory(s: Setup, tmp: Path):
     )
 
 
-def _padded_rows(s: Setup, tmp: Path):
-    from common.models import load_tokenizer
+def _hidden_unknown_head(s: Setup, tmp: Path):
+    """A teacher whose family changes its logits in a way the learner's copy of the head does not reproduce."""
+    import json
+    import shutil
 
-    tok = load_tokenizer(s.tokenizer)
-    padded = _save_model(tmp / "padded", tok, len(tok) + 7, 3)
-    return [f"models.student={padded}"], f"models.student: {len(tok) + 7} embedding rows but the tokenizer has"
+    folder = tmp / "minicpm-like"
+    shutil.copytree(s.teacher, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "minicpm"}))
+    return [f"models.teacher={folder}", "teacher.transport=hidden"], (
+        "models.teacher: teacher.transport=hidden: model_type 'minicpm' scales the hidden state"
+    )
 
 
 def _sampling_temperature(s: Setup, tmp: Path):
@@ -316,7 +322,7 @@ CASES: dict[str, tuple[type[Exception], Make]] = {
             f"models.sft_checkpoint: student folder not found: {t / 'sft'}",
         ),
     ),
-    "padded-vocabulary-rows": (ModelError, _padded_rows),
+    "hidden-unknown-output-layer": (ModelError, _hidden_unknown_head),
     "temperature-not-one": (ConfigError, _sampling_temperature),
     "sampling-exceeds-positions": (
         ConfigError,
