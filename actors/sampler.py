@@ -32,6 +32,7 @@ import torch
 from actors.engine import SegmentResult, VLLMEngine
 from common.mixture import STUDENT, TEACHER, draw_owners, run_length
 from common.rollout import Rollouts
+from common.weight_sync import WeightSyncError
 
 if TYPE_CHECKING:
     from common.config import DistillConfig
@@ -265,15 +266,23 @@ class Sampler:
         self.stats["push_seconds"] += time.perf_counter() - t0
         return self.version
 
-    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
-        """Join the learner's weight group as a receiver (collective with the learner's rank 0)."""
+    def join_weight_group(
+        self, host: str, port: int, rank: int, world_size: int, backend: str, name: str = "minillm-weights"
+    ) -> bool:
+        """Join the learner's weight group as a receiver (collective with the learner's rank 0); a group joined
+        before (re-formed after a member restarted) is left first."""
         from common.weight_sync import WeightGroup, WeightReceiver
 
-        self.receiver = WeightReceiver(WeightGroup(host, port, rank, world_size, backend))
+        old = getattr(self, "receiver", None)
+        if old is not None:
+            old.group.close()
+        self.receiver = WeightReceiver(WeightGroup(host, port, rank, world_size, backend, name=name))
         return True
 
     def receive_weights(self) -> int:
         """Take the next collective push (blocks until the learner sends) and load it; returns the new version."""
+        if getattr(self, "receiver", None) is None:  # restarted by Ray: the group is re-formed before it takes pushes
+            raise WeightSyncError("this sampler is in no weight group (restarted since the group was formed)")
         version, named = self.receiver.receive()
         return self.load_weights(dict(named), version)
 

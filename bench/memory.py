@@ -1,6 +1,8 @@
 """Memory of the service's parts, each measured alone: the learner's peak in one step, the sampler over many batches.
 
     nice -n 5 python -m bench.memory learner [--batch 4] [--lengths 64 256 512] [--chunks 256 1024 0] [--out F]
+    nice -n 5 python -m bench.memory learner --batch 2 --lengths 512 1024 2048 --chunks 1024 \
+        --settings plain ckpt mbt ckpt+mbt --micro-batch-tokens 1024
     python -m bench.memory sampler --batches 800 --warmup 200 --trim --trace [--out F]
 
 ## learner: peak memory of one MiniLLM step vs `learner.logit_chunk_tokens` and the response length T
@@ -16,6 +18,11 @@ tensor leaves the resident set: see measure_in_subprocess). Not ru_maxrss: acros
 peak into the child's ru_maxrss (a child of a 2 GB parent reports >= 2 GB), and it cannot be reset before the step.
 AdamW's state is allocated before the step, as it is on every step after the first (the peak is a steady-state
 step's). The learning rate is 0, so the weights stay put.
+
+`--settings` adds the learner's memory knobs as a second axis: `plain` (neither), `ckpt`
+(learner.activation_checkpointing: each transformer layer recomputed in backward), `mbt` (learner.micro_batch_tokens
+= `--micro-batch-tokens`: the step's rows cut into token-bounded micro-batches, each trimmed to its own width) and
+`ckpt+mbt` (both).
 
 Chunk -1 is the baseline without a head: the same forward, a scalar of the hidden states at the response positions
 as the loss, backward and optimizer step. Its growth with T is the trunk's activations; the rest of each setting's
@@ -129,16 +136,24 @@ def run_step(spec: dict[str, Any]) -> dict[str, Any]:
     """In this process: build a LearnerWorker, get the shard, run one measured minillm_step (see the module doc).
 
     spec: student, vocab, chunk_tokens, alpha, long_weight (default 1), and either `shard` (a torch.save'd
-    ScoredShard) or `synthetic` (kwargs of synthetic_shard); `grad_out` saves all gradients as one flat float32
-    vector (named_parameters order); `trunk_only` runs _trunk_only_step instead of minillm_step."""
+    ScoredShard) or `synthetic` (kwargs of synthetic_shard); `teacher_dir` for teacher.transport=hidden shards (the
+    worker holds the teacher's output layer); `grad_out` saves all gradients as one flat float32 vector
+    (named_parameters order); `trunk_only` runs _trunk_only_step instead of minillm_step."""
     import torch
 
     from common.config import LearnerConfig, ObjectiveConfig
     from learner.worker import LearnerWorker
 
-    cfg = LearnerConfig(lr=1e-3, grad_clip=None, logit_chunk_tokens=spec["chunk_tokens"])
+    cfg = LearnerConfig(
+        lr=1e-3,
+        grad_clip=None,
+        logit_chunk_tokens=spec["chunk_tokens"],
+        activation_checkpointing=spec.get("checkpointing", False),
+        micro_batch_tokens=spec.get("micro_batch_tokens"),
+    )
     obj = ObjectiveConfig(long_weight=spec.get("long_weight", 1.0))
-    worker = LearnerWorker(spec["student"], cfg, obj, spec["vocab"], 0, 1, f"tcp://127.0.0.1:{_free_port()}")
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    worker = LearnerWorker(spec["student"], cfg, obj, spec["vocab"], 0, 1, init, teacher_dir=spec.get("teacher_dir"))
     for group in worker.optimizer.param_groups:
         group["lr"] = 0.0  # nothing moves: only the step's memory and gradient are wanted
     _preallocate_adam_state(worker.optimizer)
@@ -205,6 +220,14 @@ def measure_in_subprocess(spec: dict[str, Any], threads: int = 1, timeout: float
 
 
 # ----- learner: parent side ----------------------------------------------------------------------------------------
+SETTINGS = {  # --settings: the learner's memory knobs
+    "plain": {"checkpointing": False, "micro_batch_tokens": False},
+    "ckpt": {"checkpointing": True, "micro_batch_tokens": False},
+    "mbt": {"checkpointing": False, "micro_batch_tokens": True},
+    "ckpt+mbt": {"checkpointing": True, "micro_batch_tokens": True},
+}
+
+
 def _label(chunk: int) -> str:
     return "trunk only" if chunk < 0 else "one chunk" if chunk == 0 else str(chunk)
 
@@ -217,6 +240,10 @@ def learner_main(argv: list[str]) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 512], help="response lengths T")
     # logit_chunk_tokens; 0 = one chunk; -1 = the trunk alone (no head: the baseline)
     parser.add_argument("--chunks", type=int, nargs="+", default=[-1, 256, 1024, 0])
+    parser.add_argument(
+        "--settings", nargs="+", default=["plain"], choices=list(SETTINGS), help="memory knobs (see the doc)"
+    )
+    parser.add_argument("--micro-batch-tokens", type=int, default=1024, help="learner.micro_batch_tokens of mbt")
     parser.add_argument("--top-k", type=int, default=64, help="k of the synthetic top-k teacher payload")
     parser.add_argument("--alpha", type=float, default=0.2)
     parser.add_argument("--repeats", type=int, default=1, help="subprocesses per point (median)")
@@ -236,44 +263,56 @@ def learner_main(argv: list[str]) -> int:
     vocab = len(load_tokenizer(args.student))
     rows = []
     t_start = time.perf_counter()
-    for chunk in args.chunks:
-        for length in args.lengths:
-            tokens = args.batch * length
-            effective = chunk if chunk > 0 else tokens  # one chunk = all response tokens of the step
-            shard = {"batch": args.batch, "prompt_tokens": args.prompt_tokens, "response_tokens": length}
-            shard |= {"vocab": vocab, "k": args.top_k, "seed": 0}
-            spec = {"student": str(args.student), "vocab": vocab, "chunk_tokens": max(effective, 1)}
-            spec |= {"trunk_only": chunk < 0, "alpha": args.alpha, "synthetic": shard}
-            runs = [measure_in_subprocess(spec, args.threads) for _ in range(args.repeats)]
-            med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-            row = {"chunk": chunk, "T": length, "repeats": args.repeats, **med, "tokens": tokens}
-            rows.append(row)
-            print(
-                f"[{time.perf_counter() - t_start:6.0f}s] chunk {_label(chunk):>10} T {length:4d}: "
-                f"peak {med['peak_mb']:7.0f} MB (fwd+bwd {med['fwd_bwd_peak_mb']:.0f}, opt {med['opt_peak_mb']:.0f}), "
-                f"rise {med['rise_mb']:6.0f} MB, {med['step_seconds']:.1f} s",
-                flush=True,
-            )
+    for setting in args.settings:
+        knobs = SETTINGS[setting]
+        for chunk in args.chunks:
+            for length in args.lengths:
+                tokens = args.batch * length
+                effective = chunk if chunk > 0 else tokens  # one chunk = all response tokens of the step
+                shard = {"batch": args.batch, "prompt_tokens": args.prompt_tokens, "response_tokens": length}
+                shard |= {"vocab": vocab, "k": args.top_k, "seed": 0}
+                spec = {"student": str(args.student), "vocab": vocab, "chunk_tokens": max(effective, 1)}
+                spec |= {"trunk_only": chunk < 0, "alpha": args.alpha, "synthetic": shard}
+                spec |= {"checkpointing": knobs["checkpointing"]}
+                if knobs["micro_batch_tokens"]:
+                    spec["micro_batch_tokens"] = args.micro_batch_tokens
+                runs = [measure_in_subprocess(spec, args.threads) for _ in range(args.repeats)]
+                med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+                row = {"setting": setting, "chunk": chunk, "T": length, "repeats": args.repeats, **med}
+                row["tokens"] = tokens
+                rows.append(row)
+                print(
+                    f"[{time.perf_counter() - t_start:6.0f}s] {setting:>8} chunk {_label(chunk):>10} T {length:4d}: "
+                    f"peak {med['peak_mb']:7.0f} MB (fwd+bwd {med['fwd_bwd_peak_mb']:.0f}, "
+                    f"opt {med['opt_peak_mb']:.0f}), rise {med['rise_mb']:6.0f} MB, {med['step_seconds']:.1f} s",
+                    flush=True,
+                )
 
     print(
-        f"\nLearner peak memory of one MiniLLM step, SmolLM2 student (V = {vocab:,}), batch {args.batch}, prompts "
-        f"{args.prompt_tokens} tokens, top-k k = {args.top_k} payload, float32 CPU; medians of {args.repeats}\n"
+        f"\nLearner peak memory of one MiniLLM step, {args.student} (V = {vocab:,}), batch {args.batch}, "
+        f"prompts {args.prompt_tokens} tokens, top-k k = {args.top_k} payload, float32 CPU; medians of {args.repeats}\n"
     )
-    print("| logit_chunk_tokens | T | response tokens | peak RSS (MB) | fwd+bwd peak (MB) | rise over pre-step (MB) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| setting | logit_chunk_tokens | T | response tokens | peak RSS (MB) | fwd+bwd peak (MB) "
+        "| rise over pre-step (MB) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {_label(r['chunk'])} | {r['T']} | {r['tokens']} | {r['peak_mb']:.0f} | "
+            f"| {r['setting']} | {_label(r['chunk'])} | {r['T']} | {r['tokens']} | {r['peak_mb']:.0f} | "
             f"{r['fwd_bwd_peak_mb']:.0f} | {r['rise_mb']:.0f} |"
         )
     slopes = {}
     print("\n| logit_chunk_tokens | slope of the peak (MB per 100 tokens of T) | per 100 response tokens (B x T) |")
     print("|---|---:|---:|")
-    for chunk in args.chunks:
-        pts = [r for r in rows if r["chunk"] == chunk]
-        s = 100 * fit([float(r["T"]) for r in pts], [r["peak_mb"] for r in pts])["slope"]
-        slopes[str(chunk)] = s
-        print(f"| {_label(chunk)} | {s:.0f} | {s / args.batch:.0f} |")
+    for setting in args.settings:
+        for chunk in args.chunks:
+            pts = [r for r in rows if r["chunk"] == chunk and r["setting"] == setting]
+            if len(pts) < 2:
+                continue
+            s = 100 * fit([float(r["T"]) for r in pts], [r["peak_mb"] for r in pts])["slope"]
+            slopes[f"{setting} {chunk}"] = s
+            print(f"| {setting} {_label(chunk)} | {s:.0f} | {s / args.batch:.0f} |")
     if args.out:
         meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"}
         payload = {"config": meta, "vocab": vocab, "rows": rows, "slope_mb_per_100_T": slopes}

@@ -9,7 +9,10 @@ response to each of the first `--prompts` Dolly validation prompts (the paper's 
 text). The old log-probs are the student's current ones (lag 0). The project's `Teacher`
 (actors/teacher.py) scores them once in float32 (dense fp32 transport, the old default); every other transport is
 packed from those same log-probs by the teacher's own packing (`Teacher._pack_teacher`): dense bf16 (what a GPU
-teacher sends; here only the wire precision differs, not the teacher's compute) and top-k for each k.
+teacher sends; here only the wire precision differs, not the teacher's compute) and top-k for each k. `hidden fp32`
+(teacher.transport=hidden) is scored by a second `Teacher` with that transport: the teacher's final hidden states
+and its exact sampled-token log-probs; the KL and the learner's step expand them to full-vocabulary log-probs with
+the teacher's output layer (`common.teacher_head`), as the learner does, the step's process holding that layer.
 
 Per transport:
   bytes     the shard as Ray would move it: `len(pickle.dumps(shard, protocol=5))` (Ray serialises with
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.logprobs import TopKLogprobs, vocab_log_softmax
     from common.models import load_model, load_tokenizer
     from common.rollout import Rollouts, ScoredShard, pack_sequences
+    from common.teacher_head import TeacherHead, expand_teacher
     from learner.objectives import reverse_kl_per_token
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         teacher.transport, teacher.top_k, teacher.wire_dtype = transport, k, wire
         transports[name] = ScoredShard(dense.packed, dense.teacher_token_logprobs, teacher._pack_teacher(dense_lp))
     del teacher
+    hidden_teacher = Teacher(str(args.teacher), vocab, eos, batch_size=8, transport="hidden", dtype="float32")
+    _, transports["hidden fp32"] = hidden_teacher.score(rollouts, 1)
+    del hidden_teacher
+    teacher_head = TeacherHead.from_folder(args.teacher, vocab, torch.float32)
     teacher_entropy = float(-(dense_lp.exp() * dense_lp).sum(-1).mean())
     stepped = [n for n in transports if not n.startswith("top-k") or int(n.split()[-1]) in args.ks]
 
@@ -205,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             logq = vocab_log_softmax(logits, vocab)
             entropy.append(-(logq.exp() * logq).sum(-1).double())
             for name, shard in transports.items():
-                part = shard.teacher[i : i + 256]
+                part = expand_teacher(shard.teacher[i : i + 256], teacher_head)
                 kl[name].append(reverse_kl_per_token(logits, part, ones).double())
                 if isinstance(part, TopKLogprobs):
                     mass[f"p_{name}"].append(-torch.expm1(part.tail.double()))
@@ -240,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = []
             for rep in range(args.repeats if long_weight else 1):
                 spec = {**base, "shard": str(shard_path), "long_weight": long_weight}
+                if name.startswith("hidden"):
+                    spec["teacher_dir"] = str(args.teacher)  # the learner holds the teacher's output layer
                 if rep == 0:
                     spec["grad_out"] = str(Path(tmp) / f"{tag}.grad.pt")
                 runs.append(measure_in_subprocess(spec, args.threads))

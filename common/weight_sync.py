@@ -89,10 +89,18 @@ def unpack(layout: PackedLayout, buffers: dict[str, torch.Tensor]) -> list[tuple
 
 class WeightGroup:
     """A process group of the learner's rank 0 (rank 0, the sender) and the samplers (ranks 1..N), independent of
-    the default process group. `backend`: gloo (CPU tensors) or nccl (CUDA tensors)."""
+    the default process group. `backend`: gloo (CPU tensors) or nccl (CUDA tensors). `name` keys the group in its
+    store: a group re-formed after a member restarted gets a new name (and a new port)."""
 
     def __init__(
-        self, host: str, port: int, rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 600.0
+        self,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        backend: str = "gloo",
+        timeout_s: float = 600.0,
+        name: str = "minillm-weights",
     ):
         if backend not in ("gloo", "nccl"):
             raise WeightSyncError(f"weight sync backend must be gloo or nccl, got {backend!r}")
@@ -106,7 +114,7 @@ class WeightGroup:
             store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - name the cause
             raise WeightSyncError(f"weight group rank {rank}: cannot reach the store at {host}:{port}: {exc}") from exc
-        store = dist.PrefixStore("minillm-weights", store)
+        store = dist.PrefixStore(name, store)
         self.pg: Any  # ProcessGroupGloo or ProcessGroupNCCL (their stubs lack broadcast)
         if backend == "gloo":
             self.pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
@@ -178,6 +186,14 @@ class WeightSender:
         self.group.broadcast_bytes(layout.to_bytes())
         for key in sorted(buffers):
             self.group._broadcast(buffers[key])
+
+    def abandon(self) -> None:
+        """Leave the group for good (a member died: the group is re-formed): shut it down, which ends a transfer
+        still under way with an error on every side, and drop that transfer and its error."""
+        self.group.close()
+        if self._thread is not None:
+            self._thread.join(timeout=30.0)
+        self._thread, self._error = None, None
 
     def wait(self) -> None:
         if self._thread is not None:

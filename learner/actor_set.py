@@ -26,6 +26,7 @@ class ActorSet:
         self.teachers: list = []
         self.samplers: list = []
         self.queue: Any = None  # the rollout queue (MiniLLM only)
+        self.weight_groups = 0  # weight groups formed so far (weight_sync=collective): one more per re-forming
 
     def start(self, student_dir: str) -> None:
         """Every actor of the service, in one placement group: learner ranks, teachers, samplers (student engine,
@@ -65,8 +66,8 @@ class ActorSet:
                 c.cluster.sampler_gpus,
                 placement=where(f"sampler-{i}"),
                 threads=c.cluster.torch_threads,
-                # a collective weight group cannot take a restarted member back: restarts need object_store pushes
-                max_restarts=c.cluster.max_actor_restarts if c.learner.weight_sync == "object_store" else 0,
+                # with weight_sync=collective a restart re-forms the weight group (connect_weight_group)
+                max_restarts=c.cluster.max_actor_restarts,
             )
             for i in range(num_samplers(c))
         ]
@@ -79,7 +80,7 @@ class ActorSet:
             flush=True,
         )
         if c.learner.weight_sync == "collective":
-            self._connect_weight_group()
+            self.connect_weight_group()
 
     def start_learner(self, student_dir: str) -> LearnerGroup:
         c, where = self.cfg, self.placement.of if self.placement is not None else (lambda name: {})
@@ -135,20 +136,30 @@ class ActorSet:
             time.sleep(0.1)
         return self.start_queue()
 
-    def _connect_weight_group(self) -> None:
-        """The learner's rank 0 and the samplers form the weight group (all join at once: it is collective)."""
+    def connect_weight_group(self) -> None:
+        """The learner's rank 0 and the samplers form the weight group (all join at once: it is collective). Called
+        again after a sampler restarted: every member leaves the old group and joins a new one, under a new name on
+        a new port (a restarted sampler cannot rejoin the old one; its weights come separately)."""
         assert self.learner is not None
         backend = weight_sync_backend(self.cfg.cluster)
         host, port = self.learner.weight_sync_address()
         world = 1 + len(self.samplers)
+        self.weight_groups += 1
+        name = f"minillm-weights-{self.weight_groups}"
         ray.get(
             [
-                self.learner.init_weight_sender(host, port, world, backend),
-                *[s.join_weight_group.remote(host, port, 1 + i, world, backend) for i, s in enumerate(self.samplers)],
+                self.learner.init_weight_sender(host, port, world, backend, name),
+                *[
+                    s.join_weight_group.remote(host, port, 1 + i, world, backend, name)
+                    for i, s in enumerate(self.samplers)
+                ],
             ]
         )
+        what = "re-formed" if self.weight_groups > 1 else "collective push"
         print(
-            f"[weights] collective push over {backend}: learner rank 0 -> {len(self.samplers)} sampler(s)", flush=True
+            f"[weights] {what} over {backend} ({name} at {host}:{port}): learner rank 0 -> {len(self.samplers)} "
+            "sampler(s)",
+            flush=True,
         )
 
     def shutdown(self) -> None:

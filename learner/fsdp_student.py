@@ -143,11 +143,17 @@ class FSDPStudent:
         sd = self.full_state_dict()
         return self._to_compute(sd) if sd is not None else None
 
-    def init_weight_sender(self, host: str, port: int, world_size: int, backend: str) -> bool:
-        """Rank 0 joins the weight group (itself + the samplers) as its sender; collective with the samplers."""
+    def init_weight_sender(
+        self, host: str, port: int, world_size: int, backend: str, name: str = "minillm-weights"
+    ) -> bool:
+        """Rank 0 joins the weight group (itself + the samplers) as its sender; collective with the samplers. A
+        group formed before (a sampler restarted since) is left first: its push under way, if any, is dropped."""
         from common.weight_sync import WeightGroup, WeightSender
 
-        self.weight_sender = WeightSender(WeightGroup(host, port, 0, world_size, backend))
+        if self.weight_sender is not None:
+            self.weight_sender.abandon()
+            self.weight_sender = None
+        self.weight_sender = WeightSender(WeightGroup(host, port, 0, world_size, backend, name=name))
         return True
 
     def push_weights(self, version: int) -> bool:

@@ -259,9 +259,11 @@ class LearnerGroup:
         host, port = addr.removeprefix("tcp://").rsplit(":", 1)
         return host, int(port)
 
-    def init_weight_sender(self, host: str, port: int, world_size: int, backend: str) -> ray.ObjectRef:
+    def init_weight_sender(
+        self, host: str, port: int, world_size: int, backend: str, name: str = "minillm-weights"
+    ) -> ray.ObjectRef:
         """Rank 0 joins the weight group; returns the ref (the samplers join concurrently, then wait on both)."""
-        return self.actors[0].init_weight_sender.remote(host, port, world_size, backend)
+        return self.actors[0].init_weight_sender.remote(host, port, world_size, backend, name)
 
     def push_weights(self, version: int) -> None:
         """All ranks gather the full state dict; rank 0 broadcasts it to the samplers in the background."""

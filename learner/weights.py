@@ -24,6 +24,9 @@ class WeightPublisher:
         self.timeout_s = actors.cfg.cluster.task_timeout_s
         self.version = 0  # weight version the samplers hold (or are being sent)
         self.pending: list = []  # pushes not yet waited for
+        self.collective = actors.cfg.learner.weight_sync == "collective"
+        # a push lost to a dead sampler: with the collective the live samplers' receives fail too (the group broke)
+        self.lost_push = (ray.exceptions.RayError,) if self.collective else _DEAD
 
     def publish(self, wait: bool = True, as_version: int | None = None) -> None:
         """Push the learner's weights to every sampler as a new version (`as_version`, or the next one). A push
@@ -32,7 +35,9 @@ class WeightPublisher:
         learner = self.actors.learner
         assert learner is not None
         self.version = self.version + 1 if as_version is None else as_version
-        if self.actors.cfg.learner.weight_sync == "collective":
+        if self.collective:
+            # the previous push landed everywhere first: one lost to a dead sampler re-forms the group (resync)
+            self.wait()
             refs = [s.receive_weights.remote() for s in self.actors.samplers]  # queued behind any batch being sampled
             learner.push_weights(self.version)
         else:
@@ -69,14 +74,15 @@ class WeightPublisher:
                 pass
 
     def resync_samplers(self) -> None:
-        """Samplers that Ray restarted hold their initial weights (version 0): give them the current ones."""
+        """Samplers that Ray restarted hold their initial weights (version 0): give them the current ones. With
+        weight_sync=collective the weight group is re-formed first (every member joins a new one)."""
         learner = self.actors.learner
         assert learner is not None
         pending, self.pending = self.pending, []
         for ref in pending:  # pushes still in flight land first (or are lost with their sampler)
             try:
                 ray.get(ref, timeout=self.timeout_s)
-            except _DEAD:
+            except self.lost_push:
                 pass
         for t in self.actors.teachers:  # a restarting teacher refuses tasks until its model is loaded again
             self._when_ready(t.get_stats)
@@ -84,6 +90,8 @@ class WeightPublisher:
         behind = [s for s, v in zip(self.actors.samplers, versions, strict=True) if v < self.version]
         if not behind:
             return
+        if self.collective:
+            self.actors.connect_weight_group()
         state = learner.state_dict_ref()
         ray.get([s.load_weights.remote(state, self.version) for s in behind])
         print(f"[fault] {len(behind)} restarted sampler(s) now hold weight version {self.version}", flush=True)
@@ -105,7 +113,7 @@ class WeightPublisher:
         for ref in refs:
             try:
                 ray.get(ref, timeout=self.timeout_s)
-            except _DEAD:
+            except self.lost_push:
                 lost = True
         if lost:
             self.budget.spend("a weight push was lost to a dead sampler")

@@ -20,13 +20,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 STEPS = 6
 
 
-def _run_with_kill(tmp_path: Path, tiny_models, victim: str, kill_after_step: int):
+def _run_with_kill(tmp_path: Path, tiny_models, victim: str, kill_after_step: int, *overrides: str):
     recipe, logger = short_minillm_recipe(
         tmp_path / victim,
         tiny_models.student,
         f"learner.minillm_steps={STEPS}",
         "eval.at_end=false",
         "sampler.max_new_tokens=16",
+        *overrides,
     )
     records: list[dict] = []
     real_log = logger.log
@@ -46,10 +47,18 @@ def _run_with_kill(tmp_path: Path, tiny_models, victim: str, kill_after_step: in
     return summary, records
 
 
-# the teacher case is `slow` (CI's time budget): it exercises the same relaunch path with a stateless actor
-@pytest.mark.parametrize("victim", ["sampler-0", pytest.param("teacher-0", marks=pytest.mark.slow)])
-def test_run_survives_a_killed_actor(ray_module, tiny_models, tmp_path, victim):
-    summary, records = _run_with_kill(tmp_path, tiny_models, victim, kill_after_step=2)
+# the teacher case is `slow` (CI's time budget): it exercises the same relaunch path with a stateless actor. With
+# learner.weight_sync=collective (gloo here) the sampler's restart re-forms the weight group.
+@pytest.mark.parametrize(
+    "victim,sync",
+    [
+        ("sampler-0", "object_store"),
+        ("sampler-0", "collective"),
+        pytest.param("teacher-0", "object_store", marks=pytest.mark.slow),
+    ],
+)
+def test_run_survives_a_killed_actor(ray_module, tiny_models, tmp_path, victim, sync, capfd):
+    summary, records = _run_with_kill(tmp_path, tiny_models, victim, 2, f"learner.weight_sync={sync}")
     ledger = [b for r in records for b in r["batch_ids"]]
     print(
         f"{victim} killed after step 2: failures {summary['failures']}, ledger {ledger}, versions "
@@ -62,6 +71,8 @@ def test_run_survives_a_killed_actor(ray_module, tiny_models, tmp_path, victim):
     # no update trained on a restarted sampler's initial weights: every batch is within the allowed lag
     assert all(0 <= r["version_lag"] <= 1 for r in records)
     assert all(r["rollout_version"] >= 2 for r in records[3:])
+    if sync == "collective":  # every member joined a second group, under a new name
+        assert "[weights] re-formed over gloo (minillm-weights-2" in capfd.readouterr().out
 
 
 def test_run_survives_a_killed_rollout_queue(ray_module, tiny_models, tmp_path):

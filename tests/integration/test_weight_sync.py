@@ -1,6 +1,9 @@
 """Packed, versioned weight transfer over a collective of its own (gloo here; the same code runs NCCL on GPU)."""
 
+import os
+import signal
 import socket
+import time
 
 import pytest
 import torch
@@ -82,3 +85,62 @@ def test_two_receivers_get_every_push_exactly_and_in_order():
 def test_unreachable_store_is_a_clear_error():
     with pytest.raises(WeightSyncError, match="cannot reach the store"):
         WeightGroup("127.0.0.1", _free_port(), rank=1, world_size=2, timeout_s=2)
+
+
+def _reforming_sender(ports: tuple[int, int], killed, queue) -> None:
+    group = WeightGroup("127.0.0.1", ports[0], 0, 3, "gloo", timeout_s=60, name="minillm-weights-1")
+    sender = WeightSender(group)
+    sender.send(_state(1), version=1)
+    killed.wait(120)
+    try:  # the group has a dead member: the push fails (or is left under way), and is dropped
+        sender.send(_state(2), version=2, background=True)
+        time.sleep(2.0)
+    finally:
+        sender.abandon()
+    sender = WeightSender(WeightGroup("127.0.0.1", ports[1], 0, 3, "gloo", timeout_s=60, name="minillm-weights-2"))
+    sender.send(_state(3), version=3)
+    queue.put(("sender", 3))
+    sender.group.close()
+
+
+def _reforming_receiver(rank: int, ports: tuple[int, int], first: bool, queue) -> None:
+    """A survivor (first=True: group 1, then group 2) or a restarted receiver (group 2 only)."""
+    if first:
+        group = WeightGroup("127.0.0.1", ports[0], rank, 3, "gloo", timeout_s=60, name="minillm-weights-1")
+        receiver = WeightReceiver(group)
+        queue.put((rank, receiver.receive()[0]))
+        try:
+            while True:  # pushes into the broken group: each lands or fails; the sender's leaving ends them
+                receiver.receive()
+        except Exception:  # noqa: BLE001 - any failure of the old group
+            group.close()
+    group = WeightGroup("127.0.0.1", ports[1], rank, 3, "gloo", timeout_s=60, name="minillm-weights-2")
+    version, named = WeightReceiver(group).receive()
+    ok = all(torch.equal(a, b) for (_, a), (_, b) in zip(_state(version), named, strict=True))
+    queue.put((rank, version, ok))
+    group.close()
+
+
+def test_a_killed_receiver_is_taken_back_by_a_re_formed_group():
+    """A receiver SIGKILLed after the first push: the sender leaves the group, every member (the survivor and the
+    restarted receiver) joins a new group under a new name on a new port, and the next push reaches both."""
+    ctx = mp.get_context("spawn")
+    queue, killed = ctx.Queue(), ctx.Event()
+    ports = (_free_port(), _free_port())
+    sender = ctx.Process(target=_reforming_sender, args=(ports, killed, queue))
+    survivor = ctx.Process(target=_reforming_receiver, args=(1, ports, True, queue))
+    victim = ctx.Process(target=_reforming_receiver, args=(2, ports, True, queue))
+    for p in (sender, survivor, victim):
+        p.start()
+    first = sorted(queue.get(timeout=120) for _ in range(2))
+    assert first == [(1, 1), (2, 1)]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(timeout=30)
+    killed.set()
+    restarted = ctx.Process(target=_reforming_receiver, args=(2, ports, False, queue))
+    restarted.start()
+    got = sorted((queue.get(timeout=180) for _ in range(3)), key=str)
+    for p in (sender, survivor, restarted):
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert got == sorted([(1, 3, True), (2, 3, True), ("sender", 3)], key=str)
