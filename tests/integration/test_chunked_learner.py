@@ -28,6 +28,7 @@ def worker_factory(tmp_path_factory):
     build_llama_dir(student, VOCAB, seed=0)
     init = f"tcp://127.0.0.1:{_free_port()}"
     made: list[LearnerWorker] = []
+    owned = not dist.is_initialized()  # a group an in-process vLLM engine made is not ours to destroy
 
     def make(chunk: int) -> LearnerWorker:
         cfg = LearnerConfig(lr=1e-3, grad_clip=None, logit_chunk_tokens=chunk)
@@ -36,7 +37,7 @@ def worker_factory(tmp_path_factory):
         return w
 
     yield make
-    if dist.is_initialized():
+    if owned and dist.is_initialized():
         dist.destroy_process_group()
 
 

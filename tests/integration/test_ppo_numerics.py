@@ -21,6 +21,9 @@ VOCAB, EOS = 64, 2
 def make_worker(tmp_path_factory):
     student = tmp_path_factory.mktemp("ppo") / "student"
     build_llama_dir(student, VOCAB, seed=0)
+    # an in-process vLLM engine of an earlier module may own the default group: tearing it down here would leave
+    # vLLM's world group pointing at a destroyed group, and every later engine in this process fails at start
+    owned = not dist.is_initialized()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
@@ -32,7 +35,7 @@ def make_worker(tmp_path_factory):
         return LearnerWorker(str(student), cfg, objective or ObjectiveConfig(), VOCAB, 0, 1, init, dtype=dtype, seed=0)
 
     yield make
-    if dist.is_initialized():
+    if owned and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -110,8 +110,9 @@ def pair(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    owned = not dist.is_initialized()  # a group an in-process vLLM engine made is not ours to destroy
     yield root, init
-    if dist.is_initialized():
+    if owned and dist.is_initialized():
         dist.destroy_process_group()
 
 
