@@ -97,7 +97,9 @@ def _reforming_sender(ports: tuple[int, int], killed, queue) -> None:
         time.sleep(2.0)
     finally:
         sender.abandon()
-    sender = WeightSender(WeightGroup("127.0.0.1", ports[1], 0, 3, "gloo", timeout_s=60, name="minillm-weights-2"))
+    # the new group waits longer than the old one's timeout: the survivor may sit in a receive on the broken group
+    # until that times out (60 s) before it can join (with 60 s for both, the test failed once on a loaded machine)
+    sender = WeightSender(WeightGroup("127.0.0.1", ports[1], 0, 3, "gloo", timeout_s=240, name="minillm-weights-2"))
     sender.send(_state(3), version=3)
     queue.put(("sender", 3))
     sender.group.close()
@@ -114,7 +116,7 @@ def _reforming_receiver(rank: int, ports: tuple[int, int], first: bool, queue) -
                 receiver.receive()
         except Exception:  # noqa: BLE001 - any failure of the old group
             group.close()
-    group = WeightGroup("127.0.0.1", ports[1], rank, 3, "gloo", timeout_s=60, name="minillm-weights-2")
+    group = WeightGroup("127.0.0.1", ports[1], rank, 3, "gloo", timeout_s=240, name="minillm-weights-2")
     version, named = WeightReceiver(group).receive()
     ok = all(torch.equal(a, b) for (_, a), (_, b) in zip(_state(version), named, strict=True))
     queue.put((rank, version, ok))
@@ -139,7 +141,7 @@ def test_a_killed_receiver_is_taken_back_by_a_re_formed_group():
     killed.set()
     restarted = ctx.Process(target=_reforming_receiver, args=(2, ports, False, queue))
     restarted.start()
-    got = sorted((queue.get(timeout=180) for _ in range(3)), key=str)
+    got = sorted((queue.get(timeout=400) for _ in range(3)), key=str)
     for p in (sender, survivor, restarted):
         p.join(timeout=60)
         assert p.exitcode == 0
