@@ -74,7 +74,12 @@ class Teacher:
             return torch.zeros(hidden.shape[0], 0, dtype=self.wire_dtype)
         if transport == "hidden":
             return TeacherHidden(hidden.to(self.wire_dtype).cpu())
-        if transport == "topk":
+        return self._pack_logprobs(logp, transport)
+
+    def _pack_logprobs(self, logp: torch.Tensor, transport: str | None = None) -> torch.Tensor | TopKLogprobs:
+        """Float32 log-probs [n, V] in the dense / top-k wire format, on the CPU (also the transport benchmark's
+        packing of one set of log-probs into every format)."""
+        if (transport or self.transport) == "topk":
             top = topk_logprobs(logp, min(self.top_k, logp.shape[-1]))
             return TopKLogprobs(top.ids.cpu(), top.logprobs.cpu(), top.tail.cpu())
         return logp.to(self.wire_dtype).cpu()
@@ -92,13 +97,6 @@ class Teacher:
 
     def _concat(self, pieces: list[Wire], transport: str | None = None) -> Wire:
         return cat_teacher(pieces) if pieces else self._empty(transport)
-
-    def _pack_teacher(self, logp: torch.Tensor) -> torch.Tensor | TopKLogprobs:
-        """Full float32 log-probs [N, V] in the dense / top-k wire format (the transport benchmark's packing)."""
-        if self.transport == "topk":
-            top = topk_logprobs(logp, min(self.top_k, logp.shape[-1]))
-            return TopKLogprobs(top.ids.cpu(), top.logprobs.cpu(), top.tail.cpu())
-        return logp.to(self.wire_dtype).cpu()
 
     @torch.no_grad()
     def score(

@@ -8,7 +8,7 @@ response to each of the first `--prompts` Dolly validation prompts (the paper's 
 `--max-new-tokens` (`--responses reference` uses Dolly's reference responses instead, as a contrast on natural
 text). The old log-probs are the student's current ones (lag 0). The project's `Teacher`
 (actors/teacher.py) scores them once in float32 (dense fp32 transport, the old default); every other transport is
-packed from those same log-probs by the teacher's own packing (`Teacher._pack_teacher`): dense bf16 (what a GPU
+packed from those same log-probs by the teacher's own packing (`Teacher._pack_logprobs`): dense bf16 (what a GPU
 teacher sends; here only the wire precision differs, not the teacher's compute) and top-k for each k. `hidden fp32`
 (teacher.transport=hidden) is scored by a second `Teacher` with that transport: the teacher's final hidden states
 and its exact sampled-token log-probs; the KL and the learner's step expand them to full-vocabulary log-probs with
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         *[(f"top-k {k}", "topk", k, torch.float32) for k in [*args.ks, *args.kl_only_ks]],
     ]:
         teacher.transport, teacher.top_k, teacher.wire_dtype = transport, k, wire
-        transports[name] = ScoredShard(dense.packed, dense.teacher_token_logprobs, teacher._pack_teacher(dense_lp))
+        transports[name] = ScoredShard(dense.packed, dense.teacher_token_logprobs, teacher._pack_logprobs(dense_lp))
     del teacher
     hidden_teacher = Teacher(str(args.teacher), vocab, eos, batch_size=8, transport="hidden", dtype="float32")
     _, transports["hidden fp32"] = hidden_teacher.score(rollouts, 1)
