@@ -87,6 +87,16 @@ def unpack(layout: PackedLayout, buffers: dict[str, torch.Tensor]) -> list[tuple
     return out
 
 
+def group_backend(member_gpus: list[list[str]]) -> str:
+    """The weight group's backend from each member's GPUs ("node:gpu" names; [] without a GPU): NCCL only when every
+    member has a GPU and no GPU is two members'. NCCL refuses two ranks on one device ("Duplicate GPU detected"), so a
+    learner and a sampler sharing a GPU (fractional num_gpus, e.g. the whole service on one GPU) push over gloo."""
+    names = [g for gpus in member_gpus for g in set(gpus)]
+    if any(not gpus for gpus in member_gpus) or len(set(names)) < len(names):
+        return "gloo"
+    return "nccl"
+
+
 class WeightGroup:
     """A process group of the learner's rank 0 (rank 0, the sender) and the samplers (ranks 1..N), independent of
     the default process group. `backend`: gloo (CPU tensors) or nccl (CUDA tensors). `name` keys the group in its

@@ -14,7 +14,14 @@ from actors.remote import make_rollout_queue, make_sampler, make_teacher
 from actors.sampler import sampler_spec
 from common.config import DistillConfig, weight_sync_backend
 from common.placement import num_samplers
+from common.weight_sync import group_backend
 from learner.group import LearnerGroup
+
+
+def gpus_of_actor(_actor: Any) -> list[str]:
+    """Run in an actor (`__ray_call__`): its GPUs as "node:gpu" names ([] without one)."""
+    node = ray.get_runtime_context().get_node_id()
+    return [f"{node}:{g}" for g in ray.get_gpu_ids()]
 
 
 class ActorSet:
@@ -27,6 +34,7 @@ class ActorSet:
         self.samplers: list = []
         self.queue: Any = None  # the rollout queue (MiniLLM only)
         self.weight_groups = 0  # weight groups formed so far (weight_sync=collective): one more per re-forming
+        self.weight_backend: str | None = None  # the weight group's backend (gloo / nccl), once formed
 
     def start(self, student_dir: str) -> None:
         """Every actor of the service, in one placement group: learner ranks, teachers, samplers (student engine,
@@ -142,6 +150,10 @@ class ActorSet:
         a new port (a restarted sampler cannot rejoin the old one; its weights come separately)."""
         assert self.learner is not None
         backend = weight_sync_backend(self.cfg.cluster)
+        members = [self.learner.actors[0], *self.samplers]
+        if backend == "nccl":  # gloo where the learner and a sampler share a GPU: NCCL refuses two ranks on one
+            backend = group_backend(ray.get([m.__ray_call__.remote(gpus_of_actor) for m in members]))
+        self.weight_backend = backend
         host, port = self.learner.weight_sync_address()
         world = 1 + len(self.samplers)
         self.weight_groups += 1

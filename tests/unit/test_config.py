@@ -74,3 +74,14 @@ def test_weight_sync_choice_and_backend():
     assert load_config(None, ["cluster.torch_threads=2"]).cluster.torch_threads == 2
     with pytest.raises(ConfigError, match="cluster.torch_threads"):
         load_config(None, ["cluster.torch_threads=0"])
+
+
+def test_weight_group_backend_from_the_members_gpus():
+    """NCCL only when every member has a GPU of its own: it refuses two ranks on one device."""
+    from common.weight_sync import group_backend
+
+    assert group_backend([["n1:0"], ["n1:1"], ["n2:0"]]) == "nccl"
+    assert group_backend([["n1:0"], ["n1:0"]]) == "gloo"  # the whole service on one GPU (fractional num_gpus)
+    assert group_backend([["n1:0", "n1:1"], ["n1:1"]]) == "gloo"  # a shared GPU among several
+    assert group_backend([["n1:0"], []]) == "gloo"  # a CPU sampler
+    assert group_backend([["n1:0"], ["n2:0"]]) == "nccl"  # GPU 0 of two nodes
