@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from actors.sampler import Sampler, SamplerSpec
-from tests.integration.test_sampler import EOS, LIMIT, PROMPT, TOL, _pit_p_value
+from tests.integration.test_sampler import EOS, LIMIT, PROMPT, TOL
+from tests.mixture_stats import pit_p_value
 from tests.toy_models import build_llama_dir
 
 pytestmark = pytest.mark.integration
@@ -62,10 +63,10 @@ def test_padded_rows_never_drawn_and_mixture_exact(padded):
     assert drawn.max() < REAL
     q = _real_probs(models["student"], rollouts.response_ids)
     p = _real_probs(models["teacher"], rollouts.response_ids)
-    p_value = _pit_p_value(q, p, rollouts.response_ids, 0.2)
+    p_value = pit_p_value(q, p, rollouts.response_ids, 0.2)
     print(f"padded rows: chi-square p={p_value:.3f} over {rollouts.num_tokens} tokens")
     assert p_value > 1e-3
-    assert _pit_p_value(q, p, rollouts.response_ids, 0.7) < 1e-3  # power
+    assert pit_p_value(q, p, rollouts.response_ids, 0.7) < 1e-3  # power
 
 
 @pytest.mark.parametrize("scoring", ["forced", "pass"])

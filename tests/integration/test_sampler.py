@@ -12,9 +12,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from actors.sampler import Sampler, SamplerSpec
+from tests.mixture_stats import pit_p_value
 from tests.toy_models import build_llama_dir
 
 pytestmark = pytest.mark.integration
@@ -57,20 +57,6 @@ def _next_token_probs(model, prompt: list[int], responses: list[list[int]]) -> l
     return [probs[b, len(prompt) - 1 : len(prompt) - 1 + len(r)] for b, r in enumerate(responses)]
 
 
-def _pit_p_value(student_probs, teacher_probs, responses, alpha: float, bins: int = 10) -> float:
-    """Chi-square p-value that the randomized PIT values of every token under alpha*p + (1-alpha)*q are uniform."""
-    rng = np.random.default_rng(0)
-    values = []
-    for q, p, resp in zip(student_probs, teacher_probs, responses, strict=True):
-        mix = (alpha * p + (1 - alpha) * q).numpy()
-        cdf = np.cumsum(mix, axis=-1)
-        for t, tok in enumerate(resp):
-            below = cdf[t, tok] - mix[t, tok]
-            values.append(below + rng.random() * mix[t, tok])
-    counts = np.histogram(np.clip(values, 0, 1 - 1e-12), bins=bins, range=(0, 1))[0]
-    return float(chisquare(counts).pvalue)
-
-
 def _sample_recording_coins(sampler, monkeypatch, n: int, alpha: float):
     """Sample, keeping every drawn coin (the rollouts keep only those of generated positions)."""
     import actors.sampler as sampler_module
@@ -111,11 +97,11 @@ def test_every_token_follows_the_mixture(toy, monkeypatch, alpha):
 
     q = _next_token_probs(models["student"], PROMPT, responses)
     p = _next_token_probs(models["teacher"], PROMPT, responses)
-    p_value = _pit_p_value(q, p, responses, alpha)
+    p_value = pit_p_value(q, p, responses, alpha)
     print(f"alpha={alpha}: chi-square p={p_value:.3f} over {rollouts.num_tokens} tokens")
     assert p_value > 1e-3
     # the test has power: the same samples are rejected against another alpha
-    assert _pit_p_value(q, p, responses, 0.5 if alpha != 0.5 else 0.0) < 1e-3
+    assert pit_p_value(q, p, responses, 0.5 if alpha != 0.5 else 0.0) < 1e-3
 
     # coins are Bernoulli(alpha) per position and independent of the tokens (so also of where responses stop)
     owners = np.concatenate([np.array(o) for o in rollouts.owners])
