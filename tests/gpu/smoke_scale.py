@@ -5,8 +5,9 @@
 The actors are started the way the driver starts them (learner/actor_set.py: one placement group; the sampler with
 its student and teacher vLLM engines, the teacher, one learner rank, the rollout queue; each its own Ray actor and
 process), from the tiny default (configs/tiny.yaml) with `teacher.transport=hidden` and
-`learner.weight_sync=collective`. On CUDA: `models.dtype=bfloat16`, the actors share the GPU by fractional
-`num_gpus`, eager engines (pass `sampler.enforce_eager=false` for CUDA graphs). Steps, each checked:
+`learner.weight_sync=collective`; the actors share one GPU by fractional `num_gpus` (on CPU Ray is told of one GPU:
+the same placement and backend choice, the actors' torch on CPU); eager engines (`sampler.enforce_eager=false`:
+CUDA graphs); on CUDA `models.dtype=bfloat16`, on CPU float32. Steps, each checked:
 
 1. mixture: the sampler's request-level mixture on short responses; every token's PIT under the exact
    alpha*p + (1-alpha)*q (HF forwards, float32, in this process) is uniform (chi-square p > 1e-3), and the same
@@ -55,12 +56,11 @@ def smoke_config(device: str, overrides: list[str], out_dir: str):
         "data.max_valid_examples=16",
         f"output_dir={out_dir}",
     ]
+    # the one-GPU placement on both devices: on CPU Ray is told of one GPU, so the same bundles, fractional
+    # num_gpus and weight-group backend choice are exercised (the actors' torch sees no CUDA and runs on CPU)
+    given += ["sampler.enforce_eager=true", *(f"cluster.{k}_gpus={v}" for k, v in GPU_SHARES.items())]
     if device == "cuda":
-        given += [
-            "models.dtype=bfloat16",
-            "sampler.enforce_eager=true",
-            *(f"cluster.{k}_gpus={v}" for k, v in GPU_SHARES.items()),
-        ]
+        given.append("models.dtype=bfloat16")
     return load_config(None, given + overrides)
 
 
@@ -181,13 +181,39 @@ def update_and_push(actors: Any, cfg: Any, tokenizer: Any, train_items: list) ->
     }
 
 
-def memory(actors: Any) -> dict[str, dict[str, float]]:
+def memory(actors: Any) -> dict[str, dict[str, Any]]:
     import ray
+
+    from learner.actor_set import gpus_of_actor
 
     named = {"sampler-0": actors.samplers[0], "teacher-0": actors.teachers[0], "learner-0": actors.learner.actors[0]}
     named["rollout-queue"] = actors.queue
     peaks = ray.get([a.__ray_call__.remote(actor_memory) for a in named.values()])
-    return {**dict(zip(named, peaks, strict=True)), "driver": actor_memory(None)}
+    gpus = ray.get([a.__ray_call__.remote(gpus_of_actor) for a in named.values()])
+    for peak, names in zip(peaks, gpus, strict=True):
+        peak["gpus"] = ",".join(n.rsplit(":", 1)[1] for n in names) or "-"  # the GPU ids Ray gave the actor
+    return {**dict(zip(named, peaks, strict=True)), "driver": {**actor_memory(None), "gpus": "-"}}
+
+
+def start_ray_with_one_pretended_gpu(cfg: Any) -> str:
+    """learner.main.connect_ray's local Ray, with one GPU declared (CPU mode: the one-GPU placement)."""
+    import os
+
+    import ray
+
+    from common.engine_env import IN_PROCESS_ENGINE
+
+    if cfg.cluster.worker_niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(cfg.cluster.worker_niceness)
+    env = {**IN_PROCESS_ENGINE, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
+    ray.init(
+        address="local",
+        num_cpus=cfg.cluster.num_cpus,
+        num_gpus=1,
+        include_dashboard=False,
+        runtime_env={"env_vars": env},
+    )
+    return f"started a local Ray ({cfg.cluster.num_cpus} CPUs, 1 GPU declared, none used)"
 
 
 def run(device: str, overrides: list[str]) -> int:
@@ -208,7 +234,8 @@ def run(device: str, overrides: list[str]) -> int:
         ready = preflight(smoke_config(device, overrides, out))
         cfg, tok, vocab = ready.config, ready.tokenizer, ready.vocab.tokenizer_size
         lap("preflight")
-        print(f"[smoke] {device}: {connect_ray(cfg)}", flush=True)
+        how = connect_ray(cfg) if device == "cuda" else start_ray_with_one_pretended_gpu(cfg)
+        print(f"[smoke] {device}: {how}", flush=True)
         actors = ActorSet(cfg, ready.assets, tok, vocab)
         try:
             check_resources(cfg)
@@ -235,6 +262,10 @@ def run(device: str, overrides: list[str]) -> int:
         (upd["logprob_moved"] > 1e-6, "push: the sampler's log-probs did not change"),
         (upd["logprob_gap"] < tol, f"push: sampler vs learner log-prob gap {upd['logprob_gap']:.3g} >= {tol}"),
         (all(v["rss_mib"] > 0 for v in mem.values()), "memory: no peak RSS read"),
+        (
+            len({mem[a]["gpus"] for a in ("sampler-0", "teacher-0", "learner-0")} - {"-"}) == 1,
+            "placement: the sampler, teacher and learner are not on one GPU",
+        ),
         (
             device == "cpu" or all(mem[a]["cuda_mib"] > 0 for a in ("sampler-0", "teacher-0", "learner-0")),
             "memory: an actor on the GPU reports no CUDA allocation",
@@ -267,9 +298,9 @@ def print_table(device, cfg, backend, seconds, mix, upd, mem) -> None:
     ]
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    print(f"\n{'peak memory (MiB)':<{width}}  {'CUDA alloc':>10}  {'RSS':>8}")
+    print(f"\n{'peak memory (MiB)':<{width}}  {'Ray GPU':>7}  {'CUDA alloc':>10}  {'RSS':>8}")
     for name, m in mem.items():
-        print(f"{name:<{width}}  {m['cuda_mib']:>10.0f}  {m['rss_mib']:>8.0f}")
+        print(f"{name:<{width}}  {m['gpus']:>7}  {m['cuda_mib']:>10.0f}  {m['rss_mib']:>8.0f}")
     print(flush=True)
 
 

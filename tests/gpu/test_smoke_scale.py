@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-CHECKS = 10  # the script's checks: all must pass
+CHECKS = 11  # the script's checks: all must pass
 
 
 def _smoke(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -36,6 +36,7 @@ def _passes(proc: subprocess.CompletedProcess) -> str:
 @pytest.mark.e2e
 def test_smoke_on_cpu():
     out = _passes(_smoke("--device", "cpu"))
+    # Ray was told of one GPU: the one-GPU placement, so the shared GPU makes the weight group gloo
     assert "collective push (gloo)" in out and "cpu / float32" in out
 
 
