@@ -39,7 +39,7 @@ def report(res: dict[str, list[dict[str, Any]]], a: argparse.Namespace) -> str:
         ("loop-a0", "trl"),
         ("service-a0", "service"),
     ]
-    lines += ["", "| ratio | per repeat | median |", "|---|---|---:|"]
+    header = len(lines)
     revs = [arm for arm in a.arms if "@" in arm]
     pairs += [("service-ppo", "service")] + [(y, x) for x, y in zip(revs, revs[1:], strict=False)]
     keys = {"tok/s": "tok_per_s", "peak PSS": "peak_pss_mb", "step (s)": "step_s", "median step (s)": "step_median_s"}
@@ -52,6 +52,8 @@ def report(res: dict[str, list[dict[str, Any]]], a: argparse.Namespace) -> str:
         for name in shown:
             rs = ratios(res, x, y, keys[name])
             lines.append(f"| {x} / {y}, {name} | {' / '.join(f'{r:.2f}' for r in rs)} | {median(rs):.2f} |")
+    if len(lines) > header:  # the ratio table only when the run holds one of its pairs
+        lines[header:header] = ["", "| ratio | per repeat | median |", "|---|---|---:|"]
     for svc, stg in (("service", "stages"), ("service-a0", "stages-a0")):
         if svc not in res or stg not in res:
             continue
@@ -100,13 +102,13 @@ def objective_table(res: dict[str, list[dict[str, Any]]], arms: list[str]) -> li
     bases = list(dict.fromkeys(x.split(":")[0] for x in shown))
     if not shown:
         return []
-    keys = (("tok_per_s", 0), ("learner_step_s", 3), ("teacher_bytes_per_token", 0), ("pt_teacher_bytes_per_token", 0))
+    keys = (("tok_per_s", 0), ("learner_step_s", 3), ("teacher_bytes_per_token", 0))
     lines = ["", "Objectives (ratio: the arm / its base arm with the default objective, repeat by repeat; median)", ""]
     lines.append(
         "| arm | completion tok/s | ratio | learner step (s, median) | ratio | teacher bytes / token: rollouts "
-        "| ratio | + pre-training block | ratio |"
+        "| ratio | + pre-training block (lmops) |"
     )
-    lines.append("|---|---:|---|---:|---|---:|---|---:|---|")
+    lines.append("|---|---:|---|---:|---|---:|---|---:|")
     for arm in [x for x in arms if x in bases and x in res] + shown:
         base = arm.split(":")[0]
         cells = []
@@ -117,5 +119,6 @@ def objective_table(res: dict[str, list[dict[str, Any]]], arms: list[str]) -> li
             rs = [x[key] / y[key] if y.get(key) else float("nan") for x, y in pairs if x.get(key) is not None]
             finite = [r for r in rs if r == r]
             cells.append(f"{' / '.join(f'{r:.2f}' for r in rs)} (median {median(finite):.2f})" if finite else "")
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        pt = median([r.get("pt_teacher_bytes_per_token", 0.0) for r in res[arm]])
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {pt:,.0f} |")
     return lines
