@@ -6,6 +6,10 @@ so every comparison is between runs side by side; medians over repeats and the p
   service-a0   the same at alpha = 0 without L_PT (objective.pt_weight=0)
   service-ppo  the service with the paper's PPO schedule (--epochs inner epochs over mini-batches of --minibatch,
                with --collection); `service` then makes one update per sampled batch of the same collection
+  service:SPEC the service (or service-a0, service-ppo) with another on-policy objective (docs/objectives.md):
+               SPEC is an objective.kind or `lmops` (objective.variant=lmops), then `:key=value` objective fields
+               (`lambda` for on_policy_fraction): service:gkd:beta=0.5:lambda=0.5, service:sampled_rkl, ...;
+               the objectives table gives tok/s, learner step and teacher bytes per token beside the base arm's
   service@REV  the service at git revision REV (--rev, repeatable), run from a worktree of it: step time and the
                driver's peak RSS of two versions; overrides REV's config does not know are left out
   loop         the same maths in one plain torch process (python -m bench._single_process loop): lockstep mixture
@@ -32,6 +36,7 @@ ones divided among their sharers, sampled every second; the driver's own peak RS
     python -m bench.throughput --arms service,service-ppo --batch 16 --tokens 48 --collection 64 --epochs 4 \\
         --minibatch 16 --steps 3 --skip 1          # time per collection: PPO inner epochs vs one update per batch
     python -m bench.throughput --arms '' --rev 68f1867 --rev HEAD --batch 16 --tokens 48 --steps 14  # two versions
+    python -m bench.throughput --pair DIR --arms service,service:lmops,service:gkd,service:sampled_rkl  # objectives
 
 --threads: torch threads of the single-process arms (loop, trl), by default every core of the machine, as a one-box
 user runs them; the service's actors keep their own (cluster.torch_threads: 1 each on the default). On a machine
@@ -51,19 +56,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.harness import (
-    ROOT,
-    alternate,
-    bench_env,
-    driver_command,
-    median,
-    ratios,
-    read_metrics,
-    side_by_side,
-    watch,
-)
+from bench.harness import ROOT, alternate, bench_env, driver_command, median, read_metrics, watch
+from bench.throughput_report import report
 
 ALL_ARMS = ("service", "loop", "trl", "stages", "service-a0", "loop-a0", "stages-a0", "service-ppo")
+OBJECTIVE_ALIASES = {"lambda": "on_policy_fraction"}  # GKD's name for it
+
+
+def objective_overrides(arm: str) -> list[str]:
+    """The objective of a `BASE:SPEC` arm as overrides: `service:gkd:beta=0.5:lambda=0.5` -> objective.kind=gkd,
+    objective.beta=0.5, objective.on_policy_fraction=0.5; `service:lmops` -> objective.variant=lmops; none without
+    a SPEC."""
+    name, *fields = arm.split(":")[1:] or [""]
+    if not name:
+        return []
+    out = ["objective.variant=lmops" if name == "lmops" else f"objective.kind={name}"]
+    for item in fields:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"{item!r} is not key=value")
+        out.append(f"objective.{OBJECTIVE_ALIASES.get(key, key)}={value}")
+    return out
+
+
+def check_arms(arms: list[str]) -> None:
+    """Fail fast, naming the arm, on an unknown arm or an objective SPEC the configuration refuses."""
+    from common.config import load_config
+
+    for arm in arms:
+        base = arm.split(":")[0]
+        if base not in ALL_ARMS or (":" in arm and not base.startswith("service")):
+            raise SystemExit(f"unknown arm {arm!r} (objectives apply to the service arms only: service:SPEC)")
+        try:
+            load_config(None, objective_overrides(arm))
+        except Exception as exc:  # noqa: BLE001 - any refusal of the SPEC, as one line
+            raise SystemExit(f"arm {arm!r}: {str(exc).splitlines()[-1].strip()}") from None
 
 
 def _last_json(out: str) -> dict[str, Any]:
@@ -102,32 +129,32 @@ class Bench:
     results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def arm_overrides(self, arm: str) -> list[str]:
-        a = self.args
-        if arm.endswith("-a0"):
+        a, base = self.args, arm.split(":")[0]
+        if base.endswith("-a0"):
             out = [*self.overrides, "objective.alpha=0", "objective.pt_weight=0"]
         else:
             out = [*self.overrides, f"objective.alpha={a.alpha}"]
         if a.collection and arm.startswith("service"):
-            ppo = arm == "service-ppo"
+            ppo = base == "service-ppo"
             out += [
                 f"learner.rollouts_per_collection={a.collection}",
                 f"learner.ppo_epochs={a.epochs if ppo else 1}",
                 f"learner.minibatch_size={a.minibatch if ppo else a.batch}",
             ]
-        return out
+        return out + objective_overrides(arm)
 
     def updates_per_batch(self, arm: str) -> float:
         a = self.args
-        return a.epochs * a.batch / a.minibatch if arm == "service-ppo" else 1.0
+        return a.epochs * a.batch / a.minibatch if arm.split(":")[0] == "service-ppo" else 1.0
 
     def run(self, arm: str, rep: int) -> dict[str, Any]:
-        kind = arm.split("-")[0].split("@")[0]
+        kind = arm.split("-")[0].split("@")[0].split(":")[0]
         fn = {"service": self.service, "loop": self.single, "stages": self.single, "trl": self.trl}[kind]
         return fn(arm, rep)
 
     def service(self, arm: str, rep: int) -> dict[str, Any]:
         a = self.args
-        tag = arm.replace("@", "-at-").replace("/", "_")
+        tag = arm.replace("@", "-at-").replace("/", "_").replace(":", "_")
         out_dir = self.work / f"{tag}-{rep}"
         metrics = out_dir / "metrics.jsonl"
         per_step = round(a.collection / a.batch * self.updates_per_batch(arm)) if a.collection else 1
@@ -149,7 +176,7 @@ class Bench:
         wall = kept[-1]["time"] - start["time"]
         measured = [r for r in recs if r["step"] > start["step"]]
         batches = len(measured) / self.updates_per_batch(arm)
-        tokens = sum(r["tokens"] for r in measured) / (a.epochs if arm == "service-ppo" else 1)
+        tokens = sum(r["tokens"] for r in measured) / (a.epochs if arm.split(":")[0] == "service-ppo" else 1)
         busy = {
             "sampler": sum(r["tokens"] / r["sampler_tokens_per_s"] for r in measured if "sampler_tokens_per_s" in r),
             "teacher": sum(r["tokens"] / r["teacher_tokens_per_s"] for r in measured if "teacher_tokens_per_s" in r),
@@ -177,6 +204,13 @@ class Bench:
             "driver_peak_rss_mb": w.peak_own_rss_mb,
             "to_step1_s": w.first_seen_s,
             "mean_response_tokens": tokens / batches / a.batch,
+            "learner_step_s": median([r["step_seconds"] for r in measured]),
+            # the teacher's payload per trained response token: its rows for the rollouts (BatchInfo.teacher_bytes)
+            # and, with objective.pt_kd_ratio > 0, for the pre-training block (pt_teacher_bytes)
+            "teacher_bytes_per_token": sum(r["teacher_bytes_per_token"] * r["tokens"] for r in measured)
+            / max(sum(r["tokens"] for r in measured), 1),
+            "pt_teacher_bytes_per_token": sum(r.get("pt_teacher_bytes", 0.0) for r in measured)
+            / max(sum(r["tokens"] for r in measured), 1),
         }
 
     def single(self, arm: str, rep: int) -> dict[str, Any]:
@@ -257,6 +291,8 @@ def setup(args: argparse.Namespace) -> tuple[list[str], dict[str, str], list[str
         tiny = tiny_models_for()
         models = {"teacher": str(tiny.teacher), "student": str(tiny.student), "tokenizer": str(tiny.tokenizer)}
     common.append(f"models.sft_checkpoint={models['student']}")  # MiniLLM from the student as it is: no SFT phase
+    if "trl" not in args.arms:  # only TRL's arm takes prompt texts; tokenizing the data set costs minutes on 2 cores
+        return common, models, []
     cfg = load_config(None, common)
     tok = load_tokenizer(models["tokenizer"])
     items, _ = tokenize_examples(
@@ -266,89 +302,6 @@ def setup(args: argparse.Namespace) -> tuple[list[str], dict[str, str], list[str
     n = args.steps + args.skip + 2
     prompts = [str(tok.decode(it.prompt_ids)) for _ in range(n) for it in next(batches)]
     return common, models, prompts
-
-
-def report(bench: Bench) -> str:
-    res, a = bench.results, bench.args
-    lines = []
-
-    def med(arm: str, key: str) -> float:
-        return median([r[key] for r in res.get(arm, []) if r.get(key) is not None])
-
-    def cell(arm: str, key: str, digits: int) -> str:
-        value = med(arm, key)
-        return "" if value != value else f"{value:.{digits}f}"
-
-    lines.append(
-        "| arm | completion tok/s (median) | per repeat | step (s) | peak PSS, all processes (MB) | to step 1 (s) "
-        "| median step (s) | driver peak RSS (MB) |"
-    )
-    lines.append("|---|---:|---|---:|---:|---:|---:|---:|")
-    for arm in a.arms:
-        if arm.startswith("stages") or arm not in res:
-            continue
-        per = " / ".join(f"{r['tok_per_s']:.0f}" for r in res[arm])
-        cells = [cell(arm, "tok_per_s", 0), per, cell(arm, "step_s", 2), cell(arm, "peak_pss_mb", 0)]
-        cells += [cell(arm, "to_step1_s", 0), cell(arm, "step_median_s", 2), cell(arm, "driver_peak_rss_mb", 0)]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    pairs = [
-        ("service", "loop"),
-        ("service-a0", "loop-a0"),
-        ("service", "trl"),
-        ("service-a0", "trl"),
-        ("loop-a0", "trl"),
-        ("service-a0", "service"),
-    ]
-    lines += ["", "| ratio | per repeat | median |", "|---|---|---:|"]
-    revs = [arm for arm in a.arms if "@" in arm]
-    pairs += [("service-ppo", "service")] + [(y, x) for x, y in zip(revs, revs[1:], strict=False)]
-    keys = {"tok/s": "tok_per_s", "peak PSS": "peak_pss_mb", "step (s)": "step_s", "median step (s)": "step_median_s"}
-    keys["driver peak RSS"] = "driver_peak_rss_mb"
-    for x, y in pairs:
-        if x not in res or y not in res:
-            continue
-        shown = ["tok/s"] + (["peak PSS"] if y == "trl" else [])
-        shown += ["step (s)"] if x == "service-ppo" else ["median step (s)", "driver peak RSS"] if "@" in x else []
-        for name in shown:
-            rs = ratios(res, x, y, keys[name])
-            lines.append(f"| {x} / {y}, {name} | {' / '.join(f'{r:.2f}' for r in rs)} | {median(rs):.2f} |")
-    for svc, stg in (("service", "stages"), ("service-a0", "stages-a0")):
-        if svc not in res or stg not in res:
-            continue
-        lines += ["", f"{svc}: stages alone ({stg}) and busy shares in the service", ""]
-        lines.append(
-            "| stage | alone: s per batch (median) | alone: tok/s | in the service: wall s per batch "
-            "| in the service: CPU s per batch | busy share of a service step |"
-        )
-        lines.append("|---|---:|---:|---:|---:|---:|")
-        shares = {k: median([r["busy_share"][k] for r in res[svc]]) for k in res[svc][0]["busy_share"]}
-        walls = {k: median([r["busy_per_batch_s"][k] for r in res[svc]]) for k in res[svc][0]["busy_per_batch_s"]}
-        cpus = {k: median([r["cpu_per_batch_s"][k] for r in res[svc]]) for k in res[svc][0]["cpu_per_batch_s"]}
-        # push: alone = gather the learner's weights + load them into the sampler; in the service the driver's
-        # push_seconds (the dispatch of the push; the load happens in the sampler between batches)
-        names = {"sample": "sampler", "score": "teacher", "update": "learner", "push": "push (driver)"}
-        for k, label in names.items():
-            s = median([r["stage_s"][k] for r in res[stg]])
-            rate = median([r["stage_tok_per_s"][k] for r in res[stg]])
-            cpu = f"{cpus[label]:.2f}" if label in cpus else ""
-            lines.append(
-                f"| {label} | {s:.2f} | {rate:.0f} | {walls.get(label, float('nan')):.2f} | {cpu} "
-                f"| {shares.get(label, float('nan')):.2f} |"
-            )
-        lines.append(f"| learner idle (wait) | | | | | {shares['learner idle (wait)']:.2f} |")
-        effs = []
-        for r_svc, r_stg in side_by_side(res, svc, stg):
-            slowest = min(r_stg["stage_tok_per_s"][k] for k in ("sample", "score", "update"))
-            effs.append(r_svc["tok_per_s"] / slowest)
-        lines.append(
-            f"\npipeline efficiency ({svc} tok/s / slowest stage alone): "
-            f"{' / '.join(f'{e:.2f}' for e in effs)} (median {median(effs):.2f})"
-        )
-    for arm in ("loop", "loop-a0"):
-        if arm in res:
-            sh = {k: median([r["busy_share"][k] for r in res[arm]]) for k in ("sample", "score", "update")}
-            lines.append(f"\n{arm}: share of its step: " + ", ".join(f"{k} {v:.2f}" for k, v in sh.items()))
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -374,19 +327,18 @@ def main() -> None:
     args.arms = [x for x in args.arms.split(",") if x]
     if args.trl_python and "trl" not in args.arms:
         args.arms.insert(args.arms.index("loop") + 1 if "loop" in args.arms else len(args.arms), "trl")
-    unknown = set(args.arms) - set(ALL_ARMS)
-    if unknown or ("trl" in args.arms and not args.trl_python) or ("service-ppo" in args.arms and not args.collection):
-        raise SystemExit(
-            f"unknown arms {sorted(unknown)}, trl without --trl-python or service-ppo without --collection"
-        )
+    check_arms(args.arms)
+    if ("trl" in args.arms and not args.trl_python) or (
+        any(x.startswith("service-ppo") for x in args.arms) and not args.collection
+    ):
+        raise SystemExit("trl without --trl-python or service-ppo without --collection")
     args.arms += [f"service@{rev}" for rev in args.rev]
     if args.skip < 1:
         raise SystemExit("--skip must be >= 1 (a step's wall time is measured from the step before it)")
     if args.report:  # the tables again from a saved run
         saved = json.loads(args.report.read_text())
         args.arms = [a for a in dict.fromkeys([*ALL_ARMS, *saved["results"]]) if a in saved["results"]]
-        bench = Bench(args, args.report.parent, saved["overrides"], saved["models"], saved["results"])
-        print(f"started {saved['started']}\n\n{report(bench)}")
+        print(f"started {saved['started']}\n\n{report(saved['results'], args)}")
         return
     common, models, prompts = setup(args)
     args.trl_prompts = prompts
@@ -410,7 +362,7 @@ def main() -> None:
         f"\nstarted {started}; {args.batch} completions x {args.tokens} tokens, alpha {args.alpha}, {args.threads} "
         f"threads for loop and trl; 1-minute load average before each run (arm by arm): {loads} (logs: {bench.work})\n"
     )
-    print(report(bench))
+    print(report(bench.results, args))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ from common.logprobs import TeacherHidden, TopKLogprobs, cat_teacher
 TeacherWire = torch.Tensor | TopKLogprobs | TeacherHidden
 
 
+def wire_bytes(t: TeacherWire) -> int:
+    """Payload bytes of a teacher's wire data (dense log-probs, top-k or hidden states)."""
+    return t.nbytes if isinstance(t, TopKLogprobs | TeacherHidden) else t.numel() * t.element_size()
+
+
 @dataclass
 class Rollouts:
     """Responses sampled for a batch of prompts, as the sampler saw them."""
@@ -74,8 +79,7 @@ class ScoredShard:
 
     @property
     def teacher_bytes(self) -> int:
-        t = self.teacher
-        return t.nbytes if isinstance(t, TopKLogprobs | TeacherHidden) else t.numel() * t.element_size()
+        return wire_bytes(self.teacher)
 
 
 @dataclass

@@ -45,6 +45,9 @@ class RankUpdate:
     gap_sum: float | None = _across(SUM)
     gap_max: float | None = _across(MAX)
     gap_tokens: float | None = _across(SUM)
+    # the teacher's payload on the update's pre-training block (objective.pt_kd_ratio > 0): bytes beside the
+    # rollouts' teacher_bytes (MiniLLM only)
+    pt_teacher_bytes: float | None = _across(SUM)
 
     def as_dict(self) -> dict[str, float]:
         return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}

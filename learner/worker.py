@@ -29,6 +29,7 @@ from common.rollout import (
     select_rows,
     token_micro_batches,
     trim_shard,
+    wire_bytes,
 )
 from common.teacher_head import TeacherHead, expand_teacher
 from learner.chunked_head import ChunkedLMHead
@@ -391,6 +392,7 @@ class LearnerWorker(FSDPStudent):
             peak_memory_mb=peak_mb(self.device),
             step_seconds=time.perf_counter() - t0,
             step_cpu_seconds=time.process_time() - c0,
+            pt_teacher_bytes=float(wire_bytes(pt_teacher)) if pt_teacher is not None else None,
         )
 
     def minillm_step(self, shard: ScoredShard, alpha: float, pt_ids: torch.Tensor | None = None) -> dict[str, float]:

@@ -52,6 +52,10 @@ def test_objective_kind_runs(kind, tmp_path, tiny_models):
     if kind == "lmops":
         cfg.update(schedule="cosine", warmup=1)
         assert all(r["loss_pt"] > 0 for r in steps)  # L_PT with the teacher's cross-entropy part
+        # its teacher rows on the pre-training block (2 x 63 target positions), dense float32 over the vocabulary
+        assert len({r["pt_teacher_bytes"] for r in steps}) == 1 and steps[0]["pt_teacher_bytes"] % (2 * 63 * 4) == 0
+    else:
+        assert all("pt_teacher_bytes" not in r for r in steps)
     expected = [lr_at(s, cfg["lr"], cfg["schedule"], cfg["warmup"], STEPS) for s in range(STEPS)]
     assert [r["lr"] for r in steps] == pytest.approx(expected, rel=1e-12, abs=0)
     if kind == "sampled_rkl":

@@ -53,3 +53,9 @@ def test_sft_and_kd_reports_keep_only_their_fields():
 def test_a_statistic_without_a_rule_is_refused():
     with pytest.raises(ValueError, match="no_rule"):
         RankUpdate.reduce([{"loss": 1.0, "no_rule": 2.0}])
+
+
+def test_pre_training_teacher_bytes_add_up_over_ranks():
+    ranks = [RankUpdate(loss=1.0, tokens=2.0, pt_teacher_bytes=b).as_dict() for b in (100.0, 300.0)]
+    assert RankUpdate.reduce(ranks)["pt_teacher_bytes"] == 400.0
+    assert "pt_teacher_bytes" not in RankUpdate.reduce([RankUpdate(loss=1.0, tokens=2.0).as_dict()] * 2)
