@@ -5,11 +5,12 @@
 
 The step is bench/memory.py's (`run_step`: the real `LearnerWorker.minillm_step` on a synthetic top-k shard);
 here the peak (VmHWM) is read and reset at every phase boundary, found by hooks: each transformer layer's forward
-(in backward: its recompute), the gradient reaching each layer's output (the start of its backward), each head
-chunk's forward (in backward: its recompute) and the gradient reaching its loss, gradient clipping and the optimizer
-step. Each line gives a phase's peak and the resident set at its end, so a phase's own transient is its peak minus
-the resident set it started from (the line above's end). Set the two variables as shown, as bench/memory.py's
-subprocesses do, or freed tensors may stay resident. The hooks are instrumentation only: they change no tensor.
+(in backward: its recompute, then its gradient), the gradient reaching each layer's output (the start of its
+backward), each head chunk's forward (in backward: its recompute, then its gradient) and the gradient reaching its
+loss, gradient clipping and the optimizer step. Each line gives a phase's peak and the resident set at its end, so
+a phase's own transient is its peak minus the resident set it started from (the line above's end). Set the two
+variables as shown, as bench/memory.py's subprocesses do, or freed tensors may stay resident. The hooks are
+instrumentation only: they change no tensor.
 """
 
 from __future__ import annotations
@@ -42,13 +43,12 @@ def _hook_layers(model: torch.nn.Module) -> None:
     for i, layer in enumerate(getattr(getattr(model, "model", model), "layers", [])):
 
         def pre(_m: Any, _a: Any, i: int = i) -> None:
-            mark(f"backward: layer {i} recompute" if state["backward"] else f"forward: layer {i}")
+            # in backward the recompute stops once it has what the gradient needs: no post hook, no mark after it
+            mark(f"backward: layer {i} recompute + gradient" if state["backward"] else f"forward: layer {i}")
 
         def post(_m: Any, _a: Any, out: Any, i: int = i) -> None:
             t = out[0] if isinstance(out, tuple) else out
-            if state["backward"]:
-                mark(f"backward: layer {i} gradient")
-            elif t.requires_grad:
+            if not state["backward"] and t.requires_grad:
                 t.register_hook(lambda _g, i=i: mark(f"backward: layer {i} starts"))
 
         layer.register_forward_pre_hook(pre)
@@ -67,8 +67,10 @@ def install_hooks() -> None:
 
     def hooked_chunked(self: Any, hidden: torch.Tensor, fn: Any) -> Any:
         def timed(h: torch.Tensor, sl: slice) -> Any:
-            where = "backward: recompute" if state["backward"] else "forward:"
-            mark(f"{where} head chunk at {sl.start}")
+            if state["backward"]:
+                mark(f"backward: head chunk at {sl.start} recompute + gradient")
+            else:
+                mark(f"forward: head chunk at {sl.start}")
             loss, metrics = fn(h, sl)
             if not state["backward"] and loss.requires_grad:
 
