@@ -23,7 +23,8 @@ def vocab_log_softmax(logits: Tensor, vocab_size: int) -> Tensor:
     dropped before normalising, so no probability mass goes to them."""
     if vocab_size > logits.shape[-1]:
         raise ValueError(f"vocab_size {vocab_size} exceeds the logits' last dim {logits.shape[-1]}")
-    sliced = logits[..., :vocab_size]
+    # no slice when there is nothing to cut: its backward would build a zero-filled copy of the gradient
+    sliced = logits[..., :vocab_size] if vocab_size < logits.shape[-1] else logits
     if sliced.dtype != torch.float64:
         sliced = sliced.float()
     return torch.log_softmax(sliced, dim=-1)

@@ -24,7 +24,9 @@ class ChunkedLMHead:
         self.head, self.vocab_size, self.chunk_tokens = head, vocab_size, chunk_tokens
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)[..., : self.vocab_size]
+        out = self.head(hidden)
+        # a slice, even a whole one, costs a zero-filled [chunk, V] copy in backward: only cut padded rows
+        return out[..., : self.vocab_size] if out.shape[-1] != self.vocab_size else out
 
     def chunked(self, hidden: torch.Tensor, fn: ChunkFn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Sum fn's loss over chunks of `hidden` [N, H] rows and concatenate its metrics. Several chunks are each

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from common.logprobs import TopKLogprobs, tail_logprob, vocab_log_softmax
+from learner.vocab_picks import topk_picks
 
 # A teacher log-prob of -inf (probability exactly 0) would make KL[q || p] infinite and its gradient NaN,
 # and 0 * -inf = NaN where q underflows to 0. Floor teacher log-probs at a finite value far below anything
@@ -41,9 +42,12 @@ Teacher = Tensor | TopKLogprobs
 
 def _masked_log_softmax(logits: Tensor, mask: Tensor) -> Tensor:
     # Padding may hold anything (even NaN/inf): replace it before normalising so no NaN reaches a gradient
-    # (torch.where routes a zero gradient to the discarded branch).
+    # (torch.where routes a zero gradient to the discarded branch). Without padding (the learner passes real
+    # tokens only) the where would be an identity costing one [..., V] copy in forward and one in backward.
     keep = mask.unsqueeze(-1) > 0
-    return vocab_log_softmax(torch.where(keep, logits, torch.zeros_like(logits)), logits.shape[-1])
+    if bool(keep.all()):
+        return vocab_log_softmax(logits, logits.shape[-1])
+    return vocab_log_softmax(torch.where(keep, logits, 0.0), logits.shape[-1])
 
 
 def _floor(logprobs: Tensor) -> Tensor:
@@ -86,6 +90,24 @@ def single_step_kl(logq: Tensor, teacher: Teacher) -> Tensor:
     head = _kl_terms(logq.gather(-1, teacher.ids), teacher.logprobs)
     logq_tail = tail_logprob(logq, teacher.ids).clamp_min(LOGP_FLOOR)  # exp(floor) = 0: an empty tail adds 0
     return head + logq_tail.exp() * (logq_tail - teacher.tail)
+
+
+def _logprob_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32  # as vocab_log_softmax
+
+
+def token_logprob_and_kl(
+    logits: Tensor, clean: Teacher, tokens: Tensor, mask: Tensor, consume_logits: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(log q(tokens), single_step_kl(q, clean)) per position, unmasked, for safe `tokens` and a cleaned teacher.
+    Without padding and with a top-k teacher the log-probs go through learner/vocab_picks.py: the same numbers at
+    one [..., V] tensor of memory (`consume_logits`: the caller never reads `logits` again)."""
+    if isinstance(clean, TopKLogprobs) and logits.dtype != torch.float64 and bool((mask > 0).all()):
+        head, tail, logq_y = topk_picks(logits, clean.ids, tokens, consume=consume_logits)
+        logq_tail = tail.clamp_min(LOGP_FLOOR)  # as single_step_kl
+        return logq_y, _kl_terms(head, clean.logprobs) + logq_tail.exp() * (logq_tail - clean.tail)
+    logq = _masked_log_softmax(logits, mask)
+    return _token_logprob(logq, tokens), single_step_kl(logq, clean)
 
 
 def sequence_future_reward(r: Tensor, mask: Tensor, length_norm: bool = True) -> Tensor:
@@ -138,6 +160,7 @@ def minillm_token_losses(
     *,
     teacher_token_logprobs: Tensor | None = None,
     future_reward: Tensor | None = None,
+    consume_logits: bool = False,
 ) -> MiniLLMTerms:
     """MiniLLM's per-token (single, long) terms, with the KL and rho they used.
 
@@ -150,29 +173,29 @@ def minillm_token_losses(
     rho_t = q_theta(y_t) / p~(y_t) with p~ = alpha p + (1 - alpha) q_old; w_t = rho_t detached;
     single_t = w_t * single_step_kl(q_theta, p); long_t = max(-R_{t+1} rho_t, -R_{t+1} clip(rho_t, 1 - eps, 1 + eps));
     clip_eps None (or <= 0) disables the clipping.
+    `consume_logits`: the caller never reads `student_logits` again (see token_logprob_and_kl).
     """
     mask = mask.to(student_logits.dtype)
     real = mask > 0
     tokens = _safe_tokens(tokens, mask)
-    logq = _masked_log_softmax(student_logits, mask)
-    clean = _clean_teacher(teacher, mask, logq.dtype)
+    clean = _clean_teacher(teacher, mask, _logprob_dtype(student_logits))
+    logq_y, kl_full = token_logprob_and_kl(student_logits, clean, tokens, mask, consume_logits)
     if teacher_token_logprobs is None:
         if isinstance(clean, TopKLogprobs):
             raise ValueError("top-k teacher log-probs need teacher_token_logprobs (the exact log p of each token)")
         logp_y = _token_logprob(clean, tokens)
     else:
-        logp_y = _floor(torch.where(real, teacher_token_logprobs.to(logq.dtype), torch.zeros_like(mask))).detach()
-    old = torch.where(real, old_logprobs.to(logq.dtype), torch.zeros_like(mask)).detach()
+        logp_y = _floor(torch.where(real, teacher_token_logprobs.to(logq_y.dtype), torch.zeros_like(mask))).detach()
+    old = torch.where(real, old_logprobs.to(logq_y.dtype), torch.zeros_like(mask)).detach()
 
     if future_reward is None:
         reward = torch.where(real, logp_y - old, torch.zeros_like(old))
         future_reward = sequence_future_reward(reward, mask, length_norm)
-    future = torch.where(real, future_reward.to(logq.dtype), torch.zeros_like(mask)).detach()
+    future = torch.where(real, future_reward.to(logq_y.dtype), torch.zeros_like(mask)).detach()
 
-    logq_y = _token_logprob(logq, tokens)
     log_rho = logq_y - mixture_logprob(logp_y, old, alpha)
     rho = torch.exp(torch.where(real, log_rho, torch.zeros_like(log_rho)))
-    kl = single_step_kl(logq, clean) * mask
+    kl = kl_full * mask
     single = rho.detach() * kl
 
     # PPO's pessimistic bound: the max of the two losses, so the ratio cannot profit from leaving [1-e, 1+e]

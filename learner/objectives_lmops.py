@@ -31,11 +31,11 @@ from learner.objectives import (
     Teacher,
     _clean_teacher,
     _floor,
-    _masked_log_softmax,
+    _logprob_dtype,
     _safe_tokens,
     _token_logprob,
     mixture_logprob,
-    single_step_kl,
+    token_logprob_and_kl,
 )
 
 REWARD_SCALING = 0.5  # the scripts' --reward-scaling: rewards are divided by it
@@ -99,24 +99,24 @@ def lmops_minillm_token_losses(
     advantages: Tensor,
     *,
     teacher_token_logprobs: Tensor | None = None,
+    consume_logits: bool = False,
 ) -> LmopsTerms:
     """The released code's per-token PPO and single-step terms given its whitened advantages (see the module
     docstring: lmops_rewards -> lmops_returns -> whiten). ratio = q_theta(y_t) / p~(y_t) with p~ = alpha p +
     (1 - alpha) q_old, which is its exp(log q_theta - log q_old) * w. Reduce each with micro_batch_mean_weights."""
     mask = mask.to(student_logits.dtype)
     real = mask > 0
-    logq = _masked_log_softmax(student_logits, mask)
-    clean = _clean_teacher(teacher, mask, logq.dtype)
+    clean = _clean_teacher(teacher, mask, _logprob_dtype(student_logits))
     safe = _safe_tokens(tokens, mask)
+    logq_y, kl_full = token_logprob_and_kl(student_logits, clean, safe, mask, consume_logits)
     if teacher_token_logprobs is None:
         if not isinstance(clean, Tensor):
             raise ValueError("top-k teacher log-probs need teacher_token_logprobs (the exact log p of each token)")
         logp_y = _token_logprob(clean, safe)
     else:
-        logp_y = _floor(torch.where(real, teacher_token_logprobs.to(logq.dtype), torch.zeros_like(mask))).detach()
-    old = torch.where(real, old_logprobs.to(logq.dtype), torch.zeros_like(mask)).detach()
-    adv = torch.where(real, advantages.to(logq.dtype), torch.zeros_like(mask)).detach()
-    logq_y = _token_logprob(logq, safe)
+        logp_y = _floor(torch.where(real, teacher_token_logprobs.to(logq_y.dtype), torch.zeros_like(mask))).detach()
+    old = torch.where(real, old_logprobs.to(logq_y.dtype), torch.zeros_like(mask)).detach()
+    adv = torch.where(real, advantages.to(logq_y.dtype), torch.zeros_like(mask)).detach()
     log_rho = logq_y - mixture_logprob(logp_y, old, alpha)
     rho = torch.exp(torch.where(real, log_rho, torch.zeros_like(log_rho)))
     unclipped = -adv * rho
@@ -124,7 +124,7 @@ def lmops_minillm_token_losses(
         pg = unclipped
     else:
         pg = torch.maximum(unclipped, -adv * rho.clamp(1.0 - clip_eps, 1.0 + clip_eps))
-    kl = single_step_kl(logq, clean) * mask
+    kl = kl_full * mask
     return LmopsTerms(pg * mask, kl, kl.detach(), rho.detach() * mask, (logq_y * mask).detach())
 
 

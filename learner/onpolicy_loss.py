@@ -111,10 +111,11 @@ def token_terms(
     signal: Tensor | None,
     alpha: float,
     sampled: Tensor | None = None,
+    consume_logits: bool = False,
 ) -> OnPolicyTerms:
     """The per-token terms of `obj` at flat positions [N] (all real: the learner passes response tokens only);
     `sampled` [N] bool marks tokens of sampled responses where a batch also holds the data set's (gkd, lambda < 1:
-    those weigh 1)."""
+    those weigh 1). `consume_logits`: the caller never reads `logits` again (minillm may reuse their buffer)."""
     ones = torch.ones(tokens.shape[0], device=logits.device)
     if obj.kind == "sampled_rkl":
         assert signal is not None
@@ -142,10 +143,28 @@ def token_terms(
     assert signal is not None
     if is_lmops(obj):
         t = lmops_minillm_token_losses(
-            logits, teacher, tokens, ones, old, alpha, obj.clip_eps, signal, teacher_token_logprobs=teacher_y
+            logits,
+            teacher,
+            tokens,
+            ones,
+            old,
+            alpha,
+            obj.clip_eps,
+            signal,
+            teacher_token_logprobs=teacher_y,
+            consume_logits=consume_logits,
         )
         return OnPolicyTerms(t.reg, t.pg, t.kl, t.rho, t.logq)
     m = minillm_token_losses(
-        logits, teacher, tokens, ones, old, alpha, obj.clip_eps, teacher_token_logprobs=teacher_y, future_reward=signal
+        logits,
+        teacher,
+        tokens,
+        ones,
+        old,
+        alpha,
+        obj.clip_eps,
+        teacher_token_logprobs=teacher_y,
+        future_reward=signal,
+        consume_logits=consume_logits,
     )
     return OnPolicyTerms(m.single, m.long, m.kl, m.rho, m.logq)

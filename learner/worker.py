@@ -246,6 +246,7 @@ class LearnerWorker(FSDPStudent):
                 flat_signal[sl] if flat_signal is not None else None,
                 alpha,
                 sampled[sl] if sampled is not None else None,
+                consume_logits=True,  # the head's output for this chunk, read by nothing else
             )
             w = weights[sl]
             loss = o.single_weight * (w * terms.single).sum() + o.long_weight * (w * terms.long).sum()
