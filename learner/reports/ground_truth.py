@@ -31,9 +31,25 @@ from common.synthetic import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: the driver runs from there, CONFIG is relative to it
-METHODS = ("sft", "kd", "seqkd", "sft-long", "minillm")  # the order they run in: sft before what starts from it
-# sft-long (3x the SFT updates again) is an opt-in control: on 2 shared cores it costs more than the rest together
-DEFAULT_METHODS = ("sft", "kd", "seqkd", "minillm")
+# The on-policy objectives (docs/objectives.md): each a run of `method=minillm` from the SFT student of its seed
+# with these overrides, so all of them make the same updates of the same batch size. MiniLLM samples teacher-mixed
+# (the config's alpha, as the paper); the other kinds sample from the student alone (alpha = 0), as their sources do.
+STUDENT_ONLY = ["objective.alpha=0"]
+ON_POLICY: dict[str, list[str]] = {
+    "minillm": [],
+    "minillm-lmops": ["objective.variant=lmops"],
+    "gkd-b0": ["objective.kind=gkd", "objective.beta=0", *STUDENT_ONLY],
+    "gkd-b0.5": ["objective.kind=gkd", "objective.beta=0.5", *STUDENT_ONLY],
+    "gkd-b1": ["objective.kind=gkd", "objective.beta=1", *STUDENT_ONLY],
+    "gkd-b0.5-l0.5": ["objective.kind=gkd", "objective.beta=0.5", "objective.on_policy_fraction=0.5", *STUDENT_ONLY],
+    "skew_kl": ["objective.kind=skew_kl", *STUDENT_ONLY],
+    "skew_rkl": ["objective.kind=skew_rkl", *STUDENT_ONLY],
+    "sampled_rkl": ["objective.kind=sampled_rkl", *STUDENT_ONLY],
+}
+# the order they run in: sft before what starts from it (the on-policy runs are short, kd the longest). sft-long
+# (3x the SFT updates again) is an opt-in control: on 2 shared cores it costs more than the rest together
+METHODS = ("sft", *ON_POLICY, "kd", "seqkd", "sft-long")
+DEFAULT_METHODS = ("sft", *ON_POLICY, "kd", "seqkd")
 SEEDS = (1, 2, 3)
 CONFIG = "configs/ground_truth.yaml"
 MAX_POSITIONS = 128
@@ -175,7 +191,8 @@ def run_method(
     With `chain` minillm starts from the sft run's checkpoint in `out` (run sft first); without, its own SFT
     phase trains it (one run instead of two, same steps). `sft-long` is the control for MiniLLM's extra updates:
     the sft run's checkpoint trained with plain SFT for 3x learner.sft_steps more updates (4x in all, far more
-    than MiniLLM's learner.minillm_steps on top of sft): does more forward-KL training close the gap?"""
+    than MiniLLM's learner.minillm_steps on top of sft): does more forward-KL training close the gap? The labels of
+    ON_POLICY are runs of method=minillm with their objective overrides, chained like minillm."""
     run_dir = out / label
     # a finished run is reused only if made from the same models, data, config and overrides
     stamp = json.dumps([assets.setup.key(), (ROOT / CONFIG).read_text(), extra, label, seed, chain])
@@ -184,11 +201,13 @@ def run_method(
     if not ((run_dir / "summary.json").is_file() and done.is_file() and done.read_text().strip() == stamp):
         sft_best = out / "sft" / "checkpoints" / "best"
         student, sft_ckpt, more = assets.student_init(seed), None, []
-        if label == "minillm" and chain:
-            sft_ckpt = sft_best
+        if label in ON_POLICY:
+            more = ON_POLICY[label]
+            if chain:
+                sft_ckpt = sft_best
         if label == "sft-long":
             student, more = sft_best, [f"learner.sft_steps={3 * load_config(ROOT / CONFIG, extra).learner.sft_steps}"]
-        method = "sft" if label == "sft-long" else label
+        method = "sft" if label == "sft-long" else "minillm" if label in ON_POLICY else label
         cmd = train_command(assets, method, seed, run_dir, student, [*more, *extra], sft_ckpt)
         log = out / f"{label}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -229,4 +248,21 @@ def measure_model(assets: Assets, model_dir: Path, how: Measuring = Measuring())
         threshold=how.threshold,
     )
     out.update({f"gt_{k}": v for k, v in ground_truth_fit(student, topics, len(tok), tok.eos_token_id).items()})
+    return out
+
+
+def run_budget(run_dir: Path) -> dict[str, float]:
+    """What one run of the on-policy phase spent, from its metrics.jsonl: updates, sequences and response tokens
+    trained on (sampled, or the data's for gkd with on_policy_fraction < 1) and teacher bytes moved; zeros for a
+    run without that phase."""
+    out = {"updates": 0.0, "sequences": 0.0, "response_tokens": 0.0, "teacher_bytes": 0.0}
+    metrics = run_dir / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        rec = json.loads(line)
+        if rec.get("phase") == "minillm" and "loss" in rec:
+            out["updates"] += 1
+            if rec.get("inner_step", 0) > 0:  # later PPO epochs over the same collection: its rollouts counted once
+                continue
+            for key in ("sequences", "response_tokens", "teacher_bytes"):
+                out[key] += float(rec.get(key, 0))
     return out

@@ -1,0 +1,52 @@
+"""The ground-truth bench's budget of a run (learner/reports/ground_truth.py: run_budget) from a metrics.jsonl."""
+
+import json
+from pathlib import Path
+
+from learner.reports.ground_truth import ON_POLICY, run_budget
+
+
+def test_budget_counts_each_collection_once_and_only_updates(tmp_path: Path) -> None:
+    recs = [
+        {"phase": "sft", "step": 1, "loss": 1.0},
+        {
+            "phase": "minillm",
+            "step": 1,
+            "inner_step": 0,
+            "loss": 1.0,
+            "sequences": 16,
+            "response_tokens": 100,
+            "teacher_bytes": 400,
+        },
+        # a second PPO epoch over the same collection: one more update, no new rollouts
+        {
+            "phase": "minillm",
+            "step": 2,
+            "inner_step": 1,
+            "loss": 1.0,
+            "sequences": 16,
+            "response_tokens": 100,
+            "teacher_bytes": 400,
+        },
+        {
+            "phase": "minillm",
+            "step": 3,
+            "inner_step": 0,
+            "loss": 1.0,
+            "sequences": 16,
+            "response_tokens": 90,
+            "teacher_bytes": 360,
+        },
+        {"phase": "eval", "step": 3, "reverse_kl": 0.1},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert run_budget(tmp_path) == {"updates": 3, "sequences": 32, "response_tokens": 190, "teacher_bytes": 760}
+    assert run_budget(tmp_path / "missing") == {"updates": 0, "sequences": 0, "response_tokens": 0, "teacher_bytes": 0}
+
+
+def test_every_on_policy_label_is_a_valid_config() -> None:
+    from common.config import load_config
+
+    for label, overrides in ON_POLICY.items():
+        cfg = load_config("configs/ground_truth.yaml", ["method=minillm", *overrides])
+        assert cfg.method == "minillm", label
