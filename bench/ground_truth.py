@@ -104,7 +104,7 @@ def plot(results: dict, path: Path) -> None:
     precision = per_method(results, "precision_exact")
     for ax, key, title in (
         (axes[0][0], "coverage_expected", "coverage of g's 3 modes (32 samples)"),
-        (axes[0][1], "rare_coverage_expected", "coverage of g's rare responses (256 samples)"),
+        (axes[0][1], "rare_coverage_expected", "coverage of g's rare responses (32 samples)"),
     ):
         cov = per_method(results, key)
         for m in methods:
