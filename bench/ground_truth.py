@@ -36,6 +36,7 @@ from learner.reports.ground_truth import (
     Setup,
     build_assets,
     measure_model,
+    prefix_statistics,
     run_budget,
     run_method,
 )
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 (final.parents[1] / "bench_seconds.txt").read_text()
             )
             results["runs"][f"{method}-s{seed}"]["budget"] = run_budget(final.parents[1])
+            results["runs"][f"{method}-s{seed}"]["prefixes"] = prefixes_of(assets, final)
             print(f"[ground-truth] {method} seed {seed}: {_short(results['runs'][f'{method}-s{seed}'])}", flush=True)
     results["setup"] = asdict(assets.setup)
     results["spec_mode_probs"] = list(assets.setup.language.mode_probs)
@@ -214,6 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, args.plot)
     print(f"[ground-truth] wrote {args.json} and {args.plot} ({results['wall_seconds'] / 60:.1f} min)", flush=True)
     return 0
+
+
+def prefixes_of(assets, model_dir: Path) -> dict[str, float]:
+    """prefix_statistics over 64 samples of each prompt: where an on-policy objective's positions lie."""
+    from common.models import load_model, load_tokenizer
+    from common.synthetic import tokenize_language
+
+    tok = load_tokenizer(assets.tokenizer)
+    student, teacher = load_model(model_dir).eval(), load_model(assets.teacher).eval()
+    topics = tokenize_language(assets.language, tok)
+    return prefix_statistics(student, teacher, topics, len(tok), tok.eos_token_id, Measuring(samples_per_topic=64))
 
 
 def _short(m: dict) -> str:

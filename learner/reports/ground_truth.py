@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from common.config import load_config
 from common.models import build_llama, load_model, load_tokenizer, save_hf, small_llama_config
 from common.synthetic import (
@@ -26,6 +28,7 @@ from common.synthetic import (
     fit_to_distribution,
     ground_truth_fit,
     measure,
+    sample_responses,
     tokenize_language,
     write_jsonl,
 )
@@ -265,4 +268,36 @@ def run_budget(run_dir: Path) -> dict[str, float]:
                 continue
             for key in ("sequences", "response_tokens", "teacher_bytes"):
                 out[key] += float(rec.get(key, 0))
+    return out
+
+
+@torch.no_grad()
+def prefix_statistics(
+    student: torch.nn.Module, teacher: torch.nn.Module, topics: list, vocab_size: int, eos_id: int, how: Measuring
+) -> dict[str, float]:
+    """What an on-policy objective sees at the positions a student samples: the share of positions whose prefix
+    has already left the ground truth's support (a void prefix), and there and on the support, the teacher's and
+    the student's next-token entropy and the per-position KL[p||q] (nats, position means over every topic)."""
+    gen = torch.Generator().manual_seed(how.seed)
+    sums: dict[str, list[float]] = {k: [] for k in ("on", "off")}
+    stats: dict[str, dict[str, float]] = {k: {"p_entropy": 0.0, "q_entropy": 0.0, "forward_kl": 0.0} for k in sums}
+    for t in topics:
+        prefixes = {tuple(s[:i]) for s in t.support for i in range(len(s) + 1)}
+        ys = sample_responses(student, t.prompt, how.samples_per_topic, how.max_new_tokens, eos_id, vocab_size, gen)
+        for y in ys:
+            ids = torch.tensor([list(t.prompt) + y])
+            lp = torch.log_softmax(teacher(input_ids=ids).logits[0, len(t.prompt) - 1 : -1, :vocab_size].double(), -1)
+            lq = torch.log_softmax(student(input_ids=ids).logits[0, len(t.prompt) - 1 : -1, :vocab_size].double(), -1)
+            for i in range(len(y)):
+                where = "on" if tuple(y[:i]) in prefixes else "off"
+                p, q = lp[i].exp(), lq[i].exp()
+                sums[where].append(1.0)
+                stats[where]["p_entropy"] -= float((p * lp[i]).sum())
+                stats[where]["q_entropy"] -= float((q * lq[i]).sum())
+                stats[where]["forward_kl"] += float((p * (lp[i] - lq[i])).sum())
+    total = sum(len(v) for v in sums.values())
+    out = {"void_prefix_share": len(sums["off"]) / max(total, 1)}
+    for where, acc in stats.items():
+        for k, v in acc.items():
+            out[f"{k}_{where}_support"] = v / max(len(sums[where]), 1)
     return out

@@ -50,3 +50,19 @@ def test_every_on_policy_label_is_a_valid_config() -> None:
     for label, overrides in ON_POLICY.items():
         cfg = load_config("configs/ground_truth.yaml", ["method=minillm", *overrides])
         assert cfg.method == "minillm", label
+
+
+def test_prefix_statistics_of_a_model_against_itself() -> None:
+    from common.synthetic import LanguageSpec, build_language, build_tokenizer, tokenize_language
+    from learner.reports.ground_truth import Measuring, prefix_statistics
+    from tests.unit.test_synthetic import _tiny_llama
+
+    lang = build_language(LanguageSpec(num_topics=2, num_words=4, num_rare=4, mode_len=(2, 3), rare_len=(1, 3)))
+    tok = build_tokenizer(lang)
+    topics = tokenize_language(lang, tok)
+    model = _tiny_llama(6, vocab=len(tok))
+    how = Measuring(samples_per_topic=16, max_new_tokens=5)
+    out = prefix_statistics(model, model, topics, len(tok), tok.eos_token_id, how)
+    assert 0 < out["void_prefix_share"] < 1  # an untrained model leaves the support, not at its first token
+    assert out["forward_kl_on_support"] == 0 and out["forward_kl_off_support"] == 0
+    assert out["p_entropy_off_support"] == out["q_entropy_off_support"] > 0
