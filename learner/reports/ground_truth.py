@@ -255,20 +255,18 @@ def measure_model(assets: Assets, model_dir: Path, how: Measuring = Measuring())
 
 
 def run_budget(run_dir: Path) -> dict[str, float]:
-    """What one run of the on-policy phase spent, from its metrics.jsonl: updates, sequences and response tokens
-    trained on (sampled, or the data's for gkd with on_policy_fraction < 1) and teacher bytes moved; zeros for a
-    run without that phase."""
-    out = {"updates": 0.0, "sequences": 0.0, "response_tokens": 0.0, "teacher_bytes": 0.0}
+    """What one run of the on-policy phase spent, from its metrics.jsonl: its updates, the response tokens they
+    trained on (sampled, or the data's for gkd with on_policy_fraction < 1; a token in k PPO epochs counts k times)
+    and the teacher's payload per token (mean over updates); zeros for a run without that phase."""
+    updates, tokens, per_token = 0, 0.0, 0.0
     metrics = run_dir / "metrics.jsonl"
     for line in metrics.read_text().splitlines() if metrics.is_file() else []:
         rec = json.loads(line)
         if rec.get("phase") == "minillm" and "loss" in rec:
-            out["updates"] += 1
-            if rec.get("inner_step", 0) > 0:  # later PPO epochs over the same collection: its rollouts counted once
-                continue
-            for key in ("sequences", "response_tokens", "teacher_bytes"):
-                out[key] += float(rec.get(key, 0))
-    return out
+            updates += 1
+            tokens += float(rec.get("tokens", 0))
+            per_token += float(rec.get("teacher_bytes_per_token", 0))
+    return {"updates": updates, "trained_tokens": tokens, "teacher_bytes_per_token": per_token / max(updates, 1)}
 
 
 @torch.no_grad()

@@ -6,42 +6,16 @@ from pathlib import Path
 from learner.reports.ground_truth import ON_POLICY, run_budget
 
 
-def test_budget_counts_each_collection_once_and_only_updates(tmp_path: Path) -> None:
+def test_budget_counts_only_the_on_policy_updates(tmp_path: Path) -> None:
     recs = [
-        {"phase": "sft", "step": 1, "loss": 1.0},
-        {
-            "phase": "minillm",
-            "step": 1,
-            "inner_step": 0,
-            "loss": 1.0,
-            "sequences": 16,
-            "response_tokens": 100,
-            "teacher_bytes": 400,
-        },
-        # a second PPO epoch over the same collection: one more update, no new rollouts
-        {
-            "phase": "minillm",
-            "step": 2,
-            "inner_step": 1,
-            "loss": 1.0,
-            "sequences": 16,
-            "response_tokens": 100,
-            "teacher_bytes": 400,
-        },
-        {
-            "phase": "minillm",
-            "step": 3,
-            "inner_step": 0,
-            "loss": 1.0,
-            "sequences": 16,
-            "response_tokens": 90,
-            "teacher_bytes": 360,
-        },
-        {"phase": "eval", "step": 3, "reverse_kl": 0.1},
+        {"phase": "sft", "step": 1, "loss": 1.0, "tokens": 500},
+        {"phase": "minillm", "step": 1, "loss": 1.0, "tokens": 100, "teacher_bytes_per_token": 40},
+        {"phase": "minillm", "step": 2, "loss": 1.0, "tokens": 90, "teacher_bytes_per_token": 20},
+        {"phase": "minillm", "step": 2, "reverse_kl": 0.1},  # an evaluation record: no update
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    assert run_budget(tmp_path) == {"updates": 3, "sequences": 32, "response_tokens": 190, "teacher_bytes": 760}
-    assert run_budget(tmp_path / "missing") == {"updates": 0, "sequences": 0, "response_tokens": 0, "teacher_bytes": 0}
+    assert run_budget(tmp_path) == {"updates": 2, "trained_tokens": 190, "teacher_bytes_per_token": 30}
+    assert run_budget(tmp_path / "missing") == {"updates": 0, "trained_tokens": 0, "teacher_bytes_per_token": 0}
 
 
 def test_every_on_policy_label_is_a_valid_config() -> None:
