@@ -99,7 +99,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = results["methods"]
-    colors = {m: f"C{i % 10}" for i, m in enumerate(METHODS)}
+    palette = plt.get_cmap("tab20").colors
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(METHODS)}
     markers = {m: "osD^v<>ph*Xd"[i % 12] for i, m in enumerate(METHODS)}
     fig, axes = plt.subplots(2, 3, figsize=(16, 9.5))
     precision = per_method(results, "precision_exact")
@@ -121,7 +122,7 @@ def plot(results: dict, path: Path) -> None:
             )
         ax.set_xlabel(title, fontsize=9)
         ax.set_ylabel("precision: q(g(y) >= 1e-3)", fontsize=9)
-    axes[0][1].legend(fontsize=7, loc="center left", bbox_to_anchor=(0.0, 0.5), ncol=1)
+    axes[0][0].legend(fontsize=7, loc="lower right", ncol=2)
     ax = axes[0][2]
     names = ["ground truth", "teacher", *methods]
     modes = [sum(results["spec_mode_probs"]), results["teacher"]["mode_mass"]]
@@ -151,7 +152,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xticks(range(len(methods)), methods, rotation=60, fontsize=8, ha="right")
         ax.set_title(title, fontsize=10)
     fig.suptitle(
-        f"Distilling a known distribution: {len(results['seeds'])} seeds (a point / dot each), bars = mean",
+        f"Distilling a known distribution: seeds {results['seeds']} (a point / dot each), bars = mean",
         fontsize=11,
     )
     fig.tight_layout()
