@@ -25,26 +25,39 @@ from pathlib import Path
 
 import torch
 
+from common.synthetic import LanguageSpec
 from learner.reports.ground_truth import (
     DEFAULT_METHODS,
     METHODS,
+    ON_POLICY,
     ROOT,
     SEEDS,
     Measuring,
+    Setup,
     build_assets,
     measure_model,
+    prefix_statistics,
+    run_budget,
     run_method,
 )
 
 COLUMNS = (
     ("precision_exact", "precision", "{:.3f}"),
     ("coverage_expected", "coverage", "{:.3f}"),
+    ("rare_coverage_expected", "rare coverage", "{:.3f}"),
     ("mode_mass", "mode mass", "{:.3f}"),
     ("rare_mass", "rare mass", "{:.3f}"),
     ("reverse_kl", "KL[q||p]", "{:.2f}"),
     ("forward_kl", "KL[p||q]", "{:.2f}"),
 )
 
+
+# the synthetic languages (common/synthetic.py): `minor` turns the 20 rare responses of 0.01 into 4 minor modes of
+# 0.05, shorter, to see whether any method covers the ground truth's minor responses
+LANGUAGES = {
+    "default": LanguageSpec(),
+    "minor": LanguageSpec(num_rare=4, rare_len=(4, 6)),
+}
 
 NAMES = {"init": "student before training", "sft-long": "sft-long (control: 4x the SFT updates)"}
 
@@ -77,31 +90,40 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """One panel per measure: a bar per method (mean over seeds, a dot per seed), the teacher dashed; and where
-    each model's probability goes: the ground truth's modes, its rare responses, or the void (probability 0)."""
+    """Top: precision against coverage of the ground truth's modes and of its rare responses, a point per method
+    and seed; where each model's probability goes (modes, rare responses, void). Bottom: a bar per method (mean
+    over seeds, a dot per seed) for precision and the two KLs, the teacher dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = results["methods"]
-    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
-    panels = (
-        ("precision_exact", "precision: q(g(y) >= 1e-3)"),
-        ("coverage_expected", "coverage of g's modes (32 samples)"),
-        ("reverse_kl", "reverse KL[q||p], nats/response"),
-        ("forward_kl", "forward KL[p||q], nats/response"),
-    )
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.0 * (len(panels) + 1), 3.8))
-    for ax, (key, title) in zip(axes, panels, strict=False):
-        vals = per_method(results, key)
-        for i, m in enumerate(methods):
-            ax.bar(i, sum(vals[m]) / len(vals[m]), color=colors[m], alpha=0.85)
-            ax.scatter([i] * len(vals[m]), vals[m], color="k", s=10, zorder=3)
-        ax.axhline(results["teacher"][key], color="k", ls="--", lw=1, label="teacher")
-        ax.set_xticks(range(len(methods)), methods, rotation=30)
-        ax.set_title(title, fontsize=10)
-    ax = axes[-1]
+    palette = plt.get_cmap("tab20").colors
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(METHODS)}
+    markers = {m: "osD^v<>ph*Xd"[i % 12] for i, m in enumerate(METHODS)}
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9.5))
+    precision = per_method(results, "precision_exact")
+    for ax, key, title in (
+        (axes[0][0], "coverage_expected", "coverage of g's 3 modes (32 samples)"),
+        (axes[0][1], "rare_coverage_expected", "coverage of g's rare responses (32 samples)"),
+    ):
+        cov = per_method(results, key)
+        for m in methods:
+            ax.scatter(cov[m], precision[m], color=colors[m], marker=markers[m], s=36, label=m, alpha=0.85)
+        if key in results["teacher"]:
+            ax.scatter(
+                [results["teacher"][key]],
+                [results["teacher"]["precision_exact"]],
+                color="k",
+                marker="*",
+                s=120,
+                label="teacher",
+            )
+        ax.set_xlabel(title, fontsize=9)
+        ax.set_ylabel("precision: q(g(y) >= 1e-3)", fontsize=9)
+    axes[0][0].legend(fontsize=7, loc="lower right", ncol=2)
+    ax = axes[0][2]
     names = ["ground truth", "teacher", *methods]
     modes = [sum(results["spec_mode_probs"]), results["teacher"]["mode_mass"]]
     rare = [1 - modes[0], results["teacher"]["rare_mass"]]
@@ -113,17 +135,29 @@ def plot(results: dict, path: Path) -> None:
     ax.bar(x, modes, color="C2", label="modes")
     ax.bar(x, rare, bottom=modes, color="C1", label="rare responses")
     ax.bar(x, void, bottom=[a + b for a, b in zip(modes, rare, strict=True)], color="0.6", label="void (g = 0)")
-    ax.set_xticks(list(x), names, rotation=30)
+    ax.set_xticks(list(x), names, rotation=60, fontsize=8, ha="right")
     ax.set_title("where the probability goes (mean)", fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=3)
+    ax.legend(fontsize=8)
+    panels = (
+        ("precision_exact", "precision: q(g(y) >= 1e-3)"),
+        ("reverse_kl", "reverse KL[q||p], nats/response"),
+        ("forward_kl", "forward KL[p||q], nats/response"),
+    )
+    for ax, (key, title) in zip(axes[1], panels, strict=True):
+        vals = per_method(results, key)
+        for i, m in enumerate(methods):
+            ax.bar(i, sum(vals[m]) / len(vals[m]), color=colors[m], alpha=0.85)
+            ax.scatter([i] * len(vals[m]), vals[m], color="k", s=10, zorder=3)
+        ax.axhline(results["teacher"][key], color="k", ls="--", lw=1, label="teacher")
+        ax.set_xticks(range(len(methods)), methods, rotation=60, fontsize=8, ha="right")
+        ax.set_title(title, fontsize=10)
     fig.suptitle(
-        f"Distilling a known distribution: {len(results['seeds'])} seeds (dots), bars = mean, dashed = teacher",
-        fontsize=10,
-        y=1.0,
+        f"Distilling a known distribution: seeds {results['seeds']} (a point / dot each), bars = mean",
+        fontsize=11,
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -134,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "ground_truth.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "ground_truth.png")
+    parser.add_argument(
+        "--language",
+        choices=sorted(LANGUAGES),
+        default="default",
+        help="default: 3 modes + 20 rare responses per prompt; minor: 3 modes + 4 minor ones of 0.05 (own --work)",
+    )
     parser.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every run")
     parser.add_argument("--retries", type=int, default=1, help="reruns of a run that failed (e.g. killed from outside)")
     parser.add_argument("--report-only", action="store_true", help="only redo the table and plot from --json")
@@ -143,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         print(table(results), flush=True)
         plot(results, args.plot)
         return 0
-    if {"minillm", "sft-long"} & set(args.methods) and "sft" not in args.methods:
-        parser.error("minillm and sft-long start from the sft run's checkpoint: include sft")
+    if {"sft-long", *ON_POLICY} & set(args.methods) and "sft" not in args.methods:
+        parser.error("the on-policy methods and sft-long start from the sft run's checkpoint: include sft")
     args.methods = [m for m in METHODS if m in args.methods]  # sft before the runs that start from it
     torch.set_num_threads(2)
     work = args.work.resolve()
     t0 = time.time()
-    assets = build_assets(work)
+    assets = build_assets(work, Setup(language=LANGUAGES[args.language]))
     how = Measuring()
     results: dict = {"teacher": measure_model(assets, assets.teacher, how), "runs": {}}
     for seed in args.seeds:
@@ -161,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             results["runs"][f"{method}-s{seed}"]["run_seconds"] = float(
                 (final.parents[1] / "bench_seconds.txt").read_text()
             )
+            results["runs"][f"{method}-s{seed}"]["budget"] = run_budget(final.parents[1])
+            results["runs"][f"{method}-s{seed}"]["prefixes"] = prefixes_of(assets, final)
             print(f"[ground-truth] {method} seed {seed}: {_short(results['runs'][f'{method}-s{seed}'])}", flush=True)
     results["setup"] = asdict(assets.setup)
     results["spec_mode_probs"] = list(assets.setup.language.mode_probs)
@@ -175,6 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, args.plot)
     print(f"[ground-truth] wrote {args.json} and {args.plot} ({results['wall_seconds'] / 60:.1f} min)", flush=True)
     return 0
+
+
+def prefixes_of(assets, model_dir: Path) -> dict[str, float]:
+    """prefix_statistics over 64 samples of each prompt: where an on-policy objective's positions lie."""
+    from common.models import load_model, load_tokenizer
+    from common.synthetic import tokenize_language
+
+    tok = load_tokenizer(assets.tokenizer)
+    student, teacher = load_model(model_dir).eval(), load_model(assets.teacher).eval()
+    topics = tokenize_language(assets.language, tok)
+    return prefix_statistics(student, teacher, topics, len(tok), tok.eos_token_id, Measuring(samples_per_topic=64))
 
 
 def _short(m: dict) -> str:

@@ -347,7 +347,8 @@ def measure(
     reverse_kl = KL[q||p] and forward_kl = KL[p||q] per response (split_kl: exact on the support, the rest from
     `samples_per_topic` samples of q, resp. p); precision_exact = q(g >= threshold), exact; precision = the share
     of q's samples with g >= threshold and precision_teacher with p >= threshold; coverage = share of g's modes
-    among the first `coverage_samples` samples of q of each topic, coverage_expected its exact expectation.
+    among the first `coverage_samples` samples of q of each topic, coverage_expected its exact expectation;
+    rare_coverage_expected the same for g's rare responses.
     Same seed, same draws: models are compared on identical random numbers."""
     if not 0 < coverage_samples <= samples_per_topic:
         raise ValueError("coverage_samples must be in [1, samples_per_topic]")
@@ -382,6 +383,7 @@ def measure(
                 "precision_teacher": precision(ys_p, threshold),
                 "coverage": coverage(ys[:coverage_samples], modes),
                 "coverage_expected": expected_coverage(sq[: t.num_modes], coverage_samples),
+                "rare_coverage_expected": expected_coverage(sq[t.num_modes :], coverage_samples),
                 "mode_mass": float(sq[: t.num_modes].exp().sum()),
                 "rare_mass": float(sq[t.num_modes :].exp().sum()),
                 "teacher_support_mass": float(sp.exp().sum()),

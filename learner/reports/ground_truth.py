@@ -16,6 +16,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from common.config import load_config
 from common.models import build_llama, load_model, load_tokenizer, save_hf, small_llama_config
 from common.synthetic import (
@@ -26,14 +28,31 @@ from common.synthetic import (
     fit_to_distribution,
     ground_truth_fit,
     measure,
+    sample_responses,
     tokenize_language,
     write_jsonl,
 )
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: the driver runs from there, CONFIG is relative to it
-METHODS = ("sft", "kd", "seqkd", "sft-long", "minillm")  # the order they run in: sft before what starts from it
-# sft-long (3x the SFT updates again) is an opt-in control: on 2 shared cores it costs more than the rest together
-DEFAULT_METHODS = ("sft", "kd", "seqkd", "minillm")
+# The on-policy objectives (docs/objectives.md): each a run of `method=minillm` from the SFT student of its seed
+# with these overrides, so all of them make the same updates of the same batch size. MiniLLM samples teacher-mixed
+# (the config's alpha, as the paper); the other kinds sample from the student alone (alpha = 0), as their sources do.
+STUDENT_ONLY = ["objective.alpha=0"]
+ON_POLICY: dict[str, list[str]] = {
+    "minillm": [],
+    "minillm-lmops": ["objective.variant=lmops"],
+    "gkd-b0": ["objective.kind=gkd", "objective.beta=0", *STUDENT_ONLY],
+    "gkd-b0.5": ["objective.kind=gkd", "objective.beta=0.5", *STUDENT_ONLY],
+    "gkd-b1": ["objective.kind=gkd", "objective.beta=1", *STUDENT_ONLY],
+    "gkd-b0.5-l0.5": ["objective.kind=gkd", "objective.beta=0.5", "objective.on_policy_fraction=0.5", *STUDENT_ONLY],
+    "skew_kl": ["objective.kind=skew_kl", *STUDENT_ONLY],
+    "skew_rkl": ["objective.kind=skew_rkl", *STUDENT_ONLY],
+    "sampled_rkl": ["objective.kind=sampled_rkl", *STUDENT_ONLY],
+}
+# the order they run in: sft before what starts from it (the on-policy runs are short, kd the longest). sft-long
+# (3x the SFT updates again) is an opt-in control: on 2 shared cores it costs more than the rest together
+METHODS = ("sft", *ON_POLICY, "kd", "seqkd", "sft-long")
+DEFAULT_METHODS = ("sft", *ON_POLICY, "kd", "seqkd")
 SEEDS = (1, 2, 3)
 CONFIG = "configs/ground_truth.yaml"
 MAX_POSITIONS = 128
@@ -175,7 +194,8 @@ def run_method(
     With `chain` minillm starts from the sft run's checkpoint in `out` (run sft first); without, its own SFT
     phase trains it (one run instead of two, same steps). `sft-long` is the control for MiniLLM's extra updates:
     the sft run's checkpoint trained with plain SFT for 3x learner.sft_steps more updates (4x in all, far more
-    than MiniLLM's learner.minillm_steps on top of sft): does more forward-KL training close the gap?"""
+    than MiniLLM's learner.minillm_steps on top of sft): does more forward-KL training close the gap? The labels of
+    ON_POLICY are runs of method=minillm with their objective overrides, chained like minillm."""
     run_dir = out / label
     # a finished run is reused only if made from the same models, data, config and overrides
     stamp = json.dumps([assets.setup.key(), (ROOT / CONFIG).read_text(), extra, label, seed, chain])
@@ -184,11 +204,13 @@ def run_method(
     if not ((run_dir / "summary.json").is_file() and done.is_file() and done.read_text().strip() == stamp):
         sft_best = out / "sft" / "checkpoints" / "best"
         student, sft_ckpt, more = assets.student_init(seed), None, []
-        if label == "minillm" and chain:
-            sft_ckpt = sft_best
+        if label in ON_POLICY:
+            more = ON_POLICY[label]
+            if chain:
+                sft_ckpt = sft_best
         if label == "sft-long":
             student, more = sft_best, [f"learner.sft_steps={3 * load_config(ROOT / CONFIG, extra).learner.sft_steps}"]
-        method = "sft" if label == "sft-long" else label
+        method = "sft" if label == "sft-long" else "minillm" if label in ON_POLICY else label
         cmd = train_command(assets, method, seed, run_dir, student, [*more, *extra], sft_ckpt)
         log = out / f"{label}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -229,4 +251,51 @@ def measure_model(assets: Assets, model_dir: Path, how: Measuring = Measuring())
         threshold=how.threshold,
     )
     out.update({f"gt_{k}": v for k, v in ground_truth_fit(student, topics, len(tok), tok.eos_token_id).items()})
+    return out
+
+
+def run_budget(run_dir: Path) -> dict[str, float]:
+    """What one run of the on-policy phase spent, from its metrics.jsonl: its updates, the response tokens they
+    trained on (sampled, or the data's for gkd with on_policy_fraction < 1; a token in k PPO epochs counts k times)
+    and the teacher's payload per token (mean over updates); zeros for a run without that phase."""
+    updates, tokens, per_token = 0, 0.0, 0.0
+    metrics = run_dir / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        rec = json.loads(line)
+        if rec.get("phase") == "minillm" and "loss" in rec:
+            updates += 1
+            tokens += float(rec.get("tokens", 0))
+            per_token += float(rec.get("teacher_bytes_per_token", 0))
+    return {"updates": updates, "trained_tokens": tokens, "teacher_bytes_per_token": per_token / max(updates, 1)}
+
+
+@torch.no_grad()
+def prefix_statistics(
+    student: torch.nn.Module, teacher: torch.nn.Module, topics: list, vocab_size: int, eos_id: int, how: Measuring
+) -> dict[str, float]:
+    """What an on-policy objective sees at the positions a student samples: the share of positions whose prefix
+    has already left the ground truth's support (a void prefix), and there and on the support, the teacher's and
+    the student's next-token entropy and the per-position KL[p||q] (nats, position means over every topic)."""
+    gen = torch.Generator().manual_seed(how.seed)
+    sums: dict[str, list[float]] = {k: [] for k in ("on", "off")}
+    stats: dict[str, dict[str, float]] = {k: {"p_entropy": 0.0, "q_entropy": 0.0, "forward_kl": 0.0} for k in sums}
+    for t in topics:
+        prefixes = {tuple(s[:i]) for s in t.support for i in range(len(s) + 1)}
+        ys = sample_responses(student, t.prompt, how.samples_per_topic, how.max_new_tokens, eos_id, vocab_size, gen)
+        for y in ys:
+            ids = torch.tensor([list(t.prompt) + y])
+            lp = torch.log_softmax(teacher(input_ids=ids).logits[0, len(t.prompt) - 1 : -1, :vocab_size].double(), -1)
+            lq = torch.log_softmax(student(input_ids=ids).logits[0, len(t.prompt) - 1 : -1, :vocab_size].double(), -1)
+            for i in range(len(y)):
+                where = "on" if tuple(y[:i]) in prefixes else "off"
+                p, q = lp[i].exp(), lq[i].exp()
+                sums[where].append(1.0)
+                stats[where]["p_entropy"] -= float((p * lp[i]).sum())
+                stats[where]["q_entropy"] -= float((q * lq[i]).sum())
+                stats[where]["forward_kl"] += float((p * (lp[i] - lq[i])).sum())
+    total = sum(len(v) for v in sums.values())
+    out = {"void_prefix_share": len(sums["off"]) / max(total, 1)}
+    for where, acc in stats.items():
+        for k, v in acc.items():
+            out[f"{k}_{where}_support"] = v / max(len(sums[where]), 1)
     return out

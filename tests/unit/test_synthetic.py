@@ -240,6 +240,13 @@ def test_measure_of_a_model_against_itself():
     assert 0 <= m["precision_exact"] <= 1 and m["mode_mass"] + m["rare_mass"] == pytest.approx(
         m["teacher_support_mass"]
     )
+    # rare coverage: the mean over rare responses of P(seen among 16 draws), from each one's exact probability
+    rare = [
+        1 - (1 - float(response_logprobs(model, t.prompt, [y], len(tok), EOS).exp())) ** 16
+        for t in topics
+        for y in t.support[t.num_modes :]
+    ]
+    assert m["rare_coverage_expected"] == pytest.approx(sum(rare) / len(rare), rel=1e-6)
     other = _tiny_llama(7, vocab=len(tok))
     m2 = measure(other, model, topics, len(tok), EOS, samples_per_topic=64, coverage_samples=16, max_new_tokens=5)
     assert m2["reverse_kl"] > 0.1 and m2["forward_kl"] > 0.1
