@@ -127,21 +127,24 @@ def test_a_killed_receiver_is_taken_back_by_a_re_formed_group():
     """A receiver SIGKILLed after the first push: the sender leaves the group, every member (the survivor and the
     restarted receiver) joins a new group under a new name on a new port, and the next push reaches both."""
     ctx = mp.get_context("spawn")
-    queue, killed = ctx.Queue(), ctx.Event()
+    # a queue per process: a process SIGKILLed while its queue's feeder thread holds the queue's write lock would
+    # leave that lock held, and every other writer of a shared queue blocked for good (seen once under load)
+    queues = {name: ctx.Queue() for name in ("sender", "survivor", "victim", "restarted")}
+    killed = ctx.Event()
     ports = (_free_port(), _free_port())
-    sender = ctx.Process(target=_reforming_sender, args=(ports, killed, queue))
-    survivor = ctx.Process(target=_reforming_receiver, args=(1, ports, True, queue))
-    victim = ctx.Process(target=_reforming_receiver, args=(2, ports, True, queue))
+    sender = ctx.Process(target=_reforming_sender, args=(ports, killed, queues["sender"]))
+    survivor = ctx.Process(target=_reforming_receiver, args=(1, ports, True, queues["survivor"]))
+    victim = ctx.Process(target=_reforming_receiver, args=(2, ports, True, queues["victim"]))
     for p in (sender, survivor, victim):
         p.start()
-    first = sorted(queue.get(timeout=120) for _ in range(2))
+    first = sorted(queues[name].get(timeout=120) for name in ("survivor", "victim"))
     assert first == [(1, 1), (2, 1)]
     os.kill(victim.pid, signal.SIGKILL)
     victim.join(timeout=30)
     killed.set()
-    restarted = ctx.Process(target=_reforming_receiver, args=(2, ports, False, queue))
+    restarted = ctx.Process(target=_reforming_receiver, args=(2, ports, False, queues["restarted"]))
     restarted.start()
-    got = sorted((queue.get(timeout=400) for _ in range(3)), key=str)
+    got = sorted((queues[name].get(timeout=400) for name in ("sender", "survivor", "restarted")), key=str)
     for p in (sender, survivor, restarted):
         p.join(timeout=60)
         assert p.exitcode == 0
