@@ -138,6 +138,21 @@ def mixture_logprob(teacher_token_logprobs: Tensor, old_logprobs: Tensor, alpha:
     return torch.logaddexp(teacher_token_logprobs + math.log(alpha), old_logprobs + math.log1p(-alpha))
 
 
+def importance_ratio(logq_y: Tensor, logp_y: Tensor, old: Tensor, alpha: float, real: Tensor) -> Tensor:
+    """rho_t = q_theta(y_t) / p~(y_t), p~ = alpha p + (1 - alpha) q_old; exactly 1 at padding (real False)."""
+    log_rho = logq_y - mixture_logprob(logp_y, old, alpha)
+    return torch.exp(torch.where(real, log_rho, torch.zeros_like(log_rho)))
+
+
+def ppo_clipped_loss(advantage: Tensor, rho: Tensor, clip_eps: float | None) -> Tensor:
+    """PPO's pessimistic bound max(-A rho, -A clip(rho, 1 - eps, 1 + eps)): the ratio cannot profit from leaving
+    [1 - eps, 1 + eps]; clip_eps None (or <= 0) gives -A rho."""
+    unclipped = -advantage * rho
+    if clip_eps is None or clip_eps <= 0:
+        return unclipped
+    return torch.maximum(unclipped, -advantage * rho.clamp(1.0 - clip_eps, 1.0 + clip_eps))
+
+
 class MiniLLMTerms(NamedTuple):
     """Per-token terms, each shaped like `mask` and exactly 0 where it is 0."""
 
@@ -193,17 +208,10 @@ def minillm_token_losses(
         future_reward = sequence_future_reward(reward, mask, length_norm)
     future = torch.where(real, future_reward.to(logq_y.dtype), torch.zeros_like(mask)).detach()
 
-    log_rho = logq_y - mixture_logprob(logp_y, old, alpha)
-    rho = torch.exp(torch.where(real, log_rho, torch.zeros_like(log_rho)))
+    rho = importance_ratio(logq_y, logp_y, old, alpha, real)
     kl = kl_full * mask
     single = rho.detach() * kl
-
-    # PPO's pessimistic bound: the max of the two losses, so the ratio cannot profit from leaving [1-e, 1+e]
-    unclipped = -future * rho
-    if clip_eps is None or clip_eps <= 0:
-        long = unclipped
-    else:
-        long = torch.maximum(unclipped, -future * rho.clamp(1.0 - clip_eps, 1.0 + clip_eps))
+    long = ppo_clipped_loss(future, rho, clip_eps)
     return MiniLLMTerms(single, long * mask, kl.detach(), rho.detach() * mask, (logq_y * mask).detach())
 
 

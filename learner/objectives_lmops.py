@@ -34,7 +34,8 @@ from learner.objectives import (
     _logprob_dtype,
     _safe_tokens,
     _token_logprob,
-    mixture_logprob,
+    importance_ratio,
+    ppo_clipped_loss,
     token_logprob_and_kl,
 )
 
@@ -117,13 +118,8 @@ def lmops_minillm_token_losses(
         logp_y = _floor(torch.where(real, teacher_token_logprobs.to(logq_y.dtype), torch.zeros_like(mask))).detach()
     old = torch.where(real, old_logprobs.to(logq_y.dtype), torch.zeros_like(mask)).detach()
     adv = torch.where(real, advantages.to(logq_y.dtype), torch.zeros_like(mask)).detach()
-    log_rho = logq_y - mixture_logprob(logp_y, old, alpha)
-    rho = torch.exp(torch.where(real, log_rho, torch.zeros_like(log_rho)))
-    unclipped = -adv * rho
-    if clip_eps is None or clip_eps <= 0:
-        pg = unclipped
-    else:
-        pg = torch.maximum(unclipped, -adv * rho.clamp(1.0 - clip_eps, 1.0 + clip_eps))
+    rho = importance_ratio(logq_y, logp_y, old, alpha, real)
+    pg = ppo_clipped_loss(adv, rho, clip_eps)
     kl = kl_full * mask
     return LmopsTerms(pg * mask, kl, kl.detach(), rho.detach() * mask, (logq_y * mask).detach())
 

@@ -34,7 +34,8 @@ from learner.objectives import (
     _masked_log_softmax,
     _safe_tokens,
     _token_logprob,
-    mixture_logprob,
+    importance_ratio,
+    ppo_clipped_loss,
 )
 
 
@@ -147,8 +148,7 @@ def divergence_token_losses(
         safe = _safe_tokens(tokens, mask)
         logp_y = _floor(torch.where(real, teacher_token_logprobs.to(logq.dtype), torch.zeros_like(mask)))
         old = torch.where(real, old_logprobs.to(logq.dtype), torch.zeros_like(mask))
-        log_rho = _token_logprob(logq, safe) - mixture_logprob(logp_y.detach(), old.detach(), alpha)
-        rho = torch.exp(torch.where(real, log_rho, torch.zeros_like(log_rho))).detach() * mask
+        rho = importance_ratio(_token_logprob(logq, safe), logp_y.detach(), old.detach(), alpha, real).detach() * mask
         if sampled is not None:
             rho = torch.where(sampled, rho, mask)
     return DivergenceTerms(rho * divergence, divergence.detach(), rho)
@@ -212,11 +212,6 @@ def sampled_rkl_token_losses(
     if advantages is None:
         advantages = discounted_returns(reward, mask, discount)
     adv = torch.where(real, advantages.to(logq.dtype), torch.zeros_like(mask)).detach()
-    log_rho = logq_y - mixture_logprob(logp_y, old, alpha)
-    rho = torch.exp(torch.where(real, log_rho, torch.zeros_like(log_rho)))
-    unclipped = -adv * rho
-    if clip_eps is None or clip_eps <= 0:
-        loss = unclipped
-    else:
-        loss = torch.maximum(unclipped, -adv * rho.clamp(1.0 - clip_eps, 1.0 + clip_eps))
+    rho = importance_ratio(logq_y, logp_y, old, alpha, real)
+    loss = ppo_clipped_loss(adv, rho, clip_eps)
     return SampledTerms(loss * mask, reward * mask, rho.detach() * mask, (logq_y * mask).detach())
