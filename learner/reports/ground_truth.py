@@ -26,12 +26,11 @@ from common.synthetic import (
     build_language,
     build_tokenizer,
     fit_to_distribution,
-    ground_truth_fit,
-    measure,
     sample_responses,
     tokenize_language,
     write_jsonl,
 )
+from common.synthetic_measures import ground_truth_fit, measure
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: the driver runs from there, CONFIG is relative to it
 # The on-policy objectives (docs/objectives.md): each a run of `method=minillm` from the SFT student of its seed

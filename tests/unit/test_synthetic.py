@@ -1,5 +1,6 @@
-"""common/synthetic.py against brute force: the language, the tokenizer, exact sequence log-probs, the sampler,
-the split (exact + Monte-Carlo) KL, precision, coverage and the exact fit, on spaces small enough to enumerate."""
+"""common/synthetic.py and common/synthetic_measures.py against brute force: the language, the tokenizer, exact
+sequence log-probs, the sampler, the split (exact + Monte-Carlo) KL, precision, coverage and the exact fit, on spaces
+small enough to enumerate."""
 
 import itertools
 import math
@@ -16,18 +17,20 @@ from common.synthetic import (
     LanguageSpec,
     build_language,
     build_tokenizer,
+    fit_to_distribution,
+    response_logprobs,
+    sample_responses,
+    tokenize_language,
+    write_jsonl,
+)
+from common.synthetic_measures import (
     coverage,
     exact_precision,
     expected_coverage,
-    fit_to_distribution,
     ground_truth_fit,
     measure,
     precision,
-    response_logprobs,
-    sample_responses,
     split_kl,
-    tokenize_language,
-    write_jsonl,
 )
 from tests.toy_models import next_token_probs
 
